@@ -1,0 +1,1 @@
+"""Loss heads of the SigLIP 2 objective."""
