@@ -103,7 +103,7 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor], config: SigLip2Config) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map a transformers ``SiglipModel`` / ``Siglip2Model`` state dict to :class:`SigLip2` keys.
 
     Raises:
@@ -190,7 +190,7 @@ def load_pretrained(
     if not config_file.is_file():
         raise FileNotFoundError(f"No config.json in {folder}.")
     config = SigLip2Config.from_hf_dict(json.loads(config_file.read_text()))
-    state_dict = from_hf_state_dict(read_safetensors(folder), config)
+    state_dict = from_hf_state_dict(read_safetensors(folder))
     with torch.device("meta"):
         model = SigLip2(config)
     _load_into(model, state_dict, str(name_or_path))

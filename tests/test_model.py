@@ -1,0 +1,246 @@
+"""SigLip2 against transformers on the same tiny checkpoints, and packed == one by one == padded."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import SIGLIP_IMAGE_SIZE, tolerance
+
+from kornia_siglip2 import SigLip2, patchify
+from kornia_siglip2.packing import grid_thw_to_seqlens, packed_to_padded
+
+IMAGE_SIZES = [(20, 36), (52, 12), (16, 16), (33, 47)]  # different sizes and aspect ratios
+
+
+@pytest.fixture(scope="module")
+def naflex_inputs():
+    """The exact tensors transformers' own Siglip2ImageProcessor produces for images of several sizes."""
+    from PIL import Image
+    from transformers import Siglip2ImageProcessor
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in IMAGE_SIZES]
+    processor = Siglip2ImageProcessor(patch_size=4, max_num_patches=24)
+    return dict(processor(images=images, return_tensors="pt"))
+
+
+def _text_inputs(batch=3, length=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 99, (batch, length), generator=generator)
+
+
+def _pair(hf_model, checkpoint, dtype, device):
+    reference = copy.deepcopy(hf_model).to(device=device, dtype=dtype)
+    ours = SigLip2.from_pretrained(checkpoint, dtype=dtype, device=device)
+    return reference, ours
+
+
+def _assert_outputs_close(reference, ours, dtype):
+    tol = tolerance(dtype)
+    for name in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
+        expected = getattr(reference, name)
+        scale = 10.0 if name.startswith("logits") and dtype == torch.bfloat16 else 1.0  # logits are ~exp(2.3)x
+        torch.testing.assert_close(getattr(ours, name), expected, atol=tol["atol"] * scale, rtol=tol["rtol"])
+
+
+class TestParitySiglip:
+    """SigLIP v1 / SigLIP 2 fixed resolution (`model_type: siglip`)."""
+
+    def test_forward(self, hf_siglip, siglip_checkpoint, device, dtype):
+        reference, ours = _pair(hf_siglip, siglip_checkpoint, dtype, device)
+        pixel_values = torch.randn(3, 3, SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE, device=device, dtype=dtype)
+        input_ids = _text_inputs().to(device)
+        with torch.no_grad():
+            expected = reference(input_ids=input_ids, pixel_values=pixel_values)
+            out = ours(input_ids=input_ids, pixel_values=pixel_values)
+        _assert_outputs_close(expected, out, dtype)
+
+    def test_features(self, hf_siglip, siglip_checkpoint, device, dtype):
+        reference, ours = _pair(hf_siglip, siglip_checkpoint, dtype, device)
+        pixel_values = torch.randn(2, 3, SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE, device=device, dtype=dtype)
+        input_ids = _text_inputs(2).to(device)
+        with torch.no_grad():
+            expected_image = reference.get_image_features(pixel_values=pixel_values).pooler_output
+            expected_text = reference.get_text_features(input_ids=input_ids).pooler_output
+            torch.testing.assert_close(ours.get_image_features(pixel_values), expected_image, **tolerance(dtype))
+            torch.testing.assert_close(ours.get_text_features(input_ids), expected_text, **tolerance(dtype))
+
+    def test_other_resolution(self, hf_siglip, siglip_checkpoint):
+        """At a grid other than the training one the table is resized like `interpolate_pos_encoding=True`."""
+        reference, ours = _pair(hf_siglip, siglip_checkpoint, torch.float64, "cpu")
+        pixel_values = torch.randn(2, 3, 24, 32, dtype=torch.float64)
+        with torch.no_grad():
+            expected = reference.vision_model(pixel_values, interpolate_pos_encoding=True)
+            out = ours.vision_model(*patchify(pixel_values, 4))
+        torch.testing.assert_close(
+            out.last_hidden_state, expected.last_hidden_state.flatten(0, 1), **tolerance(torch.float64)
+        )
+        torch.testing.assert_close(out.pooler_output, expected.pooler_output, **tolerance(torch.float64))
+
+    def test_loss(self, hf_siglip, siglip_checkpoint):
+        reference, ours = _pair(hf_siglip, siglip_checkpoint, torch.float64, "cpu")
+        pixel_values = torch.randn(3, 3, SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE, dtype=torch.float64)
+        input_ids = _text_inputs()
+        with torch.no_grad():
+            expected = reference(input_ids=input_ids, pixel_values=pixel_values, return_loss=True).loss
+            loss = ours(input_ids=input_ids, pixel_values=pixel_values, return_loss=True).loss
+        torch.testing.assert_close(loss, expected, **tolerance(torch.float64))
+
+    def test_text_attention_mask(self, hf_siglip, siglip_checkpoint):
+        reference, ours = _pair(hf_siglip, siglip_checkpoint, torch.float64, "cpu")
+        input_ids = _text_inputs(2)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[0, 40:] = 0
+        attention_mask[1, 10:] = 0
+        with torch.no_grad():
+            expected = reference.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+            unmasked = ours.get_text_features(input_ids)
+            out = ours.get_text_features(input_ids, attention_mask)
+        torch.testing.assert_close(out, expected, **tolerance(torch.float64))
+        assert not torch.allclose(out, unmasked)  # the mask does change the pooled vector
+
+
+class TestParitySiglip2NaFlex:
+    """SigLIP 2 NaFlex (`model_type: siglip2`) on the exact tensors of transformers' processor."""
+
+    def test_forward(self, hf_siglip2, siglip2_checkpoint, naflex_inputs, device, dtype):
+        reference, ours = _pair(hf_siglip2, siglip2_checkpoint, dtype, device)
+        inputs = {key: value.to(device) for key, value in naflex_inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        input_ids = _text_inputs(4).to(device)
+        with torch.no_grad():
+            expected = reference(input_ids=input_ids, **inputs)
+            out = ours(input_ids=input_ids, **inputs)
+        _assert_outputs_close(expected, out, dtype)
+
+    def test_features_and_tokens(self, hf_siglip2, siglip2_checkpoint, naflex_inputs, device, dtype):
+        reference, ours = _pair(hf_siglip2, siglip2_checkpoint, dtype, device)
+        inputs = {key: value.to(device) for key, value in naflex_inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        with torch.no_grad():
+            expected = reference.vision_model(**inputs)
+            out = ours.encode_images(**inputs)
+            features = ours.get_image_features(**inputs)
+        valid = inputs["pixel_attention_mask"].bool()
+        torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state[valid], **tolerance(dtype))
+        torch.testing.assert_close(out.pooler_output, expected.pooler_output, **tolerance(dtype))
+        torch.testing.assert_close(features, expected.pooler_output, **tolerance(dtype))
+
+    def test_packed_equals_one_by_one_equals_padded(self, siglip2_checkpoint, naflex_inputs):
+        ours = SigLip2.from_pretrained(siglip2_checkpoint, dtype=torch.float64)
+        inputs = dict(naflex_inputs, pixel_values=naflex_inputs["pixel_values"].double())
+        patches, grid_thw = ours.pack_images(**inputs)
+        with torch.no_grad():
+            packed = ours.vision_model(patches, grid_thw)
+            singles = [
+                ours.vision_model(chunk, grid[None])
+                for chunk, grid in zip(patches.split(grid_thw_to_seqlens(grid_thw).tolist()), grid_thw, strict=True)
+            ]
+            padded = ours.encode_images(**inputs)
+        torch.testing.assert_close(
+            packed.last_hidden_state, torch.cat([s.last_hidden_state for s in singles]), atol=1e-12, rtol=1e-12
+        )
+        torch.testing.assert_close(
+            packed.pooler_output, torch.cat([s.pooler_output for s in singles]), atol=1e-12, rtol=1e-12
+        )
+        torch.testing.assert_close(padded.pooler_output, packed.pooler_output, atol=0, rtol=0)
+        # tokens can be returned padded for drop-in callers
+        tokens, mask = packed_to_padded(packed.last_hidden_state, grid_thw_to_seqlens(grid_thw), 24)
+        assert torch.equal(mask.int(), inputs["pixel_attention_mask"].int())
+        assert tokens.shape == (len(IMAGE_SIZES), 24, 32)
+
+    def test_frames_are_separate_blocks(self, siglip2_checkpoint):
+        """A grid row (t, h, w) is t frames, each its own attention block and pooled vector."""
+        ours = SigLip2.from_pretrained(siglip2_checkpoint, dtype=torch.float64)
+        frames = torch.randn(3, 3, 8, 12, dtype=torch.float64)
+        patches, _ = patchify(frames, 4)
+        with torch.no_grad():
+            video = ours.vision_model(patches, torch.tensor([[3, 2, 3]]))
+            stills = ours.vision_model(patches, torch.tensor([[1, 2, 3]] * 3))
+        assert video.pooler_output.shape == (3, 32)
+        torch.testing.assert_close(video.pooler_output, stills.pooler_output, atol=0, rtol=0)
+
+    def test_loss_and_gradients(self, hf_siglip2, siglip2_checkpoint, naflex_inputs):
+        reference, ours = _pair(hf_siglip2, siglip2_checkpoint, torch.float64, "cpu")
+        inputs = dict(naflex_inputs, pixel_values=naflex_inputs["pixel_values"].double())
+        input_ids = _text_inputs(4)
+        expected = reference(input_ids=input_ids, return_loss=True, **inputs).loss
+        loss = ours(input_ids=input_ids, return_loss=True, **inputs).loss
+        torch.testing.assert_close(loss, expected, **tolerance(torch.float64))
+        expected.backward()
+        loss.backward()
+        hf_grads = dict(reference.named_parameters())
+        for name in ("logit_scale", "logit_bias", "vision_model.head.probe", "text_model.head.weight"):
+            torch.testing.assert_close(
+                dict(ours.named_parameters())[name].grad, hf_grads[name].grad, atol=1e-10, rtol=1e-10
+            )
+        fused = ours.vision_model.encoder.layers[0].self_attn.qkv.weight.grad
+        hf_q = hf_grads["vision_model.encoder.layers.0.self_attn.q_proj.weight"].grad
+        torch.testing.assert_close(fused[:32], hf_q, atol=1e-10, rtol=1e-10)
+
+
+class TestSigLip2Module:
+    def test_smoke_packed_api(self, siglip2_checkpoint, device, dtype):
+        model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
+        patches, grid_thw = patchify(torch.rand(2, 3, 8, 12, device=device, dtype=dtype), 4)
+        features = model.get_image_features(patches=patches, grid_thw=grid_thw)
+        assert features.shape == (2, 32) and features.dtype == dtype
+
+    def test_cardinality(self, siglip2_checkpoint):
+        model = SigLip2.from_pretrained(siglip2_checkpoint)
+        out = model(input_ids=_text_inputs(5, 16), pixel_values=torch.rand(2, 3, 8, 8))
+        assert out.logits_per_image.shape == (2, 5) and out.logits_per_text.shape == (5, 2)
+        assert out.image_embeds.shape == (2, 32) and out.text_embeds.shape == (5, 32)
+        assert out.loss is None
+        torch.testing.assert_close(out.image_embeds.norm(dim=-1), torch.ones(2))
+
+    def test_logit_scale_is_not_clamped(self, siglip2_checkpoint):
+        model = SigLip2.from_pretrained(siglip2_checkpoint)
+        with torch.no_grad():
+            model.logit_scale.fill_(torch.log(torch.tensor(109.9)).item())  # a released So400m's learned scale
+        image, text = torch.eye(2, 32), torch.eye(2, 32)
+        assert model.logits(image, text)[0, 0].item() == pytest.approx(109.9 + model.logit_bias.item(), rel=1e-5)
+
+    def test_exception(self, siglip2_checkpoint):
+        model = SigLip2.from_pretrained(siglip2_checkpoint)
+        with pytest.raises(ValueError, match="not divisible by patch_size 4"):
+            model.get_image_features(torch.rand(1, 3, 10, 8))
+        with pytest.raises(ValueError, match=r"describes 6 patches .* but patches has 7 rows"):
+            model.get_image_features(patches=torch.rand(7, 48), grid_thw=torch.tensor([[1, 2, 3]]))
+        with pytest.raises(ValueError, match=r"patches must have shape \(num_patches, 48\)"):
+            model.get_image_features(patches=torch.rand(6, 40), grid_thw=torch.tensor([[1, 2, 3]]))
+        with pytest.raises(ValueError, match="need spatial_shapes"):
+            model.get_image_features(torch.rand(1, 16, 48))
+        with pytest.raises(ValueError, match="needs both patches"):
+            model.get_image_features(patches=torch.rand(6, 48))
+        with pytest.raises(ValueError, match="max_position_embeddings"):
+            model.get_text_features(torch.zeros(1, 65, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"must lie in \[0, 99\)"):
+            model.get_text_features(torch.full((1, 8), 99))
+
+    def test_gradcheck(self, siglip2_checkpoint):
+        model = SigLip2.from_pretrained(siglip2_checkpoint, dtype=torch.float64)
+        patches = torch.rand(6, 48, dtype=torch.float64, requires_grad=True)
+        grid_thw = torch.tensor([[1, 1, 2], [1, 2, 2]])
+        assert torch.autograd.gradcheck(lambda x: model.get_image_features(patches=x, grid_thw=grid_thw), (patches,))
+
+    def test_dynamo(self, siglip2_checkpoint, device, dtype):
+        model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
+        pixel_values = torch.rand(2, 3, 8, 12, device=device, dtype=dtype)
+        input_ids = _text_inputs(2, 16).to(device)
+        compiled = torch.compile(model)
+        expected = model(input_ids=input_ids, pixel_values=pixel_values)
+        out = compiled(input_ids=input_ids, pixel_values=pixel_values)
+        torch.testing.assert_close(out.logits_per_image, expected.logits_per_image, **tolerance(dtype))
+
+    def test_dynamo_fullgraph_vision_with_prebuilt_grid(self, siglip2_checkpoint, device, dtype):
+        from kornia_siglip2 import PackedGrid
+
+        model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
+        patches = torch.rand(6 + 16, 48, device=device, dtype=dtype)
+        grid = PackedGrid.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
+        compiled = torch.compile(lambda x: model.vision_model(x, grid).pooler_output, fullgraph=True)
+        torch.testing.assert_close(
+            compiled(patches), model.vision_model(patches, grid).pooler_output, **tolerance(dtype)
+        )

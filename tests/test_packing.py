@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from kornia_siglip2.packing import (
+    check_grid_thw,
+    grid_thw_to_cu_seqlens,
+    grid_thw_to_seqlens,
+    packed_to_padded,
+    padded_to_packed,
+    patchify,
+    unpatchify,
+)
+
+
+class TestPatchify:
+    def test_smoke(self, device, dtype):
+        patches, grid_thw = patchify(torch.rand(2, 3, 8, 12, device=device, dtype=dtype), patch_size=4)
+        assert patches.device.type == device.type and patches.dtype == dtype
+        assert grid_thw.tolist() == [[1, 2, 3], [1, 2, 3]]
+
+    def test_cardinality(self, device, dtype):
+        patches, grid_thw = patchify(torch.rand(5, 1, 16, 32, device=device, dtype=dtype), patch_size=8)
+        assert patches.shape == (5 * 2 * 4, 8 * 8 * 1)
+        assert grid_thw.shape == (5, 3) and grid_thw.dtype == torch.int64
+
+    def test_order_matches_reference_formula(self, device):
+        # REFERENCE 3: x.reshape(C, h, p, w, p).permute(1, 3, 2, 4, 0).reshape(h*w, p*p*C), per image
+        images = torch.rand(2, 3, 8, 12, device=device)
+        patches, _ = patchify(images, 4)
+        expected = torch.cat([x.reshape(3, 2, 4, 3, 4).permute(1, 3, 2, 4, 0).reshape(6, 48) for x in images])
+        assert torch.equal(patches, expected)
+
+    def test_order_matches_transformers(self):
+        np = pytest.importorskip("numpy")
+        module = pytest.importorskip("transformers.models.siglip2.image_processing_pil_siglip2")
+        image = torch.rand(3, 8, 12)
+        reference = module.convert_image_to_patches(image.numpy(), 4)  # channels-first (C, H, W)
+        patches, _ = patchify(image[None], 4)
+        assert torch.equal(patches, torch.from_numpy(np.asarray(reference)))
+
+    def test_exception(self):
+        with pytest.raises(ValueError, match="not divisible by patch_size 4"):
+            patchify(torch.rand(1, 3, 10, 12), 4)
+        with pytest.raises(Exception, match="shape"):
+            patchify(torch.rand(3, 8, 8), 4)
+
+    def test_unpatchify_roundtrip(self, device, dtype):
+        images = torch.rand(3, 3, 8, 4, device=device, dtype=dtype)
+        frames = unpatchify(*patchify(images, 4), patch_size=4)
+        assert torch.equal(torch.cat(frames), images)
+
+    def test_gradcheck(self, device):
+        images = torch.rand(1, 2, 4, 4, device=device, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: patchify(x, 2)[0], (images,))
+
+    def test_dynamo(self, device, dtype):
+        images = torch.rand(2, 3, 8, 8, device=device, dtype=dtype)
+        compiled = torch.compile(lambda x: patchify(x, 4)[0], fullgraph=True)
+        assert torch.equal(compiled(images), patchify(images, 4)[0])
+
+
+class TestGridThw:
+    def test_seqlens_and_cu_seqlens(self, device):
+        grid_thw = torch.tensor([[1, 2, 3], [2, 1, 4], [1, 5, 5]], device=device)
+        assert grid_thw_to_seqlens(grid_thw).tolist() == [6, 4, 4, 25]
+        cu_seqlens = grid_thw_to_cu_seqlens(grid_thw)
+        assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 6, 10, 14, 39]
+
+    def test_exception(self):
+        with pytest.raises(ValueError, match=r"shape \(num_images, 3\)"):
+            check_grid_thw(torch.ones(3, 2, dtype=torch.long))
+        with pytest.raises(ValueError, match="integers"):
+            check_grid_thw(torch.ones(1, 3))
+        with pytest.raises(ValueError, match="positive"):
+            check_grid_thw(torch.tensor([[1, 0, 3]]))
+        with pytest.raises(ValueError, match=r"describes 6 patches .* but patches has 7 rows"):
+            check_grid_thw(torch.tensor([[1, 2, 3]]), num_tokens=7)
+
+
+class TestPaddedPacked:
+    def test_roundtrip(self, device, dtype):
+        grid_thw = torch.tensor([[1, 2, 3], [1, 1, 2], [1, 3, 3]], device=device)
+        seqlens = grid_thw_to_seqlens(grid_thw)
+        tokens = torch.rand(int(seqlens.sum()), 12, device=device, dtype=dtype)
+        padded, mask = packed_to_padded(tokens, seqlens, max_length=10)
+        assert padded.shape == (3, 10, 12) and mask.sum().item() == tokens.shape[0]
+        assert bool((padded[~mask] == 0).all())
+        patches, grid_back = padded_to_packed(padded, mask.int(), grid_thw[:, 1:])
+        assert torch.equal(patches, tokens) and torch.equal(grid_back, grid_thw)
+
+    def test_exception(self):
+        values = torch.rand(2, 6, 12)
+        mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+        with pytest.raises(ValueError, match="first h\\*w patches"):
+            padded_to_packed(values, mask, torch.tensor([[2, 3], [1, 2]]))
+        with pytest.raises(Exception, match="disagree"):
+            padded_to_packed(values, mask[:, :5], torch.tensor([[2, 3], [1, 2]]))
+        with pytest.raises(Exception, match="seqlens sum to 5"):
+            packed_to_padded(torch.rand(4, 2), torch.tensor([3, 2]))
+
+    def test_gradcheck(self):
+        tokens = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: packed_to_padded(x, torch.tensor([3, 2]))[0], (tokens,))
