@@ -13,7 +13,7 @@ from torch import nn
 from kornia_siglip2.attention import VarlenLayout, varlen_attention
 from kornia_siglip2.config import VisionConfig
 from kornia_siglip2.layers import MLP, Encoder
-from kornia_siglip2.packing import check_grid_thw
+from kornia_siglip2.packing import check_grid_thw, packed_to_padded
 
 __all__ = ["MAPHead", "PackedGrid", "VisionEmbeddings", "VisionOutput", "VisionTransformer"]
 
@@ -67,6 +67,22 @@ class VisionOutput:
     pooler_output: torch.Tensor | None
     hidden_states: tuple[torch.Tensor, ...] | None
     cu_seqlens: torch.Tensor
+
+    def to_padded(
+        self, tokens: torch.Tensor | None = None, max_length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad packed tokens into a transformers-style batch, one row per frame.
+
+        Args:
+            tokens: packed :math:`(N, D)` tokens of this output (``last_hidden_state`` by default, or one
+                of ``hidden_states``).
+            max_length: padded length (e.g. the processor's ``max_num_patches``); the longest frame by default.
+
+        Returns:
+            padded tokens :math:`(F, L, D)` (zeros at padding) and the bool mask :math:`(F, L)`.
+        """
+        tokens = self.last_hidden_state if tokens is None else tokens
+        return packed_to_padded(tokens, torch.diff(self.cu_seqlens), max_length)
 
 
 class VisionEmbeddings(nn.Module):

@@ -127,6 +127,25 @@ class TestParitySiglip2NaFlex:
         torch.testing.assert_close(out.pooler_output, expected.pooler_output, **tolerance(dtype))
         torch.testing.assert_close(features, expected.pooler_output, **tolerance(dtype))
 
+    def test_hidden_states(self, hf_siglip2, siglip2_checkpoint, naflex_inputs):
+        """Every layer's tokens equal transformers' ``hidden_states``, packed and padded."""
+        reference, ours = _pair(hf_siglip2, siglip2_checkpoint, torch.float32, "cpu")
+        inputs = dict(naflex_inputs)
+        with torch.no_grad():
+            expected = reference.vision_model(**inputs, output_hidden_states=True).hidden_states
+            out = ours.encode_images(**inputs, output_hidden_states=True)
+            expected_text = reference.text_model(input_ids=_text_inputs(), output_hidden_states=True).hidden_states
+            text_states = ours.text_model(_text_inputs(), output_hidden_states=True).hidden_states
+        valid = inputs["pixel_attention_mask"].bool()
+        assert len(out.hidden_states) == len(expected) == 3 and len(text_states) == len(expected_text)
+        for state, reference_state in zip(out.hidden_states, expected, strict=True):
+            torch.testing.assert_close(state, reference_state[valid], atol=1e-5, rtol=1e-4)
+            padded, mask = out.to_padded(state, max_length=valid.shape[1])
+            assert torch.equal(mask, valid)
+            torch.testing.assert_close(padded[mask], reference_state[valid], atol=1e-5, rtol=1e-4)
+        for state, reference_state in zip(text_states, expected_text, strict=True):
+            torch.testing.assert_close(state, reference_state, atol=1e-5, rtol=1e-4)
+
     def test_packed_equals_one_by_one_equals_padded(self, siglip2_checkpoint, naflex_inputs):
         ours = SigLip2.from_pretrained(siglip2_checkpoint, dtype=torch.float64)
         inputs = dict(naflex_inputs, pixel_values=naflex_inputs["pixel_values"].double())
