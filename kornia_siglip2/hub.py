@@ -18,10 +18,12 @@ from safetensors.torch import save_file
 
 from kornia_siglip2.config import SigLip2Config
 from kornia_siglip2.model import SigLip2
+from kornia_siglip2.vision import VisionTransformer
 
 __all__ = [
     "from_hf_state_dict",
     "load_pretrained",
+    "load_vision_pretrained",
     "read_safetensors",
     "resolve_checkpoint",
     "save_pretrained",
@@ -31,7 +33,10 @@ __all__ = [
 _SAFETENSORS = "model.safetensors"
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _QKV = re.compile(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$")
-_PATCH_WEIGHT = "vision_model.embeddings.patch_embedding.weight"
+_PATCH_SUFFIX = "embeddings.patch_embedding.weight"
+_PATCH_WEIGHT = f"vision_model.{_PATCH_SUFFIX}"
+# vision-only checkpoints (transformers' SiglipVisionModel / Siglip2VisionModel) carry no "vision_model." prefix
+_VISION_ONLY_TYPES = {"siglip_vision_model": "siglip", "siglip2_vision_model": "siglip2"}
 # non-persistent buffers that older transformers versions wrote into checkpoints
 _IGNORED = re.compile(r"(^|\.)position_ids$")
 
@@ -118,7 +123,7 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torc
         if match:
             prefix, which, kind = match.groups()
             qkv_parts.setdefault((prefix, kind), {})[which] = tensor
-        elif key == _PATCH_WEIGHT and tensor.ndim == 4:
+        elif key.endswith(_PATCH_SUFFIX) and tensor.ndim == 4:
             # Conv2d (D, C, p, p) -> Linear over (py, px, c) flattened patches
             state_dict[key] = tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
         else:
@@ -151,7 +156,7 @@ def to_hf_state_dict(model: SigLip2) -> dict[str, torch.Tensor]:
     return hf_state_dict
 
 
-def _load_into(model: SigLip2, state_dict: dict[str, torch.Tensor], source: str) -> None:
+def _load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -186,10 +191,7 @@ def load_pretrained(
 ) -> SigLip2:
     """Load a checkpoint into :class:`SigLip2`; see :meth:`SigLip2.from_pretrained`."""
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"No config.json in {folder}.")
-    config = SigLip2Config.from_hf_dict(json.loads(config_file.read_text()))
+    config = SigLip2Config.from_hf_dict(_read_config(folder))
     state_dict = from_hf_state_dict(read_safetensors(folder))
     with torch.device("meta"):
         model = SigLip2(config)
@@ -197,6 +199,54 @@ def load_pretrained(
     # transformers' default: float32 unless a dtype is asked for
     model = model.to(device=device, dtype=dtype or torch.float32)
     return model.eval()
+
+
+def load_vision_pretrained(
+    name_or_path: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+) -> VisionTransformer:
+    """Load only the vision tower, from a vision-only or a dual-tower SigLIP / SigLIP 2 checkpoint.
+
+    Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
+    transformers' ``SiglipVisionModel``) have no ``vision_model.`` prefix; dual-tower ones do, and their
+    text weights are skipped. Arguments as :meth:`SigLip2.from_pretrained`.
+
+    Raises:
+        ValueError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
+    """
+    folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    hf_config = _read_config(folder)
+    model_type = hf_config.get("model_type")
+    tensors = read_safetensors(folder)
+    if model_type in _VISION_ONLY_TYPES:
+        family, vision_dict = _VISION_ONLY_TYPES[model_type], hf_config
+    else:
+        family, vision_dict = model_type, hf_config.get("vision_config") or {}
+        tensors = {
+            key[len("vision_model.") :]: value for key, value in tensors.items() if key.startswith("vision_model.")
+        }
+    if family not in ("siglip", "siglip2"):
+        raise ValueError(
+            f"Unknown model_type {model_type!r} in config.json: expected siglip, siglip2, siglip_vision_model "
+            "or siglip2_vision_model."
+        )
+    config = SigLip2Config.from_hf_dict({"model_type": family, "vision_config": vision_dict})
+    with torch.device("meta"):
+        tower = VisionTransformer(config.vision_config, naflex=config.is_naflex)
+    _load_into(tower, from_hf_state_dict(tensors), str(name_or_path))
+    return tower.to(device=device, dtype=dtype or torch.float32).eval()
+
+
+def _read_config(folder: Path) -> dict:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"No config.json in {folder}.")
+    return json.loads(config_file.read_text())
 
 
 def save_pretrained(model: SigLip2, folder: str | Path) -> None:

@@ -293,3 +293,29 @@ class VisionTransformer(nn.Module):
         tokens = self.post_layernorm(tokens)
         pooled = self.head(tokens, packed.pooling) if self.head is not None else None
         return VisionOutput(tokens, pooled, hidden_states, packed.attention.cu_seqlens_q)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+    ) -> VisionTransformer:
+        """Load the vision tower of a SigLIP / SigLIP 2 checkpoint, vision-only or dual-tower.
+
+        See :func:`kornia_siglip2.hub.load_vision_pretrained`.
+        """
+        from kornia_siglip2.hub import load_vision_pretrained
+
+        return load_vision_pretrained(
+            name_or_path,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )

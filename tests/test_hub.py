@@ -12,7 +12,7 @@ import torch
 from conftest import read_config
 from safetensors.torch import load_file, save_file
 
-from kornia_siglip2 import SigLip2, patchify
+from kornia_siglip2 import SigLip2, VisionTransformer, patchify
 from kornia_siglip2.hub import from_hf_state_dict, to_hf_state_dict
 
 
@@ -191,3 +191,18 @@ def test_conv_patch_embedding_becomes_linear_over_py_px_c(hf_siglip):
         expected = conv(images).flatten(2).transpose(1, 2).flatten(0, 1)
     patches, _ = patchify(images, 4)
     torch.testing.assert_close(patches @ weight.T + conv.bias, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2"])
+def test_vision_only_checkpoints(family, tmp_path, request):
+    """transformers' SiglipVisionModel / Siglip2VisionModel save without the `vision_model.` prefix."""
+    hf = request.getfixturevalue(f"hf_{family}")
+    hf.vision_model.save_pretrained(tmp_path / "vision")
+    tower = VisionTransformer.from_pretrained(tmp_path / "vision", dtype=torch.float64)
+    from_full = VisionTransformer.from_pretrained(request.getfixturevalue(f"{family}_checkpoint"), dtype=torch.float64)
+    patches, grid_thw = patchify(torch.rand(2, 3, 16, 16, dtype=torch.float64), 4)
+    expected = SigLip2.from_pretrained(request.getfixturevalue(f"{family}_checkpoint"), dtype=torch.float64)
+    with torch.no_grad():
+        reference = expected.get_image_features(patches=patches, grid_thw=grid_thw)
+        torch.testing.assert_close(tower(patches, grid_thw).pooler_output, reference, atol=0, rtol=0)
+        torch.testing.assert_close(from_full(patches, grid_thw).pooler_output, reference, atol=0, rtol=0)
