@@ -1,0 +1,60 @@
+"""LocCa decoder head of SigLIP 2: captioning, referring expressions and grounded captioning.
+
+One module per job:
+
+- :mod:`.vocabulary`: where text ids, box-coordinate bins and the mask token sit; box quantization.
+- :mod:`.targets`: decoder inputs, labels and loss masks of the three tasks, parallel prediction.
+- :mod:`.decoder`: the pre-LN transformer decoder cross-attending to packed vision tokens.
+- :mod:`.cross_entropy`: softmax cross-entropy fused with the output projection, chunked over the vocabulary.
+- :mod:`.loss`: :class:`LocCaLoss`, the three tasks in one decoder pass.
+- :mod:`.generate`: greedy decoding of captions, boxes and region captions.
+
+Example:
+    >>> from kornia_siglip2 import VisionConfig, VisionTransformer, patchify
+    >>> vision = VisionTransformer(VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    ...                                         num_attention_heads=4, patch_size=4, num_patches=16))
+    >>> vocabulary = LocCaVocabulary(text_vocab_size=100, num_bins=28)
+    >>> decoder = LocCaDecoder(vocabulary.vocab_size, width=16, num_heads=2, mlp_width=32, num_layers=1,
+    ...                        max_length=10, image_width=32)
+    >>> out = vision(*patchify(torch.rand(2, 3, 16, 16), patch_size=4))
+    >>> targets = LocCaTargets.build([[5, 6, 7], [8]], [[6], [9, 9]], torch.tensor([[0.1, 0.1, 0.6, 0.9]] * 2),
+    ...                              vocabulary, max_length=10, generator=torch.Generator().manual_seed(0))
+    >>> LocCaLoss(decoder)(out.last_hidden_state, out.cu_seqlens, targets).loss  # 3 log(128) at init
+    tensor(14.5561, grad_fn=<SumBackward0>)
+"""
+
+import torch  # noqa: F401  (doctest namespace)
+
+from kornia_siglip2.losses.locca.cross_entropy import ChunkedCrossEntropy, chunked_cross_entropy, sequence_cross_entropy
+from kornia_siglip2.losses.locca.decoder import CrossAttention, DecoderBlock, DecoderSelfAttention, LocCaDecoder
+from kornia_siglip2.losses.locca.generate import (
+    generate,
+    generate_boxes,
+    generate_captions,
+    generate_region_captions,
+)
+from kornia_siglip2.losses.locca.loss import LocCaLoss, LocCaLossOutput
+from kornia_siglip2.losses.locca.targets import TASKS, LocCaTargets, grounded_prefix, referring_prefix, shift_right
+from kornia_siglip2.losses.locca.vocabulary import LocCaVocabulary
+
+__all__ = [
+    "TASKS",
+    "ChunkedCrossEntropy",
+    "CrossAttention",
+    "DecoderBlock",
+    "DecoderSelfAttention",
+    "LocCaDecoder",
+    "LocCaLoss",
+    "LocCaLossOutput",
+    "LocCaTargets",
+    "LocCaVocabulary",
+    "chunked_cross_entropy",
+    "generate",
+    "generate_boxes",
+    "generate_captions",
+    "generate_region_captions",
+    "grounded_prefix",
+    "referring_prefix",
+    "sequence_cross_entropy",
+    "shift_right",
+]

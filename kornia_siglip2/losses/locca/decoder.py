@@ -1,0 +1,344 @@
+"""LocCa decoder: a pre-LN transformer decoder that cross-attends to the packed, un-pooled vision tokens.
+
+Architecture of big_vision's CapPa decoder (``models/proj/cappa/cappa.py``), used by SigLIP 2 for LocCa:
+token embedding (``vocab_size + 1`` rows, the last the mask token) plus learned positions; blocks of
+``x + SelfAttn(LN(x))``, ``x + CrossAttn(LN(x), image)``, ``x + MLP(LN(x))``; a final LayerNorm; a zero-init
+logits layer, so every logit is 0 at init and the loss starts at exactly :math:`\\log V`.
+
+Self-attention runs on :math:`(S, H, L, D_h)` with ``F.scaled_dot_product_attention`` and a per-sequence
+mask (causal, or full for parallel prediction): every decoder sequence has the same length :math:`L`.
+Cross-attention goes through :func:`~kornia_siglip2.attention.varlen_attention`: all decoder queries of
+image :math:`i` (its :math:`T` task sequences of :math:`L` tokens) form one query block that attends to
+that image's :math:`N_i` tokens only, whatever the image sizes in the packed batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from kornia.core.check import KORNIA_CHECK
+from torch import nn
+
+from kornia_siglip2.attention import VarlenLayout, varlen_attention
+from kornia_siglip2.config import SigLip2Config
+from kornia_siglip2.layers import MLP
+from kornia_siglip2.losses.locca.vocabulary import LocCaVocabulary
+
+__all__ = ["CrossAttention", "DecoderBlock", "DecoderSelfAttention", "LocCaDecoder"]
+
+
+class DecoderSelfAttention(nn.Module):
+    """Multi-head self-attention over equal-length sequences with a fused ``qkv`` projection.
+
+    Args:
+        width: token width :math:`D`.
+        num_heads: heads :math:`H` (``D`` divisible by ``H``).
+    """
+
+    def __init__(self, width: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, hidden_states: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attend within each of the :math:`S` sequences.
+
+        Args:
+            hidden_states: :math:`(S, L, D)` tokens.
+            attn_mask: bool :math:`(S, 1, L, L)`, True where a query may attend to a key; ``None`` for a
+                causal mask everywhere.
+
+        Returns:
+            :math:`(S, L, D)` tokens.
+        """
+        sequences, length, width = hidden_states.shape
+        # [S, L, 3D] -> 3 x [S, H, L, Dh]
+        qkv = self.qkv(hidden_states).view(sequences, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(*qkv, attn_mask=attn_mask, is_causal=attn_mask is None)
+        return self.out_proj(attended.transpose(1, 2).reshape(sequences, length, width))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of packed decoder queries to packed image tokens, block by block.
+
+    Keys and values are projected straight from the vision width to the decoder width (as flax's
+    ``MultiHeadDotProductAttention`` in CapPa does), so the towers may have different widths.
+
+    Args:
+        width: decoder width :math:`D`.
+        num_heads: heads :math:`H`.
+        image_width: vision token width :math:`D_v`.
+    """
+
+    def __init__(self, width: int, num_heads: int, image_width: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Linear(width, width)
+        self.key_value = nn.Linear(image_width, 2 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, queries: torch.Tensor, image_tokens: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+        """Attend queries :math:`(N_q, D)` to image tokens :math:`(N, D_v)` per ``layout``; returns :math:`(N_q, D)`."""
+        num_queries, width = queries.shape
+        query = self.query(queries).view(num_queries, self.num_heads, -1)  # [N_q, H, Dh]
+        key, value = self.key_value(image_tokens).view(image_tokens.shape[0], 2, self.num_heads, -1).unbind(1)
+        return self.out_proj(varlen_attention(query, key, value, layout=layout).reshape(num_queries, width))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN decoder block: self-attention, cross-attention to the image, MLP, each with a residual.
+
+    Args:
+        width: decoder width :math:`D`.
+        num_heads: attention heads.
+        mlp_width: MLP inner width.
+        image_width: vision token width :math:`D_v`.
+        layer_norm_eps: LayerNorm epsilon (1e-6, flax's default in big_vision).
+        hidden_act: MLP activation name.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_width: int,
+        image_width: int,
+        layer_norm_eps: float = 1e-6,
+        hidden_act: str = "gelu_pytorch_tanh",
+    ) -> None:
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.self_attn = DecoderSelfAttention(width, num_heads)
+        self.layer_norm2 = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.cross_attn = CrossAttention(width, num_heads, image_width)
+        self.layer_norm3 = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.mlp = MLP(width, mlp_width, hidden_act)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        image_tokens: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        layout: VarlenLayout,
+    ) -> torch.Tensor:
+        """Transform decoder tokens :math:`(S, L, D)`; see :class:`DecoderSelfAttention` for ``attn_mask``."""
+        shape = hidden_states.shape
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attn_mask)
+        packed = hidden_states.reshape(-1, shape[-1])  # [S * L, D], image-major
+        packed = packed + self.cross_attn(self.layer_norm2(packed), image_tokens, layout)
+        packed = packed + self.mlp(self.layer_norm3(packed))
+        return packed.view(shape)
+
+
+class LocCaDecoder(nn.Module):
+    """Transformer decoder of LocCa / CapPa over packed vision tokens.
+
+    Args:
+        vocab_size: output classes :math:`V` (text tokens and box bins); the embedding has :math:`V + 1`
+            rows, the last (``mask_token_id = V``) being the parallel-prediction mask token.
+        width: decoder width :math:`D`.
+        num_heads: attention heads.
+        mlp_width: MLP inner width.
+        num_layers: decoder blocks.
+        max_length: length of the learned position table (longest :math:`L`).
+        image_width: vision token width :math:`D_v`; defaults to ``width``.
+        layer_norm_eps: LayerNorm epsilon.
+        hidden_act: MLP activation name.
+
+    Example:
+        >>> decoder = LocCaDecoder(vocab_size=50, width=16, num_heads=2, mlp_width=32, num_layers=1, max_length=8,
+        ...                        image_width=24)
+        >>> image_tokens = torch.randn(12 + 20, 24)  # two images of 12 and 20 tokens, packed
+        >>> cu_seqlens = torch.tensor([0, 12, 32], dtype=torch.int32)
+        >>> decoder(torch.randint(0, 50, (2, 3, 8)), image_tokens, cu_seqlens).shape
+        torch.Size([2, 3, 8, 50])
+        >>> bool((decoder(torch.randint(0, 50, (2, 8)), image_tokens, cu_seqlens) == 0).all())  # zero-init head
+        True
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        width: int,
+        num_heads: int,
+        mlp_width: int,
+        num_layers: int,
+        max_length: int,
+        image_width: int | None = None,
+        layer_norm_eps: float = 1e-6,
+        hidden_act: str = "gelu_pytorch_tanh",
+    ) -> None:
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} must be divisible by num_heads {num_heads}.")
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.image_width = width if image_width is None else image_width
+        self.token_embedding = nn.Embedding(vocab_size + 1, width)
+        self.position_embedding = nn.Parameter(torch.empty(max_length, width))
+        self.layers = nn.ModuleList(
+            DecoderBlock(width, num_heads, mlp_width, self.image_width, layer_norm_eps, hidden_act)
+            for _ in range(num_layers)
+        )
+        self.layer_norm = nn.LayerNorm(width, eps=layer_norm_eps)
+        self.head = nn.Linear(width, vocab_size)
+        self.reset_parameters()
+
+    @property
+    def mask_token_id(self) -> int:
+        """Input id of the mask token (the embedding's last row)."""
+        return self.vocab_size
+
+    def reset_parameters(self) -> None:
+        """Initialize as big_vision's CapPa: see the comments for each choice."""
+        # xavier_uniform weights and zero biases (big_vision MlpBlock; its biases are N(0, 1e-6)), drawn per
+        # projection where q/k/v or k/v are fused, so the fused layer starts as the separate ones would
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for block in self.layers:
+            for part in (*block.self_attn.qkv.weight.chunk(3), *block.cross_attn.key_value.weight.chunk(2)):
+                nn.init.xavier_uniform_(part)
+        # CapPa: EmbedTargets normal(stddev=1.0); learned positions normal(stddev=1/sqrt(width)) (vit.get_posemb)
+        nn.init.normal_(self.token_embedding.weight, std=1.0)
+        nn.init.normal_(self.position_embedding, std=self.position_embedding.shape[-1] ** -0.5)
+        # zero-init logits (CapPa LogitsDense kernel_init=zeros): the initial loss is exactly log V
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: SigLip2Config,
+        vocabulary: LocCaVocabulary | None = None,
+        num_layers: int | None = None,
+        max_length: int | None = None,
+    ) -> LocCaDecoder:
+        """Size the decoder from a SigLIP 2 config: width, heads, MLP and activation of the text tower.
+
+        Depth defaults to half the text tower's, rounded down (SigLIP 2 paper section 2.2): B/16 6, L/16 12
+        and 13 for So400m, whose text tower has 27 layers (the paper leaves 13 vs 14 open; rounding down
+        keeps the decoder at most half the text depth). Key/value projections take the vision width.
+
+        Args:
+            config: the dual-tower config.
+            vocabulary: token layout; defaults to the text vocabulary plus 1000 box bins.
+            num_layers: decoder depth override.
+            max_length: position table length; defaults to the text tower's ``max_position_embeddings`` (64).
+
+        Example:
+            >>> config = SigLip2Config()  # B/16 text tower: 12 layers, 768 wide
+            >>> with torch.device("meta"):  # shapes only, no memory
+            ...     decoder = LocCaDecoder.from_config(config)
+            >>> len(decoder.layers), decoder.head.in_features, decoder.vocab_size
+            (6, 768, 33000)
+        """
+        text = config.text_config
+        vocabulary = LocCaVocabulary.from_config(text) if vocabulary is None else vocabulary
+        return cls(
+            vocab_size=vocabulary.vocab_size,
+            width=text.hidden_size,
+            num_heads=text.num_attention_heads,
+            mlp_width=text.intermediate_size,
+            num_layers=text.num_hidden_layers // 2 if num_layers is None else num_layers,
+            max_length=text.max_position_embeddings if max_length is None else max_length,
+            image_width=config.vision_config.hidden_size,
+            layer_norm_eps=text.layer_norm_eps,
+            hidden_act=text.hidden_act,
+        )
+
+    @staticmethod
+    def cross_attention_layout(
+        cu_seqlens: torch.Tensor | Sequence[int], queries_per_image: int, device: torch.device | str | None = None
+    ) -> VarlenLayout:
+        """Layout in which the :math:`T \\cdot L` decoder queries of image :math:`i` attend to its tokens only.
+
+        Build it once to reuse across calls (reading ``cu_seqlens`` syncs with the device) or to trace the
+        decoder with ``torch.compile(fullgraph=True)``.
+
+        Args:
+            cu_seqlens: int :math:`(n + 1,)` image boundaries in the packed tokens (``VisionOutput.cu_seqlens``).
+            queries_per_image: decoder tokens per image, :math:`T \\cdot L`.
+            device: device of the layout's index tensors.
+        """
+        boundaries = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+        seqlens = [end - start for start, end in itertools.pairwise(boundaries)]
+        return VarlenLayout.from_seqlens([queries_per_image] * len(seqlens), seqlens, device=device)
+
+    def forward_features(
+        self,
+        input_ids: torch.Tensor,
+        image_tokens: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        causal: torch.Tensor | None = None,
+        *,
+        layout: VarlenLayout | None = None,
+    ) -> torch.Tensor:
+        """Decoder states after the final LayerNorm (the input of :attr:`head`).
+
+        Args:
+            input_ids: int :math:`(n, L)` or :math:`(n, T, L)` decoder inputs, :math:`T` sequences per image.
+            image_tokens: :math:`(N, D_v)` packed un-pooled vision tokens (``VisionOutput.last_hidden_state``).
+            cu_seqlens: int :math:`(n + 1,)` image boundaries in ``image_tokens``; not needed with ``layout``.
+            causal: bool, ``input_ids.shape[:-1]``: True for a causal mask, False for full attention
+                (parallel prediction); ``None`` means causal everywhere.
+            layout: prebuilt :meth:`cross_attention_layout`.
+
+        Returns:
+            :math:`(*, L, D)` states, ``*`` the leading shape of ``input_ids``.
+
+        Raises:
+            BaseError: shapes disagree, or :math:`L` exceeds ``max_length``.
+        """
+        KORNIA_CHECK(
+            input_ids.ndim in (2, 3),
+            lambda: f"input_ids must be (n, L) or (n, T, L), got {tuple(input_ids.shape)}.",
+        )
+        KORNIA_CHECK(
+            image_tokens.ndim == 2 and image_tokens.shape[-1] == self.image_width,
+            lambda: f"image_tokens must be (N, {self.image_width}), got {tuple(image_tokens.shape)}.",
+        )
+        length = input_ids.shape[-1]
+        KORNIA_CHECK(length <= self.max_length, lambda: f"input length {length} exceeds max_length {self.max_length}.")
+        KORNIA_CHECK(
+            causal is None or causal.shape == input_ids.shape[:-1],
+            lambda: f"causal must have shape {tuple(input_ids.shape[:-1])}, got {tuple(causal.shape)}.",
+        )
+        if layout is None:
+            KORNIA_CHECK(cu_seqlens is not None, "LocCaDecoder needs cu_seqlens or a layout.")
+            layout = self.cross_attention_layout(cu_seqlens, input_ids[0].numel(), device=image_tokens.device)
+        KORNIA_CHECK(
+            len(layout.seqlens_q) == input_ids.shape[0],
+            lambda: f"input_ids has {input_ids.shape[0]} images but the vision tokens {len(layout.seqlens_q)}.",
+        )
+        hidden_states = self.token_embedding(input_ids.reshape(-1, length)) + self.position_embedding[:length]
+        attn_mask = None
+        if causal is not None:
+            positions = torch.arange(length, device=input_ids.device)
+            lower = positions[:, None] >= positions[None, :]  # [L, L]
+            attn_mask = lower | ~causal.reshape(-1, 1, 1, 1)  # [S, 1, L, L]
+        image_tokens = image_tokens.to(hidden_states.dtype)
+        for block in self.layers:
+            hidden_states = block(hidden_states, image_tokens, attn_mask, layout)
+        return self.layer_norm(hidden_states).view(*input_ids.shape, -1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        image_tokens: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        causal: torch.Tensor | None = None,
+        *,
+        layout: VarlenLayout | None = None,
+    ) -> torch.Tensor:
+        """Logits :math:`(*, L, V)`; arguments as :meth:`forward_features`.
+
+        This materializes all logits: training uses :class:`~kornia_siglip2.losses.locca.LocCaLoss`, which
+        never does.
+        """
+        return self.head(self.forward_features(input_ids, image_tokens, cu_seqlens, causal, layout=layout))
