@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kornia_siglip2.config import SigLip2Config
+from kornia_siglip2.losses.sigmoid import sigmoid_loss
 from kornia_siglip2.packing import padded_to_packed, patchify
 from kornia_siglip2.text import TextOutput, TextTransformer
 from kornia_siglip2.vision import PackedGrid, VisionOutput, VisionTransformer
@@ -221,8 +222,6 @@ class SigLip2(nn.Module):
         logits_per_text = self.logits(image_embeds, text_embeds)
         loss = None
         if return_loss:
-            from kornia_siglip2.losses.sigmoid import sigmoid_loss
-
             loss = sigmoid_loss(image_embeds, text_embeds, self.logit_scale, self.logit_bias)
         return SigLip2Output(
             loss=loss,

@@ -1,1 +1,47 @@
-"""Loss heads of the SigLIP 2 objective."""
+"""Loss heads of the SigLIP 2 objective: sigmoid, LocCa decoder, SILC/TIPS self-distillation."""
+
+from kornia_siglip2.losses.distill import (
+    DINOHead,
+    EMATeacher,
+    LocalViews,
+    SelfDistillationLoss,
+    SelfDistillationOutput,
+    distillation_cross_entropy,
+    random_patch_mask,
+)
+from kornia_siglip2.losses.locca import (
+    TASKS,
+    LocCaDecoder,
+    LocCaLoss,
+    LocCaLossOutput,
+    LocCaTargets,
+    LocCaVocabulary,
+    chunked_cross_entropy,
+    generate_boxes,
+    generate_captions,
+    generate_region_captions,
+)
+from kornia_siglip2.losses.sigmoid import DISTRIBUTED_MODES, SigmoidLoss, sigmoid_loss
+
+__all__ = [
+    "DISTRIBUTED_MODES",
+    "TASKS",
+    "DINOHead",
+    "EMATeacher",
+    "LocCaDecoder",
+    "LocCaLoss",
+    "LocCaLossOutput",
+    "LocCaTargets",
+    "LocCaVocabulary",
+    "LocalViews",
+    "SelfDistillationLoss",
+    "SelfDistillationOutput",
+    "SigmoidLoss",
+    "chunked_cross_entropy",
+    "distillation_cross_entropy",
+    "generate_boxes",
+    "generate_captions",
+    "generate_region_captions",
+    "random_patch_mask",
+    "sigmoid_loss",
+]
