@@ -151,12 +151,10 @@ class VisionEmbeddings(nn.Module):
             tokens = torch.where(mask[:, None], mask_token.to(tokens.dtype), tokens)
         resized = {size: self.resized_positions(*size) for size in dict.fromkeys((h, w) for _, h, w in grids)}
         if len(resized) == 1:
+            # one grid for the whole batch: broadcast the table over frames instead of tiling it
             (positions,) = resized.values()
-            frames = sum(t for t, _, _ in grids)
-            # [h*w, D] -> [frames * h*w, D] without a copy per frame
-            positions = positions[None].expand(frames, -1, -1).reshape(-1, positions.shape[-1])
-        else:
-            positions = torch.cat([resized[(h, w)] for t, h, w in grids for _ in range(t)])
+            return (tokens.view(-1, *positions.shape) + positions).view(tokens.shape)
+        positions = torch.cat([resized[(h, w)] for t, h, w in grids for _ in range(t)])
         return tokens + positions
 
 
