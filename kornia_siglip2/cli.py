@@ -1,0 +1,477 @@
+"""Command line: ``kornia-siglip2`` / ``python -m kornia_siglip2`` with ``classify``, ``embed``, ``compare``, ``demo``.
+
+- ``classify IMAGE... --labels L1 L2 ...``: table of zero-shot sigmoid probabilities.
+- ``embed IMAGE_DIR --out FILE``: L2-normalized image embeddings of every image in a folder (any sizes; NaFlex
+  models pack them), batched with a progress bar, written as ``.safetensors`` (file names in the metadata) or
+  ``.npy``.
+- ``compare --model M``: parity report against transformers (state-dict keys, weights, outputs).
+- ``demo``: offline end-to-end run on a tiny random checkpoint built on the spot, with the parity report.
+
+Every failure prints one line to stderr and exits with status 1 (2 for a wrong command line); no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+__all__ = ["DEFAULT_MODEL", "main", "parity_report"]
+
+DEFAULT_MODEL = "google/siglip2-base-patch16-naflex"
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_PROG = "kornia-siglip2"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (argparse prints the usage block too)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=_PROG, description="SigLIP / SigLIP 2 zero-shot classification, embeddings and parity.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    classify = commands.add_parser("classify", help="zero-shot probabilities of images against labels")
+    classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    classify.add_argument("--labels", nargs="+", required=True, metavar="LABEL", help="class names")
+    classify.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder (default {DEFAULT_MODEL})")
+    classify.add_argument(
+        "--template", default=None, help='prompt with {label} (default "This is a photo of {label}.")'
+    )
+    classify.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+    embed = commands.add_parser("embed", help="image embeddings of a folder to .safetensors or .npy")
+    embed.add_argument("image_dir", metavar="IMAGE_DIR", help="folder searched recursively for images")
+    embed.add_argument("--out", required=True, metavar="FILE", help="output .safetensors or .npy file")
+    embed.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder (default {DEFAULT_MODEL})")
+    embed.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
+    embed.add_argument("--max-num-patches", type=int, default=None, help="NaFlex patch budget per image")
+    embed.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+
+    compare = commands.add_parser("compare", help="parity report against transformers")
+    compare.add_argument("--model", required=True, help="hub id or folder")
+    compare.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    compare.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to the largest value")
+    compare.add_argument("--device", default="cpu", help="device of both models (default cpu)")
+
+    demo = commands.add_parser("demo", help="offline end-to-end run on a tiny random checkpoint")
+    demo.add_argument("--workdir", default=None, help="keep the checkpoint and images here (default: a temp folder)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: arguments without the program name; ``sys.argv[1:]`` by default.
+
+    Returns:
+        the exit status: 0 on success, 1 on an error or a failed parity check, 2 on a bad command line.
+
+    Example:
+        >>> main(["classify", "missing.png", "--labels", "cat", "--model", "/no/such/folder"])
+        1
+    """
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad command line (2), already printed by argparse
+        return int(stop.code or 0)
+    _quiet_transformers()
+    command = {"classify": _classify, "embed": _embed, "compare": _compare, "demo": _demo}[args.command]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the CLI promise: one line, never a traceback
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"{_PROG} {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _quiet_transformers() -> None:
+    """Keep transformers' warnings (config defaults, the PIL image-processor fallback) out of the output.
+
+    Sets ``TRANSFORMERS_VERBOSITY=error`` unless the user chose a level, without importing transformers (the
+    ``embed`` command never needs it); when it is already imported, sets its verbosity directly.
+    """
+    if "TRANSFORMERS_VERBOSITY" in os.environ:
+        return  # the user's choice
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+
+
+def _hide_transformers_progress() -> None:
+    """Hide transformers' own progress bars (writing shards, loading weights) in the demo and the report."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def _classify(args: argparse.Namespace) -> int:
+    from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, load_image
+
+    missing = [image for image in args.images if not Path(image).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
+    # read every image before loading the model: a bad file fails in a second, not after the model load
+    images = [load_image(image) for image in args.images]
+    classifier = ZeroShotClassifier.from_pretrained(args.model, device=_device(args.device))
+    template = args.template or DEFAULT_TEMPLATE
+    with torch.inference_mode():
+        probabilities = classifier(images, args.labels, template).float().cpu()
+    print(f"zero-shot sigmoid probabilities (independent per label), model {args.model}, prompt {template!r}")
+    _print_table(
+        ["image", *args.labels],
+        [[image, *(f"{p:.4f}" for p in row)] for image, row in zip(args.images, probabilities.tolist(), strict=True)],
+    )
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from kornia_siglip2.zero_shot import ZeroShotClassifier
+
+    out = Path(args.out)
+    if out.suffix not in (".safetensors", ".npy"):
+        raise ValueError(f"--out must end in .safetensors or .npy, got {out.name}")
+    folder = Path(args.image_dir)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
+    overrides = {} if args.max_num_patches is None else {"max_num_patches": args.max_num_patches}
+    classifier = ZeroShotClassifier.from_pretrained(
+        args.model, device=_device(args.device), load_tokenizer=False, **overrides
+    )
+    embeddings = classifier.embed_images(files, batch_size=args.batch_size).float().cpu().contiguous()
+    names = [path.relative_to(folder).as_posix() for path in files]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        metadata = {"files": json.dumps(names), "model": str(args.model), "format": "pt"}
+        save_file({"image_embeds": embeddings}, out, metadata=metadata)
+    else:
+        import numpy as np
+
+        # .npy holds the array only: rows follow the sorted relative paths (the .safetensors metadata lists them)
+        np.save(out, embeddings.numpy())
+    print(f"wrote {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} to {out}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    _hide_transformers_progress()
+    passed, lines = parity_report(args.model, device=torch.device(args.device), atol=args.atol, rtol=args.rtol)
+    print("\n".join(lines))
+    return 0 if passed else 1
+
+
+def parity_report(
+    name_or_path: str | Path, device: torch.device, atol: float = 1e-4, rtol: float = 1e-4
+) -> tuple[bool, list[str]]:
+    """Compare our model with transformers' ``AutoModel`` on one checkpoint (the ``compare`` command).
+
+    Checks the state-dict keys (ours written back in the HF layout), the weight values, and the image features,
+    text features and ``logits_per_image`` on three images of different sizes and three texts (tokenized when
+    the checkpoint has tokenizer files, else random ids), both models fed the same preprocessed tensors.
+
+    Args:
+        name_or_path: checkpoint folder or hub id.
+        device: device of both models.
+        atol: absolute output tolerance.
+        rtol: output tolerance relative to the largest transformers value of each output.
+
+    Returns:
+        whether everything matches, and the report lines.
+    """
+    import transformers
+    from transformers import AutoModel
+
+    from kornia_siglip2.hub import resolve_checkpoint, to_hf_state_dict
+    from kornia_siglip2.tokenizer import TOKENIZER_FILES
+    from kornia_siglip2.zero_shot import ZeroShotClassifier
+
+    folder = resolve_checkpoint(name_or_path)
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    ours = ZeroShotClassifier.from_pretrained(folder, device=device, load_tokenizer=has_tokenizer)
+    # never trust_remote_code; float32 explicitly (transformers 5 would keep the checkpoint's dtype)
+    theirs = AutoModel.from_pretrained(str(folder), trust_remote_code=False).to(device=device, dtype=torch.float32)
+    theirs.eval()
+    lines = [f"parity: kornia_siglip2 vs transformers {transformers.__version__} {type(theirs).__name__}, {device}"]
+
+    ours_state = to_hf_state_dict(ours.model)
+    theirs_state = {key: value for key, value in theirs.state_dict().items() if not key.endswith("position_ids")}
+    only_ours, only_theirs = sorted(set(ours_state) - set(theirs_state)), sorted(set(theirs_state) - set(ours_state))
+    shared = sorted(set(ours_state) & set(theirs_state))
+    weight_diff = max((_max_diff(ours_state[key], theirs_state[key]) for key in shared), default=math.inf)
+    lines.append(
+        f"state dict: {len(shared)} keys in both, {len(only_ours)} only ours {only_ours[:3]}, "
+        f"{len(only_theirs)} only transformers {only_theirs[:3]}"
+    )
+    lines.append(f"weights: max |ours - transformers| = {weight_diff:.3g} over {len(shared)} tensors")
+
+    ours_images, theirs_images, input_ids, description = _parity_inputs(ours, device)
+    with torch.inference_mode():
+        rows = [
+            _diff_row(
+                "image features",
+                ours.model.get_image_features(**ours_images),
+                _pooled(theirs.get_image_features(**theirs_images)),
+            ),
+            _diff_row(
+                "text features",
+                ours.model.get_text_features(input_ids),
+                _pooled(theirs.get_text_features(input_ids=input_ids)),
+            ),
+            _diff_row(
+                "logits_per_image",
+                ours.model(input_ids, **ours_images).logits_per_image,
+                theirs(input_ids=input_ids, **theirs_images).logits_per_image,
+            ),
+        ]
+    lines.append(f"inputs: {description}")
+    header = ["output", "shape", "max|diff|", "mean|diff|", "ours mean", "ours std", "ours min", "ours max"]
+    lines.extend(_format_table(header, [cells for cells, _, _ in rows]))
+    outputs_ok = all(diff <= atol + rtol * scale for _, diff, scale in rows)
+    keys_ok, weights_ok = not (only_ours or only_theirs), weight_diff == 0.0
+    worst = max(diff for _, diff, _ in rows)
+    lines.append(
+        f"verdict: {'PASS' if keys_ok and weights_ok and outputs_ok else 'FAIL'} "
+        f"(keys {'match' if keys_ok else 'differ'}, weights {'identical' if weights_ok else 'differ'}, "
+        f"outputs max diff {worst:.3g} {'<=' if outputs_ok else '>'} atol {atol:g} + rtol {rtol:g} x max|transformers|)"
+    )
+    return keys_ok and weights_ok and outputs_ok, lines
+
+
+def _parity_inputs(classifier: Any, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor, str]:
+    """Same preprocessed images for both models (packed for us, padded for transformers' NaFlex) and texts."""
+    from kornia_siglip2.preprocess import NaFlexImagePreprocessor, to_padded
+
+    generator = torch.Generator().manual_seed(0)
+    # noise, a smooth gradient and an extreme aspect ratio
+    ramp_y, ramp_x = torch.meshgrid(torch.linspace(0, 1, 480), torch.linspace(0, 1, 640), indexing="ij")
+    images = [
+        torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=generator),
+        (torch.stack([ramp_x, ramp_y, 1 - ramp_x * ramp_y]) * 255).round().to(torch.uint8),
+        torch.randint(0, 256, (3, 1000, 100), dtype=torch.uint8, generator=generator),
+    ]
+    preprocessor = classifier.preprocessor
+    with torch.inference_mode():
+        preprocessed = preprocessor([image.to(device) for image in images])
+    if isinstance(preprocessor, NaFlexImagePreprocessor):
+        padded = to_padded(preprocessed, preprocessor.max_num_patches)
+        ours_images: dict[str, Any] = {"patches": preprocessed.patches, "grid_thw": preprocessed.grid_thw}
+        theirs_images: dict[str, Any] = padded._asdict()
+        image_text = f"patch grids {padded.spatial_shapes.tolist()}, packed for us, padded for transformers"
+    else:
+        ours_images = theirs_images = {"pixel_values": preprocessed}
+        image_text = f"resized to {tuple(preprocessed.shape[-2:])}"
+    texts = ["a photo of a cat", "This is a photo of TWO dogs!", "a " * 100 + "bird"]
+    if classifier.tokenizer is not None:
+        input_ids = classifier.tokenizer(texts)
+        text_text = f"{len(texts)} texts tokenized by {type(classifier.tokenizer.tokenizer).__name__}"
+    else:
+        config = classifier.model.config.text_config
+        input_ids = torch.randint(0, config.vocab_size, (3, config.max_position_embeddings), generator=generator)
+        text_text = "3 random id sequences (the checkpoint has no tokenizer files)"
+    description = f"3 images 224x224, 480x640, 1000x100 ({image_text}); {text_text}"
+    return ours_images, theirs_images, input_ids.to(device), description
+
+
+def _max_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    if ours.shape != theirs.shape:
+        return math.inf
+    return float((ours.float() - theirs.float()).abs().max()) if ours.numel() else 0.0
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """Pooled features of transformers' ``get_*_features`` (a model output in transformers 5, a tensor in 4.x)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _diff_row(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> tuple[list[str], float, float]:
+    ours, theirs = ours.detach().float().cpu(), theirs.detach().float().cpu()
+    if ours.shape != theirs.shape:
+        return [name, f"{tuple(ours.shape)} vs {tuple(theirs.shape)}", "shape", "", "", "", "", ""], math.inf, 0.0
+    diff = (ours - theirs).abs()
+    cells = [
+        name,
+        "x".join(str(size) for size in ours.shape),
+        f"{diff.max():.2e}",
+        f"{diff.mean():.2e}",
+        f"{ours.mean():+.4f}",
+        f"{ours.std():.4f}",
+        f"{ours.min():+.4f}",
+        f"{ours.max():+.4f}",
+    ]
+    return cells, float(diff.max()), float(theirs.abs().max())
+
+
+def _format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    print("\n".join(_format_table(header, rows)))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    if args.workdir is not None:
+        return _run_demo(Path(args.workdir), start)
+    with tempfile.TemporaryDirectory(prefix="kornia_siglip2_demo_") as workdir:
+        return _run_demo(Path(workdir), start)
+
+
+def _run_demo(workdir: Path, start: float) -> int:
+    from kornia_siglip2._demo import DEMO_LABELS, build_tiny_checkpoint, write_shape_images
+    from kornia_siglip2.lens import logit_lens
+    from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, load_image
+
+    _hide_transformers_progress()
+    # the demo's matrices are tiny: a second thread costs more in synchronisation than it computes
+    torch.set_num_threads(1)
+    print("kornia_siglip2 demo (offline). The weights are RANDOM: the numbers show that the pipeline runs and")
+    print("matches transformers, not what the images contain.\n")
+
+    checkpoint = build_tiny_checkpoint(workdir / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    vision, text = config["vision_config"], config["text_config"]
+    print(
+        f"[1/5] tiny random checkpoint (transformers Siglip2Model, NaFlex): vision {vision['num_hidden_layers']} "
+        f"layers x {vision['hidden_size']}, patch {vision['patch_size']}, {vision['num_patches']} patches max; "
+        f"text {text['num_hidden_layers']} layers, Gemma-style BPE tokenizer of {text['vocab_size']} ids\n"
+        f"      -> {checkpoint}"
+    )
+    paths = write_shape_images(workdir / "images")
+    pixels = [load_image(path) for path in paths]
+    sizes = ", ".join(
+        f"{path.name} {image.shape[1]}x{image.shape[2]}" for path, image in zip(paths, pixels, strict=True)
+    )
+    print(f"[2/5] {len(paths)} PNG images (H x W): {sizes}")
+
+    classifier = ZeroShotClassifier.from_pretrained(checkpoint)
+    prompts = [DEFAULT_TEMPLATE.format(label=label) for label in DEMO_LABELS]
+    with torch.inference_mode():
+        packed = classifier.preprocessor(pixels)
+        input_ids = classifier.tokenizer(prompts)
+        logits = classifier.model(input_ids, patches=packed.patches, grid_thw=packed.grid_thw).logits_per_image
+        lens = logit_lens(classifier.model, input_ids, patches=packed.patches, grid_thw=packed.grid_thw)
+    print(
+        f"[3/5] our pipeline: files -> {type(classifier.preprocessor).__name__} -> packed {packed.patches.shape[0]} "
+        f"patches, grid_thw {packed.grid_thw.tolist()} -> SigLip2 -> logits {tuple(logits.shape)}"
+    )
+
+    print("[4/5] parity with transformers (Siglip2Processor + Siglip2Model on the same files):")
+    checks = _demo_checks(checkpoint, paths, prompts, classifier, packed, input_ids, logits)
+    checks.append(("logit lens, last layer == logits_per_image", bool(torch.equal(lens[-1], logits)), "bit-exact"))
+    for name, ok, detail in checks:
+        print(f"    {'ok  ' if ok else 'FAIL'} {name}: {detail}")
+    model_ok, report = parity_report(checkpoint, torch.device("cpu"))
+    print("    model parity report (as `kornia-siglip2 compare`):")
+    print("\n".join(f"      {line}" for line in report))
+
+    print("[5/5] zero-shot sigmoid probabilities (random weights: expect no meaningful ranking)")
+    probabilities = torch.sigmoid(logits).tolist()
+    rows = [[path.name, *(f"{p:.4f}" for p in row)] for path, row in zip(paths, probabilities, strict=True)]
+    print("\n".join(f"    {line}" for line in _format_table(["image", *DEMO_LABELS], rows)))
+    lens_rows = [[f"layer {index}", *(f"{v:+.3f}" for v in layer[0].tolist())] for index, layer in enumerate(lens)]
+    print(f"    logit lens of {paths[0].name} (layer 0 = embeddings; last = its logits):")
+    print("\n".join(f"      {line}" for line in _format_table(["", *DEMO_LABELS], lens_rows)))
+
+    passed = model_ok and all(ok for _, ok, _ in checks)
+    seconds = time.perf_counter() - start
+    print(f"\n{'PASS' if passed else 'FAIL'}: demo finished in {seconds:.1f} s (weights are random).")
+    return 0 if passed else 1
+
+
+def _demo_checks(
+    checkpoint: Path,
+    paths: Sequence[Path],
+    prompts: Sequence[str],
+    classifier: Any,
+    packed: Any,
+    input_ids: torch.Tensor,
+    logits: torch.Tensor,
+) -> list[tuple[str, bool, str]]:
+    """Compare our pipeline's intermediate results with transformers' processor + model on the same files."""
+    from PIL import Image
+    from transformers import AutoTokenizer, Siglip2Model, Siglip2Processor
+    from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+
+    from kornia_siglip2.preprocess import to_padded
+
+    image_processor = Siglip2ImageProcessorPil.from_pretrained(checkpoint)
+    processor = Siglip2Processor(image_processor, AutoTokenizer.from_pretrained(str(checkpoint)))
+    reference_model = Siglip2Model.from_pretrained(str(checkpoint)).eval()
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    # Siglip2Processor's class defaults (patch 16, 256 patches) would override its image processor's settings
+    sizes = {"patch_size": image_processor.patch_size, "max_num_patches": image_processor.max_num_patches}
+    inputs = processor(text=list(prompts), images=images, return_tensors="pt", **sizes)
+    with torch.inference_mode():
+        reference = reference_model(**inputs).logits_per_image
+        same_inputs = classifier.model(
+            inputs["input_ids"],
+            inputs["pixel_values"],
+            pixel_attention_mask=inputs["pixel_attention_mask"],
+            spatial_shapes=inputs["spatial_shapes"],
+        ).logits_per_image
+    padded = to_padded(packed, inputs["pixel_values"].shape[1])
+    mask = padded.pixel_attention_mask.bool()
+    level = 2 / 255  # one uint8 step after rescale 1/255 and normalize with std 0.5
+    pixel_diff = float((padded.pixel_values[mask] - inputs["pixel_values"][mask]).abs().max())
+    same_diff = float((same_inputs - reference).abs().max())
+    end_diff = float((logits - reference).abs().max())
+    return [
+        (
+            "token ids equal to Siglip2Processor's",
+            torch.equal(input_ids, inputs["input_ids"]),
+            str(tuple(input_ids.shape)),
+        ),
+        (
+            "patch grids equal",
+            torch.equal(padded.spatial_shapes, inputs["spatial_shapes"]),
+            str(padded.spatial_shapes.tolist()),
+        ),
+        (
+            "pixels within one uint8 level (PIL rounds to uint8)",
+            pixel_diff <= level + 1e-6,
+            f"max diff {pixel_diff:.4f} = {pixel_diff / level:.2f} levels",
+        ),
+        ("logits on the same input tensors", same_diff <= 1e-4, f"max diff {same_diff:.2e} (atol 1e-4)"),
+        (
+            "logits end to end from the files",
+            end_diff <= 1e-2,
+            f"max diff {end_diff:.2e} (bound 1e-2: only the pixel rounding differs)",
+        ),
+    ]

@@ -1,0 +1,137 @@
+"""Logit lens for the vision tower: how well does each layer's image representation already match the texts?
+
+Every hidden state (the embeddings and each block's output) goes through the tower's own final
+``post_layernorm`` and MAP head, is L2-normalized and scored against the text embeddings with the model's
+``logit_scale`` and ``logit_bias``. The last layer is then exactly the model's ``logits_per_image``; earlier
+layers show where in depth image-text alignment appears. Works on packed batches of any image sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
+
+from kornia_siglip2.model import SigLip2
+from kornia_siglip2.vision import PackedGrid, VisionTransformer
+
+__all__ = ["layer_image_features", "logit_lens"]
+
+
+def layer_image_features(
+    vision_model: VisionTransformer,
+    hidden_states: Sequence[torch.Tensor],
+    grid_thw: torch.Tensor | PackedGrid,
+) -> torch.Tensor:
+    """Pool every hidden state with the tower's final LayerNorm and MAP head.
+
+    Args:
+        vision_model: the vision tower that produced ``hidden_states`` (it must have its MAP head).
+        hidden_states: :math:`L + 1` packed states, each :math:`(N, D)` (``VisionOutput.hidden_states``).
+        grid_thw: :math:`(n, 3)` grid of the packed images, or the :class:`~kornia_siglip2.vision.PackedGrid`.
+
+    Returns:
+        :math:`(L + 1, \\sum t, D)` pooled (not normalized) features; the last row is ``pooler_output``.
+
+    Raises:
+        BaseError: no hidden states, no MAP head, or states that do not match ``grid_thw``.
+
+    Example:
+        >>> from kornia_siglip2 import VisionConfig, patchify
+        >>> config = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        ...                       patch_size=4, num_patches=16)
+        >>> tower = VisionTransformer(config, naflex=True).eval()
+        >>> patches, grid_thw = patchify(torch.rand(3, 3, 8, 12), patch_size=4)
+        >>> output = tower(patches, grid_thw, output_hidden_states=True)
+        >>> pooled = layer_image_features(tower, output.hidden_states, grid_thw)
+        >>> pooled.shape, torch.equal(pooled[-1], output.pooler_output)
+        (torch.Size([3, 3, 16]), True)
+    """
+    KORNIA_CHECK(len(hidden_states) > 0, "hidden_states is empty: run the tower with output_hidden_states=True.")
+    KORNIA_CHECK(vision_model.head is not None, "The vision tower has no MAP head (vision_use_head=False).")
+    first = hidden_states[0]
+    packed = grid_thw if isinstance(grid_thw, PackedGrid) else PackedGrid.from_grid_thw(grid_thw, first.device)
+    pooled = []
+    for index, state in enumerate(hidden_states):
+        KORNIA_CHECK_SHAPE(state, ["N", "D"], f"hidden_states[{index}] must be packed tokens (N, D).")
+        KORNIA_CHECK(
+            state.shape[0] == packed.num_tokens,
+            f"hidden_states[{index}] has {state.shape[0]} tokens but grid_thw describes {packed.num_tokens}.",
+        )
+        pooled.append(vision_model.head(vision_model.post_layernorm(state), packed.pooling))
+    return torch.stack(pooled)
+
+
+def logit_lens(
+    model: SigLip2,
+    input_ids: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    pixel_attention_mask: torch.Tensor | None = None,
+    spatial_shapes: torch.Tensor | None = None,
+    *,
+    patches: torch.Tensor | None = None,
+    grid_thw: torch.Tensor | PackedGrid | None = None,
+    text_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Score every layer's pooled image representation against the texts, as the model scores its output.
+
+    Images come in any of the model's conventions (see :meth:`~kornia_siglip2.SigLip2.get_image_features`);
+    texts as token ids or as pooled text features.
+
+    Args:
+        model: the dual-tower model.
+        input_ids: :math:`(T, L)` token ids (or pass ``text_embeds``).
+        pixel_values: :math:`(B, C, H, W)` images, or padded NaFlex patches :math:`(B, L_{max}, p^2 C)`.
+        pixel_attention_mask: :math:`(B, L_{max})` valid-patch mask of padded NaFlex input.
+        spatial_shapes: :math:`(B, 2)` patch grids of padded NaFlex input.
+        patches: packed patches :math:`(N, p^2 C)` (instead of ``pixel_values``).
+        grid_thw: :math:`(n, 3)` grid of the packed images, or a prebuilt :class:`~kornia_siglip2.vision.PackedGrid`.
+        text_embeds: :math:`(T, D)` text features (normalized here), instead of ``input_ids``.
+
+    Returns:
+        :math:`(L_{vision} + 1, \\sum t, T)` logits; index 0 is the patch + position embeddings, index -1
+        equals ``model(...).logits_per_image``.
+
+    Raises:
+        ValueError: not exactly one of ``input_ids`` / ``text_embeds``, or an incomplete image description.
+        BaseError: ``text_embeds`` is not :math:`(T, D)`.
+
+    Example:
+        >>> from kornia_siglip2 import SigLip2Config, patchify
+        >>> config = SigLip2Config.from_hf_dict({
+        ...     "model_type": "siglip2",
+        ...     "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3,
+        ...                       "num_attention_heads": 2, "patch_size": 4, "num_patches": 16},
+        ...     "text_config": {"vocab_size": 50, "hidden_size": 16, "intermediate_size": 32,
+        ...                     "num_hidden_layers": 1, "num_attention_heads": 2}})
+        >>> model = SigLip2(config).eval()
+        >>> patches_a, grid_a = patchify(torch.rand(1, 3, 8, 12), 4)
+        >>> patches_b, grid_b = patchify(torch.rand(1, 3, 16, 4), 4)
+        >>> patches, grid_thw = torch.cat([patches_a, patches_b]), torch.cat([grid_a, grid_b])
+        >>> input_ids = torch.randint(0, 50, (5, 64))
+        >>> lens = logit_lens(model, input_ids, patches=patches, grid_thw=grid_thw)
+        >>> lens.shape
+        torch.Size([4, 2, 5])
+        >>> torch.equal(lens[-1], model(input_ids, patches=patches, grid_thw=grid_thw).logits_per_image)
+        True
+    """
+    if (input_ids is None) == (text_embeds is None):
+        raise ValueError("Pass exactly one of input_ids (T, L) or text_embeds (T, D).")
+    if patches is None and grid_thw is None:
+        patches, grid_thw = model.pack_images(pixel_values, pixel_attention_mask, spatial_shapes)
+    elif patches is None or grid_thw is None:
+        raise ValueError("The packed path needs both patches (N, p*p*C) and grid_thw (n, 3).")
+    elif pixel_values is not None:
+        raise ValueError("Pass either pixel_values or patches + grid_thw, not both.")
+    # one PackedGrid for the tower and the per-layer pooling: grid_thw is read from the device once
+    packed = grid_thw if isinstance(grid_thw, PackedGrid) else PackedGrid.from_grid_thw(grid_thw, patches.device)
+    output = model.vision_model(patches, packed, output_hidden_states=True)
+    image_embeds = F.normalize(layer_image_features(model.vision_model, output.hidden_states, packed), dim=-1)
+    if text_embeds is None:
+        text_embeds = model.get_text_features(input_ids)
+    KORNIA_CHECK_SHAPE(text_embeds, ["T", "D"], "text_embeds must be (num_texts, D).")
+    text_embeds = F.normalize(text_embeds, dim=-1)
+    # the model's own logits() per layer, so the last layer is bit-identical to logits_per_image
+    return torch.stack([model.logits(layer, text_embeds).t() for layer in image_embeds])

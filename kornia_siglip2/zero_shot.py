@@ -1,0 +1,382 @@
+"""Zero-shot classification and retrieval embeddings: images and texts in, sigmoid probabilities or embeddings out.
+
+One pipeline for every checkpoint: files / tensors -> preprocess (NaFlex: packed without padding) -> encode ->
+L2-normalize -> ``logits = s * <image, text> + b`` -> ``sigmoid`` (SigLIP scores each pair independently, so
+the probabilities of one image need not sum to 1; REFERENCE 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kornia_siglip2.model import SigLip2
+from kornia_siglip2.preprocess import (
+    PREPROCESSOR_CONFIG_NAME,
+    NaFlexImagePreprocessor,
+    SigLip2ImagePreprocessor,
+    SigLipImagePreprocessor,
+)
+from kornia_siglip2.tokenizer import SigLipTokenizer
+
+__all__ = ["DEFAULT_TEMPLATE", "ImageSource", "ZeroShotClassifier", "load_image"]
+
+#: Prompt of the SigLIP / SigLIP 2 model cards.
+DEFAULT_TEMPLATE = "This is a photo of {label}."
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+#: One image: a path, a :math:`(C, H, W)` tensor (float in :math:`[0, 1]` or uint8) or a PIL image.
+ImageSource: TypeAlias = "str | os.PathLike[str] | torch.Tensor | PILImage"
+
+
+def load_image(path: str | os.PathLike[str] | PILImage) -> torch.Tensor:
+    """Read an image file (or convert a PIL image) to an RGB uint8 tensor :math:`(3, H, W)`.
+
+    Applies the EXIF orientation and composites transparent images on white, as transformers' ``load_image``
+    and ``convert_to_rgb`` do, so both pipelines see the same pixels.
+
+    Args:
+        path: image file path, or a ``PIL.Image.Image``.
+
+    Returns:
+        uint8 :math:`(3, H, W)`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not an image PIL can read.
+        ImportError: pillow is not installed.
+
+    Example:
+        >>> import tempfile
+        >>> from PIL import Image
+        >>> path = Path(tempfile.mkdtemp()) / "grey.png"
+        >>> Image.new("L", (5, 3), 128).save(path)
+        >>> image = load_image(path)
+        >>> image.shape, image.dtype, image.unique().tolist()
+        (torch.Size([3, 3, 5]), torch.uint8, [128])
+    """
+    try:
+        from PIL import Image, ImageOps, UnidentifiedImageError
+    except ImportError as error:
+        raise ImportError("Reading image files needs pillow: pip install pillow.") from error
+
+    if isinstance(path, Image.Image):
+        image = path
+    else:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"No image file at {path}.")
+        try:
+            with Image.open(path) as opened:
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"Cannot read image {path}: {error}") from error
+    if image.mode != "RGB":
+        # transformers' convert_to_rgb: transparent pixels become white, not black
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+
+
+class ZeroShotClassifier(nn.Module):
+    """SigLIP / SigLIP 2 zero-shot classifier and retrieval embedder (model + image preprocessor + tokenizer).
+
+    Args:
+        model: the dual-tower model.
+        preprocessor: :class:`~kornia_siglip2.preprocess.NaFlexImagePreprocessor` for NaFlex models (images are
+            packed, never padded), :class:`~kornia_siglip2.preprocess.SigLipImagePreprocessor` otherwise.
+        tokenizer: text tokenizer; ``None`` for image-only use (``embed_texts`` and ``forward`` then raise).
+
+    Example:
+        >>> import tempfile
+        >>> from kornia_siglip2._demo import build_tiny_checkpoint
+        >>> classifier = ZeroShotClassifier.from_pretrained(build_tiny_checkpoint(tempfile.mkdtemp()))
+        >>> images = [torch.rand(3, 64, 96), torch.rand(3, 200, 50)]  # any sizes
+        >>> probabilities = classifier(images, ["red circle", "blue square", "a dog"])
+        >>> probabilities.shape, bool(((probabilities > 0) & (probabilities < 1)).all())
+        (torch.Size([2, 3]), True)
+        >>> classifier.embed_texts(["a dog", "a cat"]).norm(dim=-1)
+        tensor([1.0000, 1.0000])
+    """
+
+    def __init__(
+        self, model: SigLip2, preprocessor: SigLip2ImagePreprocessor, tokenizer: SigLipTokenizer | None = None
+    ) -> None:
+        super().__init__()
+        if model.config.is_naflex != isinstance(preprocessor, NaFlexImagePreprocessor):
+            raise ValueError(
+                f"A {'NaFlex' if model.config.is_naflex else 'fixed-resolution'} model needs a "
+                f"{'NaFlexImagePreprocessor' if model.config.is_naflex else 'SigLipImagePreprocessor'}, "
+                f"got {type(preprocessor).__name__}."
+            )
+        self.model = model
+        self.preprocessor = preprocessor
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        load_tokenizer: bool = True,
+        **preprocessor_overrides: Any,
+    ) -> ZeroShotClassifier:
+        """Load model, preprocessor and tokenizer of one checkpoint (folder or hub id), resolved once.
+
+        The preprocessor comes from ``preprocessor_config.json`` (or the ``image_processor`` entry of
+        ``processor_config.json``); without either it is derived from the model config: NaFlex with the
+        checkpoint's ``patch_size`` and ``max_num_patches = num_patches``, or fixed resolution at ``image_size``.
+
+        Args:
+            name_or_path: checkpoint folder or hub id such as ``google/siglip2-base-patch16-naflex``.
+            device: device of the model and preprocessor.
+            dtype: model dtype (float32 by default); preprocessing stays float32.
+            revision: hub revision.
+            cache_dir: Hugging Face cache folder.
+            local_files_only: never reach the network (``HF_HUB_OFFLINE=1`` does the same).
+            load_tokenizer: also load the tokenizer (not needed to embed images).
+            preprocessor_overrides: preprocessor arguments replacing the config's (e.g. ``max_num_patches=1024``).
+
+        Returns:
+            the classifier in eval mode.
+
+        Raises:
+            FileNotFoundError: no checkpoint, or no tokenizer files when ``load_tokenizer`` is set.
+            ValueError: an unsupported checkpoint, preprocessor or tokenizer.
+        """
+        from kornia_siglip2.hub import resolve_checkpoint
+
+        folder = resolve_checkpoint(
+            name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+        )
+        model = SigLip2.from_pretrained(folder, device=device, dtype=dtype)
+        preprocessor = _load_preprocessor(folder, model, preprocessor_overrides)
+        if device is not None:
+            preprocessor = preprocessor.to(device)
+        tokenizer = SigLipTokenizer.from_pretrained(folder) if load_tokenizer else None
+        return cls(model, preprocessor, tokenizer).eval()
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model weights."""
+        return self.model.logit_scale.device
+
+    def image_features(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
+        """Encode one batch of images (differentiable for tensor input) into L2-normalized embeddings.
+
+        Args:
+            images: a :math:`(B, C, H, W)` tensor, one :math:`(C, H, W)` tensor, a path, or a list of paths /
+                :math:`(C, H, W)` tensors of any sizes (float in :math:`[0, 1]` or uint8).
+
+        Returns:
+            :math:`(B, D)` unit-norm image embeddings, in the model dtype.
+
+        Raises:
+            ValueError: no images, or an image file that cannot be read.
+            FileNotFoundError: a path that does not exist.
+        """
+        batch = _to_batch(images, self.device)
+        preprocessed = self.preprocessor(batch)
+        if self.model.config.is_naflex:
+            features = self.model.get_image_features(patches=preprocessed.patches, grid_thw=preprocessed.grid_thw)
+        else:
+            features = self.model.get_image_features(preprocessed)
+        return F.normalize(features, dim=-1)
+
+    def text_features(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Tokenize and encode one batch of texts into L2-normalized embeddings.
+
+        Args:
+            texts: one string or :math:`T` strings.
+
+        Returns:
+            :math:`(T, D)` unit-norm text embeddings, in the model dtype.
+
+        Raises:
+            ValueError: the classifier has no tokenizer.
+        """
+        if self.tokenizer is None:
+            raise ValueError("This classifier has no tokenizer (built with load_tokenizer=False).")
+        input_ids = self.tokenizer(texts).to(self.device)
+        return F.normalize(self.model.get_text_features(input_ids), dim=-1)
+
+    @torch.no_grad()
+    def embed_images(
+        self,
+        images: torch.Tensor | Sequence[ImageSource],
+        batch_size: int = 32,
+        progress: bool | None = None,
+    ) -> torch.Tensor:
+        """Retrieval embeddings of many images, ``batch_size`` at a time (files are read one batch at a time).
+
+        Args:
+            images: a :math:`(B, C, H, W)` tensor or a list of paths / :math:`(C, H, W)` tensors of any sizes.
+            batch_size: images per forward (NaFlex: packed together).
+            progress: progress bar on stderr; ``None`` shows it when there is more than one batch.
+
+        Returns:
+            :math:`(B, D)` unit-norm embeddings on the model's device.
+
+        Raises:
+            ValueError: an empty input or a non-positive ``batch_size``; an unreadable image file.
+        """
+        items = _as_items(images)
+        return torch.cat(list(_batched(items, batch_size, progress, "images", self.image_features)))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool | None = None) -> torch.Tensor:
+        """Retrieval embeddings of many texts, ``batch_size`` at a time.
+
+        Args:
+            texts: :math:`T` strings.
+            batch_size: texts per forward.
+            progress: progress bar on stderr; ``None`` shows it when there is more than one batch.
+
+        Returns:
+            :math:`(T, D)` unit-norm embeddings on the model's device.
+
+        Raises:
+            ValueError: no tokenizer, an empty list or a non-positive ``batch_size``.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        return torch.cat(list(_batched(list(texts), batch_size, progress, "texts", self.text_features)))
+
+    def logits(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        labels: Sequence[str],
+        template: str = DEFAULT_TEMPLATE,
+    ) -> torch.Tensor:
+        """Scaled and biased cosine similarities of every image with every label put in ``template``.
+
+        Args:
+            images: as :meth:`forward`.
+            labels: :math:`K` class names.
+            template: prompt with a ``{label}`` field.
+
+        Returns:
+            ``logits_per_image`` :math:`(B, K)`.
+
+        Raises:
+            ValueError: as :meth:`forward`.
+        """
+        texts = _prompts(labels, template)
+        image_embeds = self.image_features(images)
+        text_embeds = self.text_features(texts)
+        return self.model.logits(image_embeds, text_embeds).t()
+
+    def forward(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        labels: Sequence[str],
+        template: str = DEFAULT_TEMPLATE,
+    ) -> torch.Tensor:
+        """Zero-shot probabilities: ``sigmoid(logits_per_image)`` (not softmax).
+
+        Args:
+            images: a :math:`(B, C, H, W)` tensor (float in :math:`[0, 1]` or uint8), a list of :math:`(C, H, W)`
+                tensors of different sizes, file paths (read with PIL as RGB), or one of these.
+            labels: :math:`K` class names.
+            template: prompt with a ``{label}`` field.
+
+        Returns:
+            :math:`(B, K)` probabilities, each in :math:`(0, 1)`, independent per pair.
+
+        Raises:
+            ValueError: no labels, a template without ``{label}``, no tokenizer, or bad images.
+        """
+        return torch.sigmoid(self.logits(images, labels, template))
+
+
+def _load_preprocessor(folder: Path, model: SigLip2, overrides: dict[str, Any]) -> SigLip2ImagePreprocessor:
+    """The checkpoint's preprocessor, or one derived from the model config when the checkpoint has none."""
+    if (folder / PREPROCESSOR_CONFIG_NAME).is_file():
+        return SigLip2ImagePreprocessor.from_pretrained(folder, **overrides)
+    processor_file = folder / "processor_config.json"
+    if processor_file.is_file():
+        # transformers 5 saves processors as one processor_config.json with the image processor nested
+        nested = json.loads(processor_file.read_text(encoding="utf-8")).get("image_processor")
+        if isinstance(nested, dict):
+            return SigLip2ImagePreprocessor.from_config(nested, **overrides)
+    vision = model.config.vision_config
+    if model.config.is_naflex:
+        kwargs: dict[str, Any] = {"patch_size": vision.patch_size, "max_num_patches": vision.num_patches}
+        kwargs.update(overrides)
+        return NaFlexImagePreprocessor(**kwargs)
+    return SigLipImagePreprocessor(**{"image_size": vision.image_size, **overrides})
+
+
+def _prompts(labels: Sequence[str], template: str) -> list[str]:
+    if isinstance(labels, str) or not isinstance(labels, Sequence) or len(labels) == 0:
+        raise ValueError(f"labels must be a non-empty list of strings, got {labels!r}.")
+    if not all(isinstance(label, str) for label in labels):
+        raise ValueError("labels must be strings.")
+    if "{label}" not in template:
+        raise ValueError(f"template must contain '{{label}}', got {template!r}.")
+    return [template.replace("{label}", label) for label in labels]
+
+
+def _as_items(images: torch.Tensor | ImageSource | Sequence[ImageSource]) -> torch.Tensor | list[Any]:
+    """Sliceable form of the input: a 4-D tensor stays one, anything else becomes a list of images."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 4:
+            return images
+        if images.ndim == 3:
+            return [images]
+        raise ValueError(f"images must be (B, C, H, W) or (C, H, W), got shape {tuple(images.shape)}.")
+    if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+        return [images]
+    return list(images)
+
+
+def _to_batch(images: ImageSource | Sequence[ImageSource], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """Preprocessor input on ``device``: a 4-D tensor as is, every other image as a :math:`(C, H, W)` tensor."""
+    items = _as_items(images)
+    if isinstance(items, torch.Tensor):
+        if items.shape[0] == 0:
+            raise ValueError("images must hold at least one image, got an empty batch.")
+        return items.to(device)
+    if len(items) == 0:
+        raise ValueError("images must hold at least one image, got an empty list.")
+    return [(item if isinstance(item, torch.Tensor) else load_image(item)).to(device) for item in items]
+
+
+def _batched(
+    items: torch.Tensor | list[Any],
+    batch_size: int,
+    progress: bool | None,
+    unit: str,
+    encode: Callable[[Any], torch.Tensor],
+) -> Iterator[torch.Tensor]:
+    """Encode ``items`` in slices of ``batch_size`` with an optional progress bar on stderr."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    total = len(items)
+    if total == 0:
+        raise ValueError(f"{unit} must hold at least one element, got none.")
+    show = progress if progress is not None else total > batch_size
+    # tqdm comes with huggingface_hub (a dependency); it only draws on stderr and goes silent when disabled
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit=unit[:-1], desc=f"embedding {unit}", file=sys.stderr, disable=not show) as bar:
+        for start in range(0, total, batch_size):
+            chunk = items[start : start + batch_size]
+            yield encode(chunk)
+            bar.update(len(chunk))
