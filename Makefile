@@ -42,5 +42,21 @@ bench: install
 bench-quick: install
 	$(PY) -m pytest benchmarks -q -m "not large" $(PYTEST_ARGS)
 
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	$(PY) docs/make_figures.py
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
+kornia-patch: install
+	$(PY) scripts/kornia_patch.py --out build/kornia_patch
+	$(PY) -m ruff check --config scripts/kornia_ruff.toml build/kornia_patch
+
+wheel: install
+	$(PY) -m pip install --quiet build
+	BUILD_PY=$(PY) scripts/check_wheel.sh
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache docs/_build

@@ -143,7 +143,7 @@ def to_hf_state_dict(model: SigLip2) -> dict[str, torch.Tensor]:
     hf_state_dict: dict[str, torch.Tensor] = {}
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach()
-        if key.endswith(".qkv.weight") or key.endswith(".qkv.bias"):
+        if key.endswith((".qkv.weight", ".qkv.bias")):
             prefix, kind = key.rsplit(".qkv.", 1)
             for which, part in zip("qkv", tensor.chunk(3), strict=True):
                 hf_state_dict[f"{prefix}.{which}_proj.{kind}"] = part.contiguous()

@@ -1,4 +1,4 @@
-"""Logit lens for the vision tower: how well does each layer's image representation already match the texts?
+"""Logit lens for the vision tower: how well each layer's image representation already matches the texts.
 
 Every hidden state (the embeddings and each block's output) goes through the tower's own final
 ``post_layernorm`` and MAP head, is L2-normalized and scored against the text embeddings with the model's

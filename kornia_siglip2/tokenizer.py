@@ -109,7 +109,8 @@ class SigLipTokenizer:
         Remote code is never run (``trust_remote_code=False``).
 
         Args:
-            name_or_path: checkpoint folder or hub id (resolved by :func:`kornia_siglip2.hub.resolve_checkpoint`).
+            name_or_path: checkpoint folder or hub id (resolved by
+                :func:`kornia_siglip2.hub.resolve_checkpoint`).
             max_length: padded length; by default ``text_config.max_position_embeddings`` of ``config.json``,
                 else 64.
             revision: hub revision.

@@ -36,7 +36,7 @@ DEFAULT_TEMPLATE = "This is a photo of {label}."
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-#: One image: a path, a :math:`(C, H, W)` tensor (float in :math:`[0, 1]` or uint8) or a PIL image.
+# One image: a path, a :math:`(C, H, W)` tensor (float in :math:`[0, 1]` or uint8) or a PIL image.
 ImageSource: TypeAlias = "str | os.PathLike[str] | torch.Tensor | PILImage"
 
 

@@ -388,7 +388,8 @@ class SigLip2Loss(nn.Module):
 
         active = self.schedule.distillation_active(progress)
         if active:
-            assert self.distillation is not None  # __init__ refuses a schedule that switches on without one
+            if self.distillation is None:  # __init__ refuses such a schedule; guard against later mutation
+                raise RuntimeError("The schedule switches self-distillation on but SigLip2Loss has no distillation.")
             if self.training and not self.distillation_started:
                 self.distillation.reset_teacher(model)
                 self.distillation_started = True
