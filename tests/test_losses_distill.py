@@ -208,7 +208,11 @@ class TestEMATeacher:
             teacher.update(student)
             for name, parameter in student.named_parameters():
                 expected = momentum * previous[name] + (1 - momentum) * parameter
-                assert torch.equal(teacher.module.get_parameter(name), expected), (step, name)
+                if dtype == torch.bfloat16:
+                    # foreach kernels and plain ops round bf16 products differently: within an ulp of the O(1) values
+                    torch.testing.assert_close(teacher.module.get_parameter(name), expected, atol=2**-6, rtol=2**-7)
+                else:
+                    assert torch.equal(teacher.module.get_parameter(name), expected), (step, name)
 
     def test_reset_from(self, device):
         student = make_tower(naflex=True, device=device)
