@@ -38,9 +38,12 @@ format: install
 
 bench: install
 	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
+	$(PY) -m benchmarks.report benchmarks/results/latest.json
 
 bench-quick: install
-	$(PY) -m pytest benchmarks -q -m "not large" $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks -q -m "not large and not slow" --benchmark-json=benchmarks/results/quick.json $(PYTEST_ARGS)
+	$(PY) -m benchmarks.report benchmarks/results/quick.json --summary benchmarks/results/quick_summary.json \
+		--markdown benchmarks/results/quick_table.md --plot benchmarks/results/quick_throughput.png
 
 $(VENV)/.docs-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[docs]"

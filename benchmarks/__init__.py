@@ -1,0 +1,1 @@
+"""Benchmark suites (pytest-benchmark); see benchmarks/conftest.py and docs/benchmarks.md."""

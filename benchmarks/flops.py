@@ -1,0 +1,129 @@
+"""FLOP counts of the SigLIP towers (analytic) and the machine's measured fp32 matmul peak.
+
+Conventions (those of the ViT / MFU literature): one multiply-add is 2 FLOPs; only matrix products count
+(LayerNorm, activations, softmax, position-table resizing and embedding look-ups are left out); the
+FLOPs are the *useful* ones, over real tokens only, so a padded implementation doing more work on padding
+reads as a lower achieved rate. A training step is forward + backward without recomputation: every
+matmul costs twice its forward FLOPs in backward (input and weight gradients), except the patch
+embedding, whose input (the pixels) needs no gradient.
+
+Per sequence of :math:`L` tokens, width :math:`D`, MLP width :math:`I` and :math:`n_\\ell` layers:
+
+- patch embedding :math:`2 L P D` with :math:`P = p^2 C`;
+- each layer: qkv :math:`6 L D^2`, output projection :math:`2 L D^2`, MLP :math:`4 L D I`, attention
+  scores and weighted values :math:`4 L^2 D`;
+- MAP head (one probe query per image): query :math:`2 D^2`, keys and values :math:`4 L D^2`,
+  attention :math:`4 L D`, output projection :math:`2 D^2`, MLP :math:`4 D I`;
+- text head: :math:`2 D D_{proj}` per text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "count_flops",
+    "encoder_flops",
+    "matmul_peak_flops",
+    "text_tower_flops",
+    "training_flops",
+    "vision_tower_flops",
+]
+
+
+def encoder_flops(seqlens: Sequence[int], width: int, mlp_width: int, num_layers: int) -> int:
+    """Forward FLOPs of ``num_layers`` pre-LN blocks over sequences of lengths ``seqlens`` (attention within each)."""
+    tokens = sum(seqlens)
+    projections = tokens * (2 * 4 * width * width + 2 * 2 * width * mlp_width)  # qkv + out, fc1 + fc2
+    attention = sum(4 * length * length * width for length in seqlens)  # Q K^T and P V
+    return num_layers * (projections + attention)
+
+
+def vision_tower_flops(
+    seqlens: Sequence[int], width: int, mlp_width: int, num_layers: int, patch_dim: int, head: bool = True
+) -> int:
+    """Forward FLOPs of the vision tower: patch embedding, encoder and (optionally) the MAP head.
+
+    Args:
+        seqlens: patches of every image (frame).
+        width: hidden size :math:`D`.
+        mlp_width: MLP inner size :math:`I`.
+        num_layers: encoder blocks.
+        patch_dim: :math:`p^2 C` values per patch.
+        head: include the MAP-head pooling.
+
+    Example:
+        >>> round(vision_tower_flops([196], 768, 3072, 12, 768) / 1e9, 1)  # GFLOPs, ViT-B/16 at 224, one image
+        35.4
+    """
+    tokens = sum(seqlens)
+    total = 2 * tokens * patch_dim * width + encoder_flops(seqlens, width, mlp_width, num_layers)
+    if head:
+        frames = len(seqlens)
+        total += frames * (2 * width * width + 2 * width * width + 4 * width * mlp_width)  # probe q, out, MLP
+        total += tokens * (4 * width * width + 4 * width)  # keys + values, one query's attention
+    return total
+
+
+def text_tower_flops(
+    batch: int, length: int, width: int, mlp_width: int, num_layers: int, projection_size: int | None = None
+) -> int:
+    """Forward FLOPs of the text tower on ``batch`` texts of ``length`` tokens (encoder + head)."""
+    projection_size = width if projection_size is None else projection_size
+    return encoder_flops([length] * batch, width, mlp_width, num_layers) + 2 * batch * width * projection_size
+
+
+def training_flops(forward_flops: int, patch_embedding_flops: int = 0) -> int:
+    """Forward + backward FLOPs of a step: backward doubles every matmul but the patch embedding's input gradient."""
+    return 3 * forward_flops - patch_embedding_flops
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """``Q K^T`` and ``P V`` of ``aten._scaled_dot_product_flash_attention_for_cpu`` (not in torch's table)."""
+    *batch, length_q, head_dim = query_shape
+    length_k, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * int(torch.Size(batch).numel()) * length_q * length_k * (head_dim + value_dim)
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """Backward of the CPU flash kernel counted as twice its forward (the no-recompute convention above)."""
+    return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs that :class:`torch.utils.flop_counter.FlopCounterMode` sees while ``fn()`` runs.
+
+    Adds the CPU flash-attention kernels (absent from torch's table in 2.13, so SDPA on CPU would count
+    as zero) with the conventions of this module.
+    """
+    aten = torch.ops.aten
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+    }
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of a square ``torch.mm`` of side ``size`` over ``repeats`` timed runs (after one warm-up).
+
+    This is the practical ceiling every encoder result is read against: the same BLAS, threads and
+    memory system, no framework overhead.
+    """
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(size, size, generator=generator, dtype=dtype)
+    right = torch.randn(size, size, generator=generator, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    torch.mm(left, right, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(left, right, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
