@@ -103,7 +103,7 @@ class TextTransformer(nn.Module):
                 f"input_ids has length {length} > max_position_embeddings {self.config.max_position_embeddings}."
             )
         if not torch.compiler.is_compiling() and input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = (int(value) for value in torch.aminmax(input_ids))  # one host sync, not two
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got [{low}, {high}].")
         key_padding_mask = None

@@ -277,13 +277,13 @@ class VisionTransformer(nn.Module):
                 f"patches must have shape (num_patches, {patch_dim}) = (N, patch_size*patch_size*channels), "
                 f"got {tuple(patches.shape)}."
             )
-        if isinstance(grid_thw, PackedGrid):
-            packed = grid_thw
-        else:
-            check_grid_thw(grid_thw, patches.shape[0])
-            packed = PackedGrid.from_grid_thw(grid_thw, patches.device)
+        # validated and read on the host once (PackedGrid.from_grid_thw), then shared by every layer
+        packed = grid_thw if isinstance(grid_thw, PackedGrid) else PackedGrid.from_grid_thw(grid_thw, patches.device)
         if packed.num_tokens != patches.shape[0]:
-            raise ValueError(f"grid_thw describes {packed.num_tokens} patches but patches has {patches.shape[0]} rows.")
+            raise ValueError(
+                f"grid_thw describes {packed.num_tokens} patches (sum of t*h*w) but patches has "
+                f"{patches.shape[0]} rows."
+            )
         if mask is not None and mask.shape != patches.shape[:1]:
             raise ValueError(f"mask must have shape ({patches.shape[0]},), got {tuple(mask.shape)}.")
         tokens = self.embeddings(patches, packed.grids, mask, mask_token)
