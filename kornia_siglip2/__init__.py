@@ -21,6 +21,7 @@ from kornia_siglip2.preprocess import (
     naflex_target_size,
     to_padded,
 )
+from kornia_siglip2.resample import pil_resize
 from kornia_siglip2.text import TextOutput, TextTransformer
 from kornia_siglip2.tokenizer import SigLipTokenizer
 from kornia_siglip2.vision import PackedGrid, VisionOutput, VisionTransformer
@@ -57,6 +58,7 @@ __all__ = [
     "packed_to_padded",
     "padded_to_packed",
     "patchify",
+    "pil_resize",
     "to_padded",
     "unpatchify",
     "varlen_attention",

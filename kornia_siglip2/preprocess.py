@@ -1,13 +1,15 @@
 """Image preprocessing for SigLIP (fixed resolution) and SigLIP 2 NaFlex as differentiable tensor ops.
 
-Both preprocessors take float images in :math:`[0, 1]` (or ``uint8``, divided by 255) as one
-:math:`(B, C, H, W)` tensor or a list of :math:`(C, H, W)` tensors of different sizes, and reproduce
-transformers' ``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (see REFERENCE 3) with
-``torch.nn.functional.interpolate``, so gradients flow back to the pixels on any device.
+Both preprocessors take float images in :math:`[0, 1]` or ``uint8`` images as one :math:`(B, C, H, W)`
+tensor or a list of :math:`(C, H, W)` tensors of different sizes, and reproduce transformers'
+``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (see REFERENCE 3):
 
-Against transformers' PIL backend on uint8 images (``tests/test_preprocess.py``) the output is within one
-uint8 level for bilinear (NaFlex) and within 1.125 levels for bicubic: PIL rounds to uint8 after each of its
-two 1-D passes, and the cubic's negative lobes amplify the first rounding.
+- ``uint8`` images (decoded files) are resized with Pillow's own integer arithmetic
+  (:func:`~kornia_siglip2.resample.pil_resize`), so the output equals transformers' PIL backend exactly
+  (``tests/test_preprocess.py``: zero differing uint8 levels).
+- float images are resized with ``torch.nn.functional.interpolate`` (PIL's filters, full precision), so
+  gradients flow back to the pixels on any device. Against PIL this is within one uint8 level for bilinear
+  (NaFlex) and 1.125 levels for bicubic: PIL rounds to uint8 after each of its two 1-D passes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_IS_TENSOR, KORNIA_CHECK
 from torch import nn
 
 from kornia_siglip2.packing import check_grid_thw, packed_to_padded, patchify
+from kornia_siglip2.resample import pil_resize, pil_resizes_height_first
 
 __all__ = [
     "PREPROCESSOR_CONFIG_NAME",
@@ -171,6 +174,9 @@ class SigLip2ImagePreprocessor(nn.Module):
             ``False`` is torch's plain interpolation (its bicubic uses :math:`a = -0.75`, not PIL's -0.5).
         image_mean: per-channel mean :math:`C` subtracted after rescaling to :math:`[0, 1]`.
         image_std: per-channel std :math:`C`.
+        pil_exact: resize ``uint8`` input with Pillow's integer arithmetic (bit-identical to transformers'
+            PIL processors; needs ``antialias=True``). ``False`` converts it to float first and takes the
+            float path. Float input always takes the differentiable float path.
     """
 
     def __init__(
@@ -179,10 +185,13 @@ class SigLip2ImagePreprocessor(nn.Module):
         antialias: bool = True,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        pil_exact: bool = True,
     ) -> None:
         super().__init__()
         self.resample = _resample_mode(resample)
         self.antialias = antialias
+        # Pillow always antialiases; without antialias there is no Pillow result to match
+        self.pil_exact = pil_exact and antialias
         if len(image_mean) == 0 or len(image_mean) != len(image_std):
             raise ValueError(f"image_mean and image_std need one value per channel, got {image_mean} and {image_std}.")
         # [C, 1, 1]; not persistent: they come from the config, not from a state dict
@@ -305,7 +314,7 @@ class SigLip2ImagePreprocessor(nn.Module):
         return cls.from_config(config, **overrides)
 
     def _prepare(self, images: ImageInput) -> list[torch.Tensor]:
-        """Check the input and return float :math:`(B, C, H, W)` groups (one per distinct tensor)."""
+        """Check the input and return uint8 or float :math:`(B, C, H, W)` groups (one per distinct tensor)."""
         if isinstance(images, torch.Tensor):
             KORNIA_CHECK_SHAPE(
                 images,
@@ -344,13 +353,20 @@ class SigLip2ImagePreprocessor(nn.Module):
             all(group.shape[-1] > 0 and group.shape[-2] > 0 for group in groups),
             "images must have a positive height and width.",
         )
-        if first.dtype == torch.uint8:
-            # rescale_factor 1/255 (transformers' default), into the module's float dtype
-            return [group.to(self.image_mean.dtype) / 255 for group in groups]
         return groups
 
     def _resize_normalize(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Resize :math:`(B, C, H, W)` to ``size`` like PIL, then normalize; keeps the input dtype."""
+        """Resize :math:`(B, C, H, W)` to ``size`` like PIL, then normalize; float input keeps its dtype.
+
+        uint8 input returns the module's float dtype (float32 by default), rescaled by 1/255 as transformers'
+        ``rescale_factor``.
+        """
+        if images.dtype == torch.uint8:
+            float_dtype = self.image_mean.dtype
+            if self.pil_exact:
+                resized = pil_resize(images, size, self.resample).to(float_dtype) / 255
+                return (resized - self.image_mean) / self.image_std
+            images = images.to(float_dtype) / 255
         dtype = images.dtype
         # CPU antialiased interpolate has no half kernels; float32 is also what transformers computes in
         work = images.float() if dtype in (torch.float16, torch.bfloat16) else images
@@ -363,7 +379,7 @@ class SigLip2ImagePreprocessor(nn.Module):
             # PIL runs one 1-D pass per axis and clips each to [0, 255]; the cubic's negative lobes overshoot,
             # so a single 2-D pass (or the other pass order) differs by up to ~30 levels on sharp edges.
             passes = [(height, size[1]), size]
-            if _pil_resizes_height_first(height, width, *size):
+            if pil_resizes_height_first(height, width, *size):
                 passes = [(size[0], width), size]
             for pass_size in passes:
                 if pass_size != tuple(work.shape[-2:]):
@@ -384,6 +400,7 @@ class SigLipImagePreprocessor(SigLip2ImagePreprocessor):
         antialias: PIL-style antialiasing when downscaling.
         image_mean: per-channel mean.
         image_std: per-channel std.
+        pil_exact: resize ``uint8`` input exactly as Pillow (transformers' PIL processors) does.
 
     Returns:
         ``forward`` returns pixel_values :math:`(B, C, S, S)` in the input float dtype (the module's dtype,
@@ -408,8 +425,9 @@ class SigLipImagePreprocessor(SigLip2ImagePreprocessor):
         antialias: bool = True,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        pil_exact: bool = True,
     ) -> None:
-        super().__init__(resample, antialias, image_mean, image_std)
+        super().__init__(resample, antialias, image_mean, image_std, pil_exact)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
@@ -417,7 +435,9 @@ class SigLipImagePreprocessor(SigLip2ImagePreprocessor):
 
     def extra_repr(self) -> str:
         """Constructor arguments shown in ``repr``."""
-        return f"image_size={self.image_size}, resample={self.resample!r}, antialias={self.antialias}"
+        return f"image_size={self.image_size}, resample={self.resample!r}, antialias={self.antialias}" + (
+            "" if self.pil_exact else ", pil_exact=False"
+        )
 
     def forward(self, images: ImageInput) -> torch.Tensor:
         """Preprocess a batch or a list of images into pixel_values :math:`(B, C, S, S)`."""
@@ -439,6 +459,7 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
         antialias: PIL-style antialiasing when downscaling.
         image_mean: per-channel mean.
         image_std: per-channel std.
+        pil_exact: resize ``uint8`` input exactly as Pillow (transformers' PIL processors) does.
 
     Returns:
         ``forward`` returns :class:`PackedImages`: patches :math:`(\\sum_i h_i w_i, p \\cdot p \\cdot C)`
@@ -464,8 +485,9 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
         antialias: bool = True,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        pil_exact: bool = True,
     ) -> None:
-        super().__init__(resample, antialias, image_mean, image_std)
+        super().__init__(resample, antialias, image_mean, image_std, pil_exact)
         if patch_size < 1 or max_num_patches < 1:
             raise ValueError(
                 f"patch_size and max_num_patches must be positive, got {patch_size} and {max_num_patches}."
@@ -477,7 +499,7 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
         """Constructor arguments shown in ``repr``."""
         return (
             f"patch_size={self.patch_size}, max_num_patches={self.max_num_patches}, "
-            f"resample={self.resample!r}, antialias={self.antialias}"
+            f"resample={self.resample!r}, antialias={self.antialias}" + ("" if self.pil_exact else ", pil_exact=False")
         )
 
     def forward(self, images: ImageInput) -> PackedImages:
@@ -501,15 +523,6 @@ def _interpolate(images: torch.Tensor, size: tuple[int, int], kwargs: dict[str, 
     if size[1] == 1 and size[0] != 1 and kwargs["antialias"]:
         return F.interpolate(images.mT, (size[1], size[0]), **kwargs).mT
     return F.interpolate(images, size, **kwargs)
-
-
-def _pil_resizes_height_first(height: int, width: int, new_height: int, new_width: int) -> bool:
-    """Pass order of Pillow 13's ``Image.resize``: height first when it shrinks by over twice the width's shrink.
-
-    Measured against Pillow 13.0 on 1,662 shape pairs (older Pillow always resizes the width first); only
-    the cubic's clipped overshoot makes the order visible.
-    """
-    return new_height < height and (height - new_height) > 2 * (width - new_width)
 
 
 def _check_supported(config: dict[str, Any]) -> None:

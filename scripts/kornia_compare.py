@@ -365,7 +365,7 @@ def compare(source: str | Path | None = None, workdir: str | Path | None = None)
                 "; ".join(kornia_cells),
                 "; ".join(ours_cells),
                 "tests/test_preprocess.py::TestSigLipImagePreprocessor::test_matches_transformers",
-                worst <= 1.125 + 1e-3,
+                worst <= 1e-4,  # uint8 input takes Pillow's integer arithmetic: identical pixels
             )
         )
     return rows

@@ -78,6 +78,7 @@ MODULE_MAP = {
     "model.py": "model.py",
     "hub.py": "builder.py",
     "preprocess.py": "preprocessor.py",
+    "resample.py": "resample.py",
     "tokenizer.py": "tokenizer.py",
     "zero_shot.py": "zero_shot.py",
     "lens.py": "lens.py",

@@ -5,6 +5,7 @@ import pytest
 import torch
 from kornia.core.exceptions import BaseError
 
+from kornia_siglip2.packing import patchify
 from kornia_siglip2.preprocess import (
     PREPROCESSOR_CONFIG_NAME,
     NaFlexImagePreprocessor,
@@ -14,7 +15,10 @@ from kornia_siglip2.preprocess import (
     naflex_target_size,
     to_padded,
 )
+from kornia_siglip2.resample import pil_resize
 
+# uint8 images take Pillow's integer arithmetic (kornia_siglip2.resample) and equal transformers' output exactly.
+# The bounds below are for float images, resized in full precision by F.interpolate (differentiable).
 # One uint8 step after rescale 1/255 and normalize with std 0.5.
 ONE_LEVEL = 2 / 255
 # transformers returns float32, so an exact one-level gap reads up to ~1e-8 larger.
@@ -31,11 +35,16 @@ FLOAT32_VS_FLOAT64 = 0.1 * ONE_LEVEL
 
 
 def assert_parity(preprocess, images, reference, bound, to_values=lambda output: output):
-    """float64 output within ``bound`` of transformers; float32 within float32 rounding of float64."""
-    exact = to_values(preprocess.double()(images))
+    """uint8 ``images`` equal transformers exactly; as float images, float64 output within ``bound`` of it and
+    float32 within float32 rounding of float64."""
+    from_uint8 = to_values(preprocess(images))
+    assert from_uint8.dtype == torch.float32
+    assert torch.equal(from_uint8, reference), f"{(from_uint8 - reference).abs().max() / ONE_LEVEL:.4f} levels"
+    exact = to_values(preprocess.double()([image.double() / 255 for image in images]))
+    assert exact.dtype == torch.float64
     difference = (exact.float() - reference).abs().max().item()
     assert difference <= bound, f"{difference / ONE_LEVEL:.4f} levels"
-    single = to_values(preprocess.float()(images))
+    single = to_values(preprocess.float()([image.float() / 255 for image in images]))
     assert single.dtype == torch.float32
     torch.testing.assert_close(single, exact.float(), rtol=0, atol=FLOAT32_VS_FLOAT64)
     return exact
@@ -139,12 +148,22 @@ class TestNaFlexImagePreprocessor:
         assert torch.equal(batched.grid_thw, listed.grid_thw)
         torch.testing.assert_close(batched.patches, listed.patches)
 
-    def test_uint8_is_float_over_255(self, device):
-        preprocess = NaFlexImagePreprocessor(patch_size=4, max_num_patches=9)
+    def test_uint8_paths(self, device):
         images = torch.randint(0, 256, (2, 3, 7, 13), dtype=torch.uint8, device=device)
-        from_uint8, from_float = preprocess(images), preprocess(images.float() / 255)
+        # pil_exact=False: uint8 is the float path on images / 255
+        float_path = NaFlexImagePreprocessor(patch_size=4, max_num_patches=9, pil_exact=False)
+        assert "pil_exact=False" in repr(float_path)
+        from_float = float_path(images.float() / 255)
+        torch.testing.assert_close(float_path(images).patches, from_float.patches)
+        # default: Pillow's integer resize, then rescale and normalize
+        preprocess = NaFlexImagePreprocessor(patch_size=4, max_num_patches=9)
+        from_uint8 = preprocess(images)
         assert from_uint8.patches.dtype == torch.float32
-        torch.testing.assert_close(from_uint8.patches, from_float.patches)
+        size = naflex_target_size(7, 13, patch_size=4, max_num_patches=9)
+        resized = pil_resize(images, size, "bilinear").float() / 255 * 2 - 1
+        torch.testing.assert_close(from_uint8.patches, patchify(resized, 4)[0], rtol=0, atol=1e-7)
+        # the two paths differ by the intermediate rounding only: within one level for bilinear
+        assert 0 < (from_uint8.patches - from_float.patches).abs().max() <= ONE_LEVEL + FP32_SLACK
 
     def test_exception(self):
         preprocess = NaFlexImagePreprocessor(patch_size=4, max_num_patches=9)

@@ -1,0 +1,178 @@
+"""Pillow's uint8 resize, bit for bit, as tensor ops: what transformers' PIL image processors compute.
+
+Pillow resizes 8-bit images in two separable 1-D passes with fixed-point weights (22 fractional bits) and
+rounds to uint8 after each pass. A float resize (``F.interpolate(..., antialias=True)``) uses the same filters
+but keeps full precision, which leaves it up to ~1.1 uint8 levels away from Pillow for bicubic and shifts the
+logits of a model by up to ~1e-2. :func:`pil_resize` replays Pillow's integer arithmetic exactly (same
+coefficients, same rounding, same pass order), so ``uint8`` images preprocessed here equal transformers'
+``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (PIL backend) output exactly.
+
+The arithmetic is integer gathers, products and sums, so it runs on any device; it is not differentiable
+(the input is ``uint8``). Float images take the differentiable ``F.interpolate`` path of the preprocessors.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
+
+__all__ = ["pil_resize", "pil_resize_coefficients", "pil_resizes_height_first"]
+
+# Pillow's fixed point: 32-bit accumulator = 8 bits of pixel + 2 bits of overshoot headroom + 22 fractional bits.
+_PRECISION_BITS = 32 - 8 - 2
+# Largest gathered window block per chunk (elements), bounding the temporary memory at ~64 MiB of int32.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _bilinear(x: float) -> float:
+    """Pillow's triangle filter, support 1."""
+    x = -x if x < 0.0 else x
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+def _bicubic(x: float) -> float:
+    """Pillow's cubic convolution filter with :math:`a = -0.5`, support 2, in Pillow's operation order."""
+    x = -x if x < 0.0 else x
+    if x < 1.0:
+        return (1.5 * x - 2.5) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * -0.5
+    return 0.0
+
+
+_FILTERS = {"bilinear": (_bilinear, 1.0), "bicubic": (_bicubic, 2.0)}
+
+
+@lru_cache(maxsize=512)
+def pil_resize_coefficients(in_size: int, out_size: int, resample: str) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """Pillow's fixed-point resampling weights for one axis (``precompute_coeffs`` + ``normalize_coeffs_8bpc``).
+
+    Every float operation is done in Python doubles in Pillow's order, so the integer weights are Pillow's.
+
+    Args:
+        in_size: input length along the axis.
+        out_size: output length along the axis.
+        resample: ``"bilinear"`` or ``"bicubic"``.
+
+    Returns:
+        ``(starts, weights, ksize)``: output pixel ``i`` is
+        :math:`\\lfloor (2^{21} + \\sum_k x[s_i + k]\\, w_{i,k}) / 2^{22} \\rfloor` clipped to :math:`[0, 255]`,
+        with ``starts[i]`` :math:`= s_i` and ``weights[i * ksize + k]`` :math:`= w_{i,k}` (zero past the
+        input's end).
+
+    Example:
+        >>> starts, weights, ksize = pil_resize_coefficients(4, 2, "bilinear")
+        >>> starts, weights, ksize
+        ((0, 1), (1797559, 1797559, 599186, 0, 0, 599186, 1797559, 1797559, 0, 0), 5)
+        >>> sum(weights[:ksize]) == 2**22  # each row sums to one (up to its rounding)
+        True
+    """
+    KORNIA_CHECK(resample in _FILTERS, f"resample must be 'bilinear' or 'bicubic', got {resample!r}.")
+    KORNIA_CHECK(in_size > 0 and out_size > 0, f"sizes must be positive, got {in_size} -> {out_size}.")
+    filter_fn, filter_support = _FILTERS[resample]
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = filter_support * filter_scale
+    ksize = math.ceil(support) * 2 + 1
+    inverse_scale = 1.0 / filter_scale
+    one = float(1 << _PRECISION_BITS)
+    starts: list[int] = []
+    weights: list[int] = []
+    for index in range(out_size):
+        center = (index + 0.5) * scale
+        # C's (int) cast truncates toward zero, as int() does
+        start = max(int(center - support + 0.5), 0)
+        count = min(int(center + support + 0.5), in_size) - start
+        row = [filter_fn((offset + start - center + 0.5) * inverse_scale) for offset in range(count)]
+        total = 0.0
+        for value in row:  # sequential sum, as in C (Python >= 3.12's sum() compensates)
+            total += value
+        if total != 0.0:
+            row = [value / total for value in row]
+        weights += [int(-0.5 + value * one) if value < 0 else int(0.5 + value * one) for value in row]
+        weights += [0] * (ksize - count)
+        starts.append(start)
+    return tuple(starts), tuple(weights), ksize
+
+
+def _resample_last_axis(images: torch.Tensor, out_size: int, resample: str) -> torch.Tensor:
+    """One Pillow 1-D pass along the last axis of int32 uint8-valued :math:`(..., L)`, to :math:`(..., L')`."""
+    # under torch.compile the (pure) computation is traced directly: dynamo does not trust lru_cache wrappers
+    coefficients = pil_resize_coefficients.__wrapped__ if torch.compiler.is_compiling() else pil_resize_coefficients
+    starts_list, weights_list, ksize = coefficients(images.shape[-1], out_size, resample)
+    starts = torch.tensor(starts_list, device=images.device)
+    weights = torch.tensor(weights_list, dtype=torch.int32, device=images.device).view(out_size, ksize)
+    leading = images.shape[:-1]
+    rows = images.reshape(-1, images.shape[-1])
+    # zeros after the end so every window has ksize entries; their weights are 0
+    windows = F.pad(rows, (0, ksize)).unfold(-1, ksize, 1)  # (R, L + 1, ksize), a view
+    chunk = max(1, _CHUNK_ELEMENTS // (out_size * ksize))
+    outputs = []
+    for begin in range(0, rows.shape[0], chunk):
+        gathered = windows[begin : begin + chunk, starts]  # (r, L', ksize)
+        # int32 products as in Pillow (|w| < 2^23, x < 2^8); exact int64 sum, then Pillow's rounding shift
+        accumulated = (gathered * weights).sum(-1, dtype=torch.int64) + (1 << (_PRECISION_BITS - 1))
+        outputs.append(torch.div(accumulated, 1 << _PRECISION_BITS, rounding_mode="floor").clamp_(0, 255))
+    return torch.cat(outputs).to(torch.int32).view(*leading, out_size)
+
+
+def pil_resizes_height_first(height: int, width: int, new_height: int, new_width: int) -> bool:
+    r"""Pass order of Pillow 13's ``Image.resize``: height first when it shrinks by over twice the width's change.
+
+    Pillow before 13.0 always resized the width first. The order only shows through the rounding to uint8
+    between the passes. Measured against Pillow 13.0 on 3,500 shape pairs, including 600 at the boundary
+    :math:`(H - H') - 2 (W - W') \in \{-1, 0, 1\}` (``tests/test_resample.py``).
+
+    Example:
+        >>> pil_resizes_height_first(1000, 100, 224, 224), pil_resizes_height_first(480, 640, 224, 224)
+        (True, False)
+    """
+    return new_height < height and (height - new_height) > 2 * (width - new_width)
+
+
+def pil_resize(images: torch.Tensor, size: tuple[int, int], resample: str = "bicubic") -> torch.Tensor:
+    """Resize uint8 images exactly as Pillow's ``Image.resize(size, resample)`` does (``reducing_gap=None``).
+
+    Two 1-D passes, each rounded to uint8, in Pillow 13's order (:func:`pil_resizes_height_first`); an axis
+    whose size does not change is not resampled, and an unchanged image is returned as is.
+
+    Args:
+        images: uint8 :math:`(B, C, H, W)`; every channel is resized independently, as Pillow does for
+            ``"L"``/``"RGB"`` images.
+        size: output ``(H', W')``.
+        resample: ``"bilinear"`` (PIL 2) or ``"bicubic"`` (PIL 3).
+
+    Returns:
+        uint8 :math:`(B, C, H', W')`, identical to Pillow's output.
+
+    Raises:
+        BaseError: a non-uint8 or non-4-D input, or a non-positive size.
+
+    Example:
+        >>> image = torch.tensor([[[[0, 255, 0, 255]]]], dtype=torch.uint8)
+        >>> pil_resize(image, (1, 2), "bilinear").tolist()
+        [[[[109, 146]]]]
+        >>> pil_resize(image, (1, 3), "bicubic").tolist()
+        [[[[78, 128, 177]]]]
+    """
+    KORNIA_CHECK_SHAPE(images, ["B", "C", "H", "W"], "images must be a (B, C, H, W) uint8 tensor.")
+    KORNIA_CHECK(images.dtype == torch.uint8, f"pil_resize takes uint8 images, got {images.dtype}.")
+    KORNIA_CHECK(len(size) == 2 and min(size) > 0, f"size must be a positive (height, width), got {tuple(size)!r}.")
+    height, width = images.shape[-2:]
+    new_height, new_width = int(size[0]), int(size[1])
+    if (height, width) == (new_height, new_width):
+        return images
+    work = images.to(torch.int32)
+    passes = ["width", "height"]
+    if pil_resizes_height_first(height, width, new_height, new_width):
+        passes.reverse()
+    for axis in passes:
+        if axis == "width" and new_width != width:
+            work = _resample_last_axis(work, new_width, resample)
+        elif axis == "height" and new_height != height:
+            work = _resample_last_axis(work.mT, new_height, resample).mT
+    return work.to(torch.uint8)
