@@ -2,13 +2,15 @@
 
 Pillow resizes 8-bit images in two separable 1-D passes with fixed-point weights (22 fractional bits) and
 rounds to uint8 after each pass. A float resize (``F.interpolate(..., antialias=True)``) uses the same filters
-but keeps full precision, which leaves it up to ~1.1 uint8 levels away from Pillow for bicubic and shifts the
-logits of a model by up to ~1e-2. :func:`pil_resize` replays Pillow's integer arithmetic exactly (same
+but keeps full precision, which leaves it up to 1.1 uint8 levels away from Pillow for bicubic (and moved the
+tiny test models' logits by up to 7.5e-3). :func:`pil_resize` replays Pillow's integer arithmetic exactly (same
 coefficients, same rounding, same pass order), so ``uint8`` images preprocessed here equal transformers'
 ``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (PIL backend) output exactly.
 
 The arithmetic is integer gathers, products and sums, so it runs on any device; it is not differentiable
 (the input is ``uint8``). Float images take the differentiable ``F.interpolate`` path of the preprocessors.
+Cost on 2 CPU threads: 2.0 ms for 480x640 -> 224x224 (Pillow: 2.0 ms), 88 ms for a 12-megapixel photo
+(Pillow: 54 ms).
 """
 
 from __future__ import annotations
@@ -17,15 +19,12 @@ import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 
 __all__ = ["pil_resize", "pil_resize_coefficients", "pil_resizes_height_first"]
 
 # Pillow's fixed point: 32-bit accumulator = 8 bits of pixel + 2 bits of overshoot headroom + 22 fractional bits.
 _PRECISION_BITS = 32 - 8 - 2
-# Largest gathered window block per chunk (elements), bounding the temporary memory at ~64 MiB of int32.
-_CHUNK_ELEMENTS = 1 << 24
 
 
 def _bilinear(x: float) -> float:
@@ -99,33 +98,38 @@ def pil_resize_coefficients(in_size: int, out_size: int, resample: str) -> tuple
     return tuple(starts), tuple(weights), ksize
 
 
-def _resample_last_axis(images: torch.Tensor, out_size: int, resample: str) -> torch.Tensor:
-    """One Pillow 1-D pass along the last axis of int32 uint8-valued :math:`(..., L)`, to :math:`(..., L')`."""
+def _resample_first_axis(images: torch.Tensor, out_size: int, resample: str) -> torch.Tensor:
+    """One Pillow 1-D pass along the first axis of uint8 :math:`(L, ...)`, giving uint8 :math:`(L', ...)`.
+
+    The axis is the leading one so that each filter tap gathers whole contiguous rows: ``ksize`` passes of
+    ``index_select`` + ``addcmul_`` over an int32 accumulator, the products and sums of Pillow's ``int``
+    arithmetic (Pillow's weights keep every partial sum within 32 bits).
+    """
     # under torch.compile the (pure) computation is traced directly: dynamo does not trust lru_cache wrappers
     coefficients = pil_resize_coefficients.__wrapped__ if torch.compiler.is_compiling() else pil_resize_coefficients
-    starts_list, weights_list, ksize = coefficients(images.shape[-1], out_size, resample)
-    starts = torch.tensor(starts_list, device=images.device)
-    weights = torch.tensor(weights_list, dtype=torch.int32, device=images.device).view(out_size, ksize)
-    leading = images.shape[:-1]
-    rows = images.reshape(-1, images.shape[-1])
-    # zeros after the end so every window has ksize entries; their weights are 0
-    windows = F.pad(rows, (0, ksize)).unfold(-1, ksize, 1)  # (R, L + 1, ksize), a view
-    chunk = max(1, _CHUNK_ELEMENTS // (out_size * ksize))
-    outputs = []
-    for begin in range(0, rows.shape[0], chunk):
-        gathered = windows[begin : begin + chunk, starts]  # (r, L', ksize)
-        # int32 products as in Pillow (|w| < 2^23, x < 2^8); exact int64 sum, then Pillow's rounding shift
-        accumulated = (gathered * weights).sum(-1, dtype=torch.int64) + (1 << (_PRECISION_BITS - 1))
-        outputs.append(torch.div(accumulated, 1 << _PRECISION_BITS, rounding_mode="floor").clamp_(0, 255))
-    return torch.cat(outputs).to(torch.int32).view(*leading, out_size)
+    starts_list, weights_list, ksize = coefficients(images.shape[0], out_size, resample)
+    device = images.device
+    starts = torch.tensor(starts_list, device=device)
+    weights = torch.tensor(weights_list, dtype=torch.int32, device=device).view(out_size, ksize)
+    rows = images.reshape(images.shape[0], -1)
+    accumulator = torch.full((out_size, rows.shape[1]), 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=device)
+    last = images.shape[0] - 1
+    for tap in range(ksize):
+        # taps past the input's end have weight 0 (Pillow stops at the edge), so clamping their index is harmless
+        taps = rows.index_select(0, (starts + tap).clamp_(max=last))
+        accumulator.addcmul_(taps, weights[:, tap, None])
+    # Pillow's clip8: arithmetic shift by the fraction bits, then clip to [0, 255]
+    resized = torch.div(accumulator, 1 << _PRECISION_BITS, rounding_mode="floor").clamp_(0, 255).to(torch.uint8)
+    return resized.view(out_size, *images.shape[1:])
 
 
 def pil_resizes_height_first(height: int, width: int, new_height: int, new_width: int) -> bool:
     r"""Pass order of Pillow 13's ``Image.resize``: height first when it shrinks by over twice the width's change.
 
     Pillow before 13.0 always resized the width first. The order only shows through the rounding to uint8
-    between the passes. Measured against Pillow 13.0 on 3,500 shape pairs, including 600 at the boundary
-    :math:`(H - H') - 2 (W - W') \in \{-1, 0, 1\}` (``tests/test_resample.py``).
+    between the passes. Checked against Pillow 13.0 on 4,110 resizes, 2,969 of which only one order reproduces,
+    600 at the boundary :math:`(H - H') - 2 (W - W') \in \{-1, 0, 1\}` (``tests/test_resample.py`` keeps 150
+    boundary cases).
 
     Example:
         >>> pil_resizes_height_first(1000, 100, 224, 224), pil_resizes_height_first(480, 640, 224, 224)
@@ -166,13 +170,11 @@ def pil_resize(images: torch.Tensor, size: tuple[int, int], resample: str = "bic
     new_height, new_width = int(size[0]), int(size[1])
     if (height, width) == (new_height, new_width):
         return images
-    work = images.to(torch.int32)
-    passes = ["width", "height"]
+    passes = [(3, new_width), (2, new_height)]  # (dim, size): width first, as Pillow before 13.0 always did
     if pil_resizes_height_first(height, width, new_height, new_width):
         passes.reverse()
-    for axis in passes:
-        if axis == "width" and new_width != width:
-            work = _resample_last_axis(work, new_width, resample)
-        elif axis == "height" and new_height != height:
-            work = _resample_last_axis(work.mT, new_height, resample).mT
-    return work.to(torch.uint8)
+    work = images
+    for dim, new_size in passes:
+        if work.shape[dim] != new_size:
+            work = _resample_first_axis(work.movedim(dim, 0).contiguous(), new_size, resample).movedim(0, dim)
+    return work.contiguous()
