@@ -297,7 +297,7 @@ def _flash_available(query: torch.Tensor) -> bool:
 def _flash_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VarlenLayout, scale: float | None
 ) -> torch.Tensor:
-    # Not exercised in CI (no GPU there); parity with "grouped" is tested on CUDA machines.
+    # CUDA only: tests/test_attention.py::TestFlashBackend runs on a GPU machine and skips on CPU (as in our CI)
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn(

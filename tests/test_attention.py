@@ -149,3 +149,26 @@ class TestVarlenAttention:
         torch.testing.assert_close(
             compiled(q, k, v), _per_sequence_reference(q, k, v, MIXED, MIXED), **tolerance(dtype)
         )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash backend runs on CUDA only")
+class TestFlashBackend:
+    """CUDA only: never run on this project's CPU CI; run with a GPU (`pytest tests/test_attention.py`)."""
+
+    @pytest.mark.parametrize("half_dtype", [torch.float16, torch.bfloat16])
+    def test_matches_per_sequence(self, half_dtype):
+        device = torch.device("cuda")
+        lengths = [*MIXED, 130]  # one sequence longer than a flash tile
+        q, k, v = _qkv(sum(lengths), device, torch.float32, heads=2, head_dim=64, requires_grad=True)
+        reference = _per_sequence_reference(q, k, v, lengths, lengths)
+        low = [t.detach().to(half_dtype).requires_grad_() for t in (q, k, v)]
+        out = varlen_attention(*low, _cu(lengths, device), max(lengths), backend="flash")
+        assert out.dtype == half_dtype
+        torch.testing.assert_close(out.float(), reference, **tolerance(half_dtype))
+        # "auto" picks flash for half-precision CUDA tensors
+        assert torch.equal(varlen_attention(*low, _cu(lengths, device), backend="auto"), out)
+        weights = torch.randn_like(reference)
+        grads = torch.autograd.grad((out.float() * weights).sum(), low)
+        expected = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+        for grad, grad_reference in zip(grads, expected, strict=True):
+            torch.testing.assert_close(grad.float(), grad_reference, atol=5e-2, rtol=5e-2)
