@@ -3,9 +3,9 @@
 Pillow resizes 8-bit images in two separable 1-D passes with fixed-point weights (22 fractional bits) and
 rounds to uint8 after each pass. A float resize (``F.interpolate(..., antialias=True)``) uses the same filters
 but keeps full precision, which leaves it up to 1.1 uint8 levels away from Pillow for bicubic (and moved the
-tiny test models' logits by up to 7.5e-3). :func:`pil_resize` replays Pillow's integer arithmetic exactly (same
-coefficients, same rounding, same pass order), so ``uint8`` images preprocessed here equal transformers'
-``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (PIL backend) output exactly.
+tiny test models' logits by up to 7.5e-3). :func:`pil_resize` replays Pillow's integer arithmetic exactly
+(same coefficients, same rounding, the installed Pillow's pass order), so ``uint8`` images preprocessed here
+equal transformers' ``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (PIL backend) output exactly.
 
 The arithmetic is integer gathers, products and sums, so it runs on any device; it is not differentiable
 (the input is ``uint8``). Float images take the differentiable ``F.interpolate`` path of the preprocessors.
@@ -15,16 +15,20 @@ Cost on 2 CPU threads (``benchmarks/test_bench_preprocess.py``, bicubic to 224x2
 
 from __future__ import annotations
 
+import importlib.metadata
+import itertools
 import math
 from functools import lru_cache
 
 import torch
 from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 
-__all__ = ["pil_resize", "pil_resize_coefficients", "pil_resizes_height_first"]
+__all__ = ["installed_pillow_version", "pil_resize", "pil_resize_coefficients", "pil_resizes_height_first"]
 
 # Pillow's fixed point: 32-bit accumulator = 8 bits of pixel + 2 bits of overshoot headroom + 22 fractional bits.
 _PRECISION_BITS = 32 - 8 - 2
+# the newest Pillow whose pass order is known; assumed when Pillow is not installed
+_NEWEST_KNOWN_PILLOW = (13, 0)
 
 
 def _bilinear(x: float) -> float:
@@ -123,25 +127,88 @@ def _resample_first_axis(images: torch.Tensor, out_size: int, resample: str) -> 
     return resized.view(out_size, *images.shape[1:])
 
 
-def pil_resizes_height_first(height: int, width: int, new_height: int, new_width: int) -> bool:
-    r"""Pass order of Pillow 13's ``Image.resize``: height first when it shrinks by over twice the width's change.
-
-    Pillow before 13.0 always resized the width first. The order only shows through the rounding to uint8
-    between the passes. Checked against Pillow 13.0 on 4,110 resizes, 2,969 of which only one order reproduces,
-    600 at the boundary :math:`(H - H') - 2 (W - W') \in \{-1, 0, 1\}` (``tests/test_resample.py`` keeps 150
-    boundary cases).
+def installed_pillow_version() -> tuple[int, int]:
+    """``(major, minor)`` of the installed Pillow, read from its metadata (not imported); ``(13, 0)`` without one.
 
     Example:
-        >>> pil_resizes_height_first(1000, 100, 224, 224), pil_resizes_height_first(480, 640, 224, 224)
-        (True, False)
+        >>> installed_pillow_version() >= (9, 0)
+        True
     """
-    return new_height < height and (height - new_height) > 2 * (width - new_width)
+    return _INSTALLED_PILLOW
 
 
-def pil_resize(images: torch.Tensor, size: tuple[int, int], resample: str = "bicubic") -> torch.Tensor:
+def _read_installed_pillow_version() -> tuple[int, int]:
+    try:
+        version = importlib.metadata.version("pillow")
+    except importlib.metadata.PackageNotFoundError:
+        return _NEWEST_KNOWN_PILLOW
+    return _parse_version(version)
+
+
+def _parse_version(version: str | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(version, tuple):
+        return version
+    major, _, rest = version.partition(".")
+    minor = "".join(itertools.takewhile(str.isdigit, rest)) or "0"
+    KORNIA_CHECK(major.isdigit(), f"pillow_version must look like '13.0', got {version!r}.")
+    return int(major), int(minor)
+
+
+# read once at import: a constant for torch.compile, and no metadata lookup per resize
+_INSTALLED_PILLOW = _read_installed_pillow_version()
+
+
+def pil_resizes_height_first(
+    height: int,
+    width: int,
+    new_height: int,
+    new_width: int,
+    pillow_version: str | tuple[int, int] | None = None,
+) -> bool:
+    r"""Whether Pillow's ``Image.resize`` runs its height pass before its width pass.
+
+    The order shows through the rounding and clipping to uint8 between the passes: on 0/255 edges the two orders
+    differ by up to 31 levels with bicubic. It changed between Pillow releases:
+
+    - before 12.2: always the width first;
+    - 12.2 and 12.3: the height first for images over 100 times taller than wide whose height shrinks;
+    - 13.0: the height first when it shrinks by more than twice the width's change,
+      :math:`H' < H` and :math:`H - H' > 2 (W - W')`.
+
+    Checked against Pillow 12.1.1, 12.3.0 and 13.0.0 on 447 resizes each (random shapes, tall strips and 146
+    cases at the 13.0 boundary :math:`(H - H') - 2 (W - W') \in \{-1, 0, 1\}`); 13.0 on 4,110 more.
+
+    Args:
+        height: input height :math:`H`.
+        width: input width :math:`W`.
+        new_height: output height :math:`H'`.
+        new_width: output width :math:`W'`.
+        pillow_version: the Pillow release to reproduce, e.g. ``"12.1"``; default: the installed Pillow
+            (:func:`installed_pillow_version`), which is what transformers' PIL processors run.
+
+    Example:
+        >>> pil_resizes_height_first(1000, 100, 224, 224, "13.0"), pil_resizes_height_first(480, 640, 224, 224, "13.0")
+        (True, False)
+        >>> pil_resizes_height_first(1000, 100, 224, 224, "12.1")
+        False
+    """
+    version = installed_pillow_version() if pillow_version is None else _parse_version(pillow_version)
+    if version >= (13, 0):
+        return new_height < height and (height - new_height) > 2 * (width - new_width)
+    if version >= (12, 2):
+        return new_height < height and height > 100 * width
+    return False
+
+
+def pil_resize(
+    images: torch.Tensor,
+    size: tuple[int, int],
+    resample: str = "bicubic",
+    pillow_version: str | tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Resize uint8 images exactly as Pillow's ``Image.resize(size, resample)`` does (``reducing_gap=None``).
 
-    Two 1-D passes, each rounded to uint8, in Pillow 13's order (:func:`pil_resizes_height_first`); an axis
+    Two 1-D passes, each rounded to uint8, in Pillow's order (:func:`pil_resizes_height_first`); an axis
     whose size does not change is not resampled, and an unchanged image is returned as is.
 
     Args:
@@ -149,6 +216,8 @@ def pil_resize(images: torch.Tensor, size: tuple[int, int], resample: str = "bic
             ``"L"``/``"RGB"`` images.
         size: output ``(H', W')``.
         resample: ``"bilinear"`` (PIL 2) or ``"bicubic"`` (PIL 3).
+        pillow_version: the Pillow release whose pass order to reproduce (it changed in 12.2 and 13.0);
+            default: the installed one.
 
     Returns:
         uint8 :math:`(B, C, H', W')`, identical to Pillow's output.
@@ -171,7 +240,7 @@ def pil_resize(images: torch.Tensor, size: tuple[int, int], resample: str = "bic
     if (height, width) == (new_height, new_width):
         return images
     passes = [(3, new_width), (2, new_height)]  # (dim, size): width first, as Pillow before 13.0 always did
-    if pil_resizes_height_first(height, width, new_height, new_width):
+    if pil_resizes_height_first(height, width, new_height, new_width, pillow_version):
         passes.reverse()
     work = images
     for dim, new_size in passes:

@@ -6,7 +6,12 @@ import torch
 from kornia.core.exceptions import BaseError
 
 import kornia_siglip2.resample as resample_module
-from kornia_siglip2.resample import pil_resize, pil_resize_coefficients, pil_resizes_height_first
+from kornia_siglip2.resample import (
+    installed_pillow_version,
+    pil_resize,
+    pil_resize_coefficients,
+    pil_resizes_height_first,
+)
 
 Image = pytest.importorskip("PIL.Image")
 PIL_CODES = {"bilinear": 2, "bicubic": 3}
@@ -106,6 +111,33 @@ class TestPilResize:
             cases += 1
         # the other order is wrong in most of these cases, so this test can tell the rules apart
         assert order_matters > 100
+
+    def test_pass_order_by_pillow_version(self):
+        # (H, W) -> (H', W'): 12.1 always width first; 12.2-12.3 height first for > 100:1 strips that shrink;
+        # 13.0 height first when H - H' > 2 (W - W')
+        cases = {
+            (1000, 100, 224, 224): (False, False, True),
+            (1000, 5, 224, 5): (False, True, True),
+            (1000, 5, 996, 1): (False, True, False),
+            (480, 640, 224, 224): (False, False, False),
+            (300, 100, 100, 1): (False, False, True),
+        }
+        for (height, width, new_height, new_width), expected in cases.items():
+            by_version = tuple(
+                pil_resizes_height_first(height, width, new_height, new_width, version)
+                for version in ("12.1.1", "12.3", (13, 0))
+            )
+            assert by_version == expected, (height, width, new_height, new_width)
+        assert installed_pillow_version() == tuple(int(part) for part in Image.__version__.split(".")[:2])
+        # the default follows the installed Pillow (the one transformers' PIL processors run)
+        default = pil_resizes_height_first(1000, 100, 224, 224)
+        assert default == pil_resizes_height_first(1000, 100, 224, 224, installed_pillow_version())
+        # the version changes the pixels: on 0/255 edges the two orders differ by many levels
+        image = make_image(1000, 100, 3, "edges", np.random.default_rng(0))[None]
+        newer, older = (pil_resize(image, (224, 224), "bicubic", version) for version in ("13.0", "12.1"))
+        assert (newer.int() - older.int()).abs().max() > 5
+        with pytest.raises(BaseError, match="pillow_version"):
+            pil_resizes_height_first(10, 10, 5, 5, "thirteen")
 
     def test_layouts(self):
         # a channels-last or otherwise strided input gives the same pixels as a contiguous one
