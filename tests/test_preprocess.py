@@ -298,6 +298,12 @@ class TestSigLipImagePreprocessor:
         images = torch.rand(2, 3, 13, 5, device=device, dtype=dtype)
         torch.testing.assert_close(torch.compile(preprocess)(images), preprocess(images))
 
+    def test_dynamo_uint8(self, device):
+        """The Pillow-exact integer path compiles too, and stays bit-identical."""
+        preprocess = SigLipImagePreprocessor(image_size=8).to(device)
+        images = torch.randint(0, 256, (2, 3, 13, 9), dtype=torch.uint8, device=device)
+        assert torch.equal(torch.compile(preprocess)(images), preprocess(images))
+
 
 class TestFromPretrained:
     def test_naflex_from_transformers_config(self, tmp_path):
