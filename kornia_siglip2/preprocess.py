@@ -364,8 +364,7 @@ class SigLip2ImagePreprocessor(nn.Module):
         if images.dtype == torch.uint8:
             float_dtype = self.image_mean.dtype
             if self.pil_exact:
-                resized = pil_resize(images, size, self.resample).to(float_dtype) / 255
-                return (resized - self.image_mean) / self.image_std
+                return self._normalize(pil_resize(images, size, self.resample).to(float_dtype) / 255)
             images = images.to(float_dtype) / 255
         dtype = images.dtype
         # CPU antialiased interpolate has no half kernels; float32 is also what transformers computes in
@@ -384,8 +383,11 @@ class SigLip2ImagePreprocessor(nn.Module):
             for pass_size in passes:
                 if pass_size != tuple(work.shape[-2:]):
                     work = _interpolate(work, pass_size, kwargs).clamp(0, 1)
-        work = (work - self.image_mean.to(work)) / self.image_std.to(work)
-        return work.to(dtype)
+        return self._normalize(work).to(dtype)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(images - mean) / std`` per channel, in the dtype and on the device of ``images``."""
+        return (images - self.image_mean.to(images)) / self.image_std.to(images)
 
 
 class SigLipImagePreprocessor(SigLip2ImagePreprocessor):

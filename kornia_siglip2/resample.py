@@ -239,7 +239,7 @@ def pil_resize(
     new_height, new_width = int(size[0]), int(size[1])
     if (height, width) == (new_height, new_width):
         return images
-    passes = [(3, new_width), (2, new_height)]  # (dim, size): width first, as Pillow before 13.0 always did
+    passes = [(3, new_width), (2, new_height)]  # (dim, size): width first unless Pillow's rule says height
     if pil_resizes_height_first(height, width, new_height, new_width, pillow_version):
         passes.reverse()
     work = images
