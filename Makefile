@@ -3,15 +3,26 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# the lock file: every package the commands below install, at the versions the suite was proven on
+CONSTRAINTS ?= .ci/constraints.txt
+# torch is installed first, from this spec, so the `torch` requirement pulls no other build. The default is the
+# CPU build on this machine (a local wheel); elsewhere plain `torch==2.13.0` from PyPI is the CUDA build on Linux.
+# CPU only:  make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# CUDA:      make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+# `make test-latest`: the newest releases (no lock); `make test-min`: the declared lower bounds
+LATEST_VENV ?= .venv-latest
+MIN_VENV ?= .venv-min
+TEST_CMD = HF_HUB_OFFLINE=1 $(1)/bin/python -m pytest tests kornia_siglip2 -q $(PYTEST_ARGS)
 
-.PHONY: install demo test test-slow test-all lint format bench bench-quick docs kornia-patch wheel clean
+.PHONY: install demo test test-all test-latest test-min lint format bench bench-quick docs kornia-patch wheel \
+	lock versions clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# the CPU build first, so no multi-GB CUDA build is pulled by the `torch` requirement
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --upgrade pip -c $(CONSTRAINTS)
+	$(PY) -m pip install --quiet $(TORCH_SPEC) -c $(CONSTRAINTS)
+	$(PY) -m pip install --quiet -e ".[dev]" -c $(CONSTRAINTS)
 	touch $@
 
 install: $(VENV)/.installed
@@ -20,13 +31,49 @@ demo: install
 	HF_HUB_OFFLINE=1 $(PY) -m kornia_siglip2 demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q $(PYTEST_ARGS)
-
-test-slow: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -m slow --runslow $(PYTEST_ARGS)
+	$(call TEST_CMD,$(VENV))
 
 test-all: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --runslow --dtype all $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype all $(PYTEST_ARGS)
+
+# a fresh venv with the newest release of every dependency (torch from TORCH_SPEC), then the same suite
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]" \
+		"$$($(LATEST_VENV)/bin/python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])')"
+	$(MAKE) --no-print-directory versions VENV=$(LATEST_VENV)
+	$(call TEST_CMD,$(LATEST_VENV))
+
+# a fresh venv with every declared lower bound of pyproject.toml (torch from TORCH_SPEC), then the same suite
+test-min:
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/python scripts/min_constraints.py pyproject.toml $(CONSTRAINTS) > $(MIN_VENV)/constraints-min.txt
+	$(MIN_VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	$(MIN_VENV)/bin/python -m pip install --quiet -e ".[dev]" -c $(MIN_VENV)/constraints-min.txt
+	$(MAKE) --no-print-directory versions VENV=$(MIN_VENV)
+	$(call TEST_CMD,$(MIN_VENV))
+
+# rewrite the lock file from a fresh venv with the newest releases (then run `make test` and commit it)
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet --upgrade pip
+	.venv-lock/bin/python -m pip install --quiet $(TORCH_SPEC)
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev,docs]"
+	.venv-lock/bin/python -m pip freeze > .venv-lock/freeze.txt
+	.venv-lock/bin/python scripts/write_lock.py .venv-lock/freeze.txt > $(CONSTRAINTS)
+	rm -rf .venv-lock
+
+# the versions a venv runs (what a test report should name)
+versions:
+	@$(PY) -c "import importlib.metadata as m; \
+	print(' '.join(f'{n}=={m.version(n)}' for n in ('torch', 'transformers', 'tokenizers', 'huggingface_hub', \
+	'kornia', 'safetensors', 'numpy', 'pillow', 'pytest')))"
 
 lint: install
 	$(PY) -m ruff check .
@@ -46,7 +93,7 @@ bench-quick: install
 		--markdown benchmarks/results/quick_table.md --plot benchmarks/results/quick_throughput.png
 
 $(VENV)/.docs-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[docs]"
+	$(PY) -m pip install --quiet -e ".[docs]" -c $(CONSTRAINTS)
 	touch $@
 
 docs: $(VENV)/.docs-installed
@@ -58,8 +105,7 @@ kornia-patch: install
 	$(PY) -m ruff check --config scripts/kornia_ruff.toml build/kornia_patch
 
 wheel: install
-	$(PY) -m pip install --quiet build
-	BUILD_PY=$(PY) scripts/check_wheel.sh
+	BUILD_PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" CONSTRAINTS=$(CONSTRAINTS) scripts/check_wheel.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache docs/_build
+	rm -rf $(VENV) $(LATEST_VENV) $(MIN_VENV) build dist *.egg-info .pytest_cache .ruff_cache docs/_build

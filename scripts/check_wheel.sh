@@ -9,7 +9,8 @@
 #   BUILD_PY    Python that runs `python -m build` (default .venv/bin/python; needs `pip install build`)
 #   PYTHON      Python that creates the fresh venv (default python3)
 #   TORCH_SPEC  torch requirement installed first, as the Makefile does (default torch==2.13.0, the CPU build
-#               where the index serves it)
+#               where the index serves it); pip arguments may follow, e.g. "torch==2.13.0 --index-url URL"
+#   CONSTRAINTS pip constraints file for the fresh venv (default .ci/constraints.txt, the lock file; empty: none)
 #   OFFLINE=1   build with --no-isolation (setuptools from BUILD_PY's environment) and install with
 #               `pip --no-index --find-links "$WHEELHOUSE"`: every dependency must be a wheel there
 #   WHEELHOUSE  folder of wheels for OFFLINE=1 (torch, kornia, kornia_rs, safetensors, huggingface_hub, numpy and
@@ -22,6 +23,7 @@ ROOT=$(pwd)
 BUILD_PY=${BUILD_PY:-.venv/bin/python}
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+CONSTRAINTS=${CONSTRAINTS-.ci/constraints.txt}
 DIST=${DIST:-dist}
 OFFLINE=${OFFLINE:-0}
 
@@ -65,11 +67,16 @@ trap cleanup EXIT
 step "fresh venv: $VENV"
 "$PYTHON" -m venv "$VENV"
 INSTALL=("$VENV/bin/python" -m pip install --quiet)
+if [ -n "$CONSTRAINTS" ]; then
+  case "$CONSTRAINTS" in /*) ;; *) CONSTRAINTS="$ROOT/$CONSTRAINTS" ;; esac
+  INSTALL+=(-c "$CONSTRAINTS")
+fi
 if [ "$OFFLINE" = 1 ]; then
   : "${WHEELHOUSE:?OFFLINE=1 needs WHEELHOUSE=<folder of wheels>}"
   INSTALL+=(--no-index --find-links "$WHEELHOUSE")
 fi
-"${INSTALL[@]}" "$TORCH_SPEC"     # the CPU build first, as the Makefile does
+# shellcheck disable=SC2086  # TORCH_SPEC may carry pip arguments (--index-url URL)
+"${INSTALL[@]}" $TORCH_SPEC     # the CPU build first, as the Makefile does
 "${INSTALL[@]}" "$WHEEL"
 
 step "import and run from outside the source tree"
