@@ -118,7 +118,9 @@ class VisionEmbeddings(nn.Module):
         grid = table.reshape(side, side, -1).permute(2, 0, 1)[None]
         if self.naflex:
             source_dtype = grid.dtype
-            if grid.device.type == "cpu":
+            if grid.device.type == "cpu" and grid.dtype in (torch.float16, torch.bfloat16):
+                # antialiased bilinear has no half-precision CPU kernel: resize in float32, cast back;
+                # float32 and float64 tables are resized in their own dtype
                 grid = grid.float()
             resized = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
             resized = resized.to(source_dtype)

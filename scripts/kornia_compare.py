@@ -291,7 +291,10 @@ def compare(source: str | Path | None = None, workdir: str | Path | None = None)
             _attempt(load_naflex),
             f"pooled diff {_fmt(d_ours)}",
             "tests/test_model.py::TestParitySiglip2NaFlex::test_forward",
-            d_ours < 1e-10,
+            # transformers resizes the NaFlex position table in float32 for every dtype (its
+            # Siglip2VisionEmbeddings.resize_positional_embeddings), so float64 agrees only to float32 accuracy:
+            # the float32 parity tolerance of tests/conftest.py (atol 1e-5)
+            d_ours < 1e-5,
         )
     )
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tolerance
+from conftest import naflex_tolerance, tolerance
 from kornia.core.exceptions import BaseError
 
 from kornia_siglip2 import SigLip2, SigLip2Config, patchify
@@ -108,8 +108,15 @@ class TestLogitLens:
             from_embeds = logit_lens(siglip2_model, text_embeds=text_embeds, patches=patches, grid_thw=grid_thw)
         assert torch.equal(from_ids, from_embeds)
 
-    def test_every_layer_matches_transformers(self, hf_siglip2, siglip2_checkpoint):
-        """Layer l through transformers' own post_layernorm + head on its padded hidden states, in float64."""
+    @pytest.mark.parametrize("positions", ["transformers", "float64"])
+    def test_every_layer_matches_transformers(self, hf_siglip2, siglip2_checkpoint, positions, request):
+        """Layer l through transformers' own post_layernorm + head on its padded hidden states, in float64.
+
+        ``transformers``: agreement with its own float32 NaFlex positions, so float32 accuracy (conftest.py);
+        ``float64``: its position resize swapped for the float64 reference, exact to 1e-10.
+        """
+        if positions == "float64":
+            request.getfixturevalue("float64_naflex_positions")
         reference = copy.deepcopy(hf_siglip2).double()
         model = SigLip2.from_pretrained(siglip2_checkpoint, dtype=torch.float64)
         patches, grid_thw = packed_images(dtype=torch.float64)
@@ -127,7 +134,8 @@ class TestLogitLens:
                 logits = text_embeds @ pooled.t() * reference.logit_scale.exp() + reference.logit_bias
                 expected.append(logits.t())
         assert len(states) == ours.shape[0]
-        torch.testing.assert_close(ours, torch.stack(expected), **tolerance(torch.float64))
+        tol = tolerance(torch.float64) if positions == "float64" else naflex_tolerance(torch.float64)
+        torch.testing.assert_close(ours, torch.stack(expected), **tol)
 
     def test_gradcheck(self):
         model = tiny_model(torch.float64)

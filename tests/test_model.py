@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import SIGLIP_IMAGE_SIZE, tolerance
+from conftest import SIGLIP_IMAGE_SIZE, naflex_tolerance, tolerance
 
 from kornia_siglip2 import SigLip2, patchify
 from kornia_siglip2.packing import grid_thw_to_seqlens, packed_to_padded
@@ -36,8 +36,8 @@ def _pair(hf_model, checkpoint, dtype, device):
     return reference, ours
 
 
-def _assert_outputs_close(reference, ours, dtype):
-    tol = tolerance(dtype)
+def _assert_outputs_close(reference, ours, dtype, tol=None):
+    tol = tol or tolerance(dtype)
     for name in ("logits_per_image", "logits_per_text", "image_embeds", "text_embeds"):
         expected = getattr(reference, name)
         scale = 10.0 if name.startswith("logits") and dtype == torch.bfloat16 else 1.0  # logits are ~exp(2.3)x
@@ -112,7 +112,8 @@ class TestParitySiglip2NaFlex:
         with torch.no_grad():
             expected = reference(input_ids=input_ids, **inputs)
             out = ours(input_ids=input_ids, **inputs)
-        _assert_outputs_close(expected, out, dtype)
+        # transformers' NaFlex positions are float32 for every dtype: float64 agrees to float32 (conftest.py)
+        _assert_outputs_close(expected, out, dtype, naflex_tolerance(dtype))
 
     def test_features_and_tokens(self, hf_siglip2, siglip2_checkpoint, naflex_inputs, device, dtype):
         reference, ours = _pair(hf_siglip2, siglip2_checkpoint, dtype, device)
@@ -123,9 +124,10 @@ class TestParitySiglip2NaFlex:
             out = ours.encode_images(**inputs)
             features = ours.get_image_features(**inputs)
         valid = inputs["pixel_attention_mask"].bool()
-        torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state[valid], **tolerance(dtype))
-        torch.testing.assert_close(out.pooler_output, expected.pooler_output, **tolerance(dtype))
-        torch.testing.assert_close(features, expected.pooler_output, **tolerance(dtype))
+        tol = naflex_tolerance(dtype)  # float32 positions in transformers (conftest.py)
+        torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state[valid], **tol)
+        torch.testing.assert_close(out.pooler_output, expected.pooler_output, **tol)
+        torch.testing.assert_close(features, expected.pooler_output, **tol)
 
     def test_hidden_states(self, hf_siglip2, siglip2_checkpoint, naflex_inputs):
         """Every layer's tokens equal transformers' ``hidden_states``, packed and padded."""
@@ -180,23 +182,48 @@ class TestParitySiglip2NaFlex:
         assert video.pooler_output.shape == (3, 32)
         torch.testing.assert_close(video.pooler_output, stills.pooler_output, atol=0, rtol=0)
 
-    def test_loss_and_gradients(self, hf_siglip2, siglip2_checkpoint, naflex_inputs):
+    def test_float64_exact_with_float64_positions(
+        self, hf_siglip2, siglip2_checkpoint, naflex_inputs, float64_naflex_positions
+    ):
+        """Exactness: with its position resize in float64, transformers' float64 tower equals ours to 1e-10."""
+        reference, ours = _pair(hf_siglip2, siglip2_checkpoint, torch.float64, "cpu")
+        inputs = dict(naflex_inputs, pixel_values=naflex_inputs["pixel_values"].double())
+        input_ids = _text_inputs(4)
+        with torch.no_grad():
+            expected = reference(input_ids=input_ids, **inputs)
+            out = ours(input_ids=input_ids, **inputs)
+            tokens = ours.encode_images(**inputs).last_hidden_state
+            expected_tokens = reference.vision_model(**inputs).last_hidden_state
+        _assert_outputs_close(expected, out, torch.float64)
+        valid = inputs["pixel_attention_mask"].bool()
+        torch.testing.assert_close(tokens, expected_tokens[valid], **tolerance(torch.float64))
+
+    @staticmethod
+    def _loss_and_gradients(hf_siglip2, siglip2_checkpoint, naflex_inputs, tol):
         reference, ours = _pair(hf_siglip2, siglip2_checkpoint, torch.float64, "cpu")
         inputs = dict(naflex_inputs, pixel_values=naflex_inputs["pixel_values"].double())
         input_ids = _text_inputs(4)
         expected = reference(input_ids=input_ids, return_loss=True, **inputs).loss
         loss = ours(input_ids=input_ids, return_loss=True, **inputs).loss
-        torch.testing.assert_close(loss, expected, **tolerance(torch.float64))
+        torch.testing.assert_close(loss, expected, **tol)
         expected.backward()
         loss.backward()
         hf_grads = dict(reference.named_parameters())
         for name in ("logit_scale", "logit_bias", "vision_model.head.probe", "text_model.head.weight"):
-            torch.testing.assert_close(
-                dict(ours.named_parameters())[name].grad, hf_grads[name].grad, atol=1e-10, rtol=1e-10
-            )
+            torch.testing.assert_close(dict(ours.named_parameters())[name].grad, hf_grads[name].grad, **tol)
         fused = ours.vision_model.encoder.layers[0].self_attn.qkv.weight.grad
         hf_q = hf_grads["vision_model.encoder.layers.0.self_attn.q_proj.weight"].grad
-        torch.testing.assert_close(fused[:32], hf_q, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(fused[:32], hf_q, **tol)
+
+    def test_loss_and_gradients(self, hf_siglip2, siglip2_checkpoint, naflex_inputs):
+        """Agreement with transformers as it is: its float32 NaFlex positions bound float64 to float32 accuracy."""
+        self._loss_and_gradients(hf_siglip2, siglip2_checkpoint, naflex_inputs, naflex_tolerance(torch.float64))
+
+    def test_loss_and_gradients_float64_exact(
+        self, hf_siglip2, siglip2_checkpoint, naflex_inputs, float64_naflex_positions
+    ):
+        """Exactness: with float64 positions in transformers, loss and gradients agree to 1e-10."""
+        self._loss_and_gradients(hf_siglip2, siglip2_checkpoint, naflex_inputs, tolerance(torch.float64))
 
 
 class TestSigLip2Module:

@@ -1,9 +1,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VISION, tolerance
+from conftest import VISION, naflex_positions_reference, tolerance
 
 from kornia_siglip2 import PackedGrid, VisionConfig, VisionTransformer, patchify
+
+# NaFlex grids that shrink, grow, keep and mix both along the two axes of the tests' 4 x 4 position table
+NAFLEX_GRIDS = [(3, 5), (8, 2), (4, 4), (1, 1), (7, 9)]
 
 
 def _tower(naflex, device="cpu", dtype=torch.float32, **overrides):
@@ -29,16 +32,50 @@ class TestVisionTransformer:
         out = _tower(True, vision_use_head=False)(*patchify(torch.rand(1, 3, 8, 8), 4))
         assert out.pooler_output is None
 
-    def test_naflex_positions_match_transformers(self):
+    @pytest.mark.parametrize("height, width", NAFLEX_GRIDS)
+    def test_naflex_positions_float64_exact(self, height, width):
+        """Exactness: our float64 resize is float64 end to end, against two independent float64 computations."""
+        tower = _tower(True, dtype=torch.float64)
+        table = tower.embeddings.position_embedding.weight.detach()
+        resized = tower.embeddings.resized_positions(height, width)
+        assert resized.dtype == torch.float64
+        grid = table.reshape(4, 4, -1)
+        # the explicit separable triangle-filter formula (tests/conftest.py), and float64 F.interpolate
+        torch.testing.assert_close(resized, naflex_positions_reference(grid, height, width), atol=1e-12, rtol=1e-12)
+        interpolated = F.interpolate(
+            grid.permute(2, 0, 1)[None], size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        )
+        torch.testing.assert_close(resized, interpolated[0].flatten(1).t(), atol=1e-12, rtol=1e-12)
+
+    @pytest.mark.parametrize("table_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+    def test_naflex_positions_match_transformers(self, table_dtype):
+        """Agreement: transformers resizes in float32 for every dtype, so the bound is float32 rounding.
+
+        Each resized row is a convex combination of at most k = 16 table rows; float32 rounds the table, the
+        weights (a few operations each) and the k-term sum: error <= (k + 10) u max|table|, u = 2**-24
+        (Higham, Accuracy and Stability of Numerical Algorithms, sec. 3.1). In float32 our own resize rounds too,
+        hence twice that.
+        """
         from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
 
-        tower = _tower(True, dtype=torch.float64)
-        table = tower.embeddings.position_embedding.weight
-        shapes = torch.tensor([[3, 5], [8, 2], [4, 4], [1, 1]])
-        expected = Siglip2VisionEmbeddings.resize_positional_embeddings(table.reshape(4, 4, -1), shapes, 64)
+        tower = _tower(True, dtype=table_dtype)
+        table = tower.embeddings.position_embedding.weight.detach()
+        shapes = torch.tensor(NAFLEX_GRIDS)
+        max_length = int(shapes.prod(-1).max())
+        expected = Siglip2VisionEmbeddings.resize_positional_embeddings(table.reshape(4, 4, -1), shapes, max_length)
+        bound = 2 * (16 + 10) * 2.0**-24 * table.abs().max().item()
         for row, (height, width) in enumerate(shapes.tolist()):
             resized = tower.embeddings.resized_positions(height, width)
-            torch.testing.assert_close(resized, expected[row, : height * width], atol=0, rtol=0)
+            torch.testing.assert_close(resized, expected[row, : height * width], atol=bound, rtol=0)
+        # the bound is not vacuous: a half-pixel shift of the sampling grid is far outside it
+        shifted = (
+            F.interpolate(
+                table.reshape(4, 4, -1).permute(2, 0, 1)[None], size=(3, 5), mode="bilinear", align_corners=True
+            )[0]
+            .flatten(1)
+            .t()
+        )
+        assert (shifted - expected[0, :15]).abs().max().item() > 100 * bound
 
     def test_resize_once_per_distinct_grid(self, monkeypatch):
         calls = []
