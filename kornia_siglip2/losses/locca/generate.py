@@ -187,9 +187,9 @@ def generate_boxes(
         >>> vocabulary = LocCaVocabulary(text_vocab_size=16, num_bins=4)
         >>> decoder = LocCaDecoder(vocabulary.vocab_size, width=8, num_heads=2, mlp_width=16, num_layers=1,
         ...                        max_length=8)
-        >>> generate_boxes(decoder, vocabulary, torch.randn(7, 8), torch.tensor([0, 3, 7]), [[5, 6], [7]])
-        tensor([[0.1250, 0.1250, 0.1250, 0.1250],
-                [0.1250, 0.1250, 0.1250, 0.1250]])
+        >>> boxes = generate_boxes(decoder, vocabulary, torch.randn(7, 8), torch.tensor([0, 3, 7]), [[5, 6], [7]])
+        >>> boxes.shape, boxes.tolist()[0]  # zero-init head: bin 0 everywhere, its centre 1/8 (exact in binary)
+        (torch.Size([2, 4]), [0.125, 0.125, 0.125, 0.125])
     """
     prefixes = [referring_prefix(region, vocabulary, decoder.max_length) for region in region_captions]
     tokens = generate(
