@@ -75,11 +75,19 @@ def test_siglip2_base_naflex_logits():
 
 
 def test_siglip_base_224_two_cats(tmp_path):
+    """Needs two things the repository does not ship: the weights in the HF cache and the COCO image file."""
     repo_id = "google/siglip-base-patch16-224"
-    _require(repo_id)
     image_path = Path(__file__).parent / "data" / "000000039769.jpg"
+    missing = []
+    if not _cached(repo_id):
+        missing.append(f"{repo_id} is not in the local Hugging Face cache (run once online to cache it)")
     if not image_path.is_file():
-        pytest.skip(f"COCO image 000000039769 not at {image_path} (it cannot be downloaded here).")
+        missing.append(
+            f"the COCO val2017 image 000000039769.jpg is not at {image_path} (not in the repository; "
+            "download it from http://images.cocodataset.org/val2017/000000039769.jpg)"
+        )
+    if missing:
+        pytest.skip("; ".join(missing))
     from PIL import Image
     from transformers import AutoProcessor
 
