@@ -1,31 +1,76 @@
-"""kornia_siglip2: packed-first, differentiable SigLIP / SigLIP 2 encoders and losses."""
+"""kornia_siglip2: packed-first, differentiable SigLIP / SigLIP 2 encoders and losses.
 
-from kornia_siglip2.attention import VarlenLayout, varlen_attention
-from kornia_siglip2.config import SigLip2Config, TextConfig, VisionConfig
-from kornia_siglip2.lens import layer_image_features, logit_lens
-from kornia_siglip2.model import SigLip2, SigLip2Output
-from kornia_siglip2.packing import (
-    grid_thw_to_cu_seqlens,
-    grid_thw_to_seqlens,
-    packed_to_padded,
-    padded_to_packed,
-    patchify,
-    unpatchify,
-)
-from kornia_siglip2.preprocess import (
-    NaFlexImagePreprocessor,
-    PackedImages,
-    PaddedImages,
-    SigLip2ImagePreprocessor,
-    SigLipImagePreprocessor,
-    naflex_target_size,
-    to_padded,
-)
-from kornia_siglip2.resample import pil_resize
-from kornia_siglip2.text import TextOutput, TextTransformer
-from kornia_siglip2.tokenizer import SigLipTokenizer
-from kornia_siglip2.vision import PackedGrid, VisionOutput, VisionTransformer
-from kornia_siglip2.zero_shot import ZeroShotClassifier, load_image
+The names below are imported on first use (PEP 562 module ``__getattr__``), so ``python -m kornia_siglip2 --help``
+answers without importing torch; ``from kornia_siglip2 import SigLip2`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kornia_siglip2.attention import VarlenLayout, varlen_attention
+    from kornia_siglip2.config import SigLip2Config, TextConfig, VisionConfig
+    from kornia_siglip2.lens import layer_image_features, logit_lens
+    from kornia_siglip2.model import SigLip2, SigLip2Output
+    from kornia_siglip2.packing import (
+        grid_thw_to_cu_seqlens,
+        grid_thw_to_seqlens,
+        packed_to_padded,
+        padded_to_packed,
+        patchify,
+        unpatchify,
+    )
+    from kornia_siglip2.preprocess import (
+        NaFlexImagePreprocessor,
+        PackedImages,
+        PaddedImages,
+        SigLip2ImagePreprocessor,
+        SigLipImagePreprocessor,
+        naflex_target_size,
+        to_padded,
+    )
+    from kornia_siglip2.resample import pil_resize
+    from kornia_siglip2.text import TextOutput, TextTransformer
+    from kornia_siglip2.tokenizer import SigLipTokenizer
+    from kornia_siglip2.vision import PackedGrid, VisionOutput, VisionTransformer
+    from kornia_siglip2.zero_shot import ZeroShotClassifier, load_image
+
+# public name -> defining module, filled from the imports above
+_LAZY = {
+    "VarlenLayout": "kornia_siglip2.attention",
+    "varlen_attention": "kornia_siglip2.attention",
+    "SigLip2Config": "kornia_siglip2.config",
+    "TextConfig": "kornia_siglip2.config",
+    "VisionConfig": "kornia_siglip2.config",
+    "layer_image_features": "kornia_siglip2.lens",
+    "logit_lens": "kornia_siglip2.lens",
+    "SigLip2": "kornia_siglip2.model",
+    "SigLip2Output": "kornia_siglip2.model",
+    "grid_thw_to_cu_seqlens": "kornia_siglip2.packing",
+    "grid_thw_to_seqlens": "kornia_siglip2.packing",
+    "packed_to_padded": "kornia_siglip2.packing",
+    "padded_to_packed": "kornia_siglip2.packing",
+    "patchify": "kornia_siglip2.packing",
+    "unpatchify": "kornia_siglip2.packing",
+    "NaFlexImagePreprocessor": "kornia_siglip2.preprocess",
+    "PackedImages": "kornia_siglip2.preprocess",
+    "PaddedImages": "kornia_siglip2.preprocess",
+    "SigLip2ImagePreprocessor": "kornia_siglip2.preprocess",
+    "SigLipImagePreprocessor": "kornia_siglip2.preprocess",
+    "naflex_target_size": "kornia_siglip2.preprocess",
+    "to_padded": "kornia_siglip2.preprocess",
+    "pil_resize": "kornia_siglip2.resample",
+    "TextOutput": "kornia_siglip2.text",
+    "TextTransformer": "kornia_siglip2.text",
+    "SigLipTokenizer": "kornia_siglip2.tokenizer",
+    "PackedGrid": "kornia_siglip2.vision",
+    "VisionOutput": "kornia_siglip2.vision",
+    "VisionTransformer": "kornia_siglip2.vision",
+    "ZeroShotClassifier": "kornia_siglip2.zero_shot",
+    "load_image": "kornia_siglip2.zero_shot",
+}
 
 __version__ = "0.1.0"
 
@@ -63,3 +108,17 @@ __all__ = [
     "unpatchify",
     "varlen_attention",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first access (PEP 562)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kornia_siglip2' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later accesses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

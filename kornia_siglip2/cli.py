@@ -1,13 +1,21 @@
 """Command line: ``kornia-siglip2`` / ``python -m kornia_siglip2`` with ``classify``, ``embed``, ``compare``, ``demo``.
 
-- ``classify IMAGE... --labels L1 L2 ...``: table of zero-shot sigmoid probabilities.
+- ``classify IMAGE_OR_FOLDER... --labels L1 L2 ...``: table of zero-shot sigmoid probabilities (a folder stands
+  for every image in it, recursively, in sorted order).
 - ``embed IMAGE_DIR --out FILE``: L2-normalized image embeddings of every image in a folder (any sizes; NaFlex
-  models pack them), batched with a progress bar, written as ``.safetensors`` (file names in the metadata) or
-  ``.npy``.
+  models pack them, batched by token budget), decoded and preprocessed in worker processes, with a progress bar in
+  images/s, written atomically as ``.safetensors`` or ``.npy`` + a ``.json`` sidecar. Rows follow the sorted
+  relative paths; the metadata ``files`` names the image of every row, ``skipped`` what ``--skip-errors`` left
+  out. Work is kept in chunks (``FILE.parts/``): an interrupted run resumes when rerun, and ``--rank R
+  --world-size W`` (or ``torchrun``'s ``RANK`` / ``WORLD_SIZE``) splits the job over processes or machines sharing
+  the output folder; the last one to finish writes ``FILE``, identical to a one-process run.
 - ``compare --model M``: parity report against transformers (state-dict keys, weights, outputs).
-- ``demo``: offline end-to-end run on a tiny random checkpoint built on the spot, with the parity report.
+- ``demo``: offline end-to-end run on a tiny random checkpoint built on the spot, with the parity report; with
+  ``--workdir DIR`` it keeps the checkpoint (``DIR/checkpoint``, tokenizer included) for offline use.
 
-Every failure prints one line to stderr and exits with status 1 (2 for a wrong command line); no traceback.
+Every failure prints one line to stderr and exits with status 1 (2 for a wrong command line, 130 on Ctrl-C);
+``embed --skip-errors`` lists the skipped images on stderr and exits with status 3 when it skipped any, unless
+``--allow-skipped``. ``--help`` answers without importing torch.
 """
 
 from __future__ import annotations
@@ -21,15 +29,22 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DEFAULT_MODEL", "main", "parity_report"]
 
 DEFAULT_MODEL = "google/siglip2-base-patch16-naflex"
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _PROG = "kornia-siglip2"
+_SKIPPED_STATUS = 3
+_EMBED_EPILOG = """output: .safetensors holds tensor 'image_embeds' [N, D] float32 (L2-normalized) and metadata
+'files' (JSON list: image of each row), 'skipped' (JSON list of {file, error}), 'model', 'dtype', 'row_order';
+.npy holds the array and FILE's .json sidecar the same metadata. Rows follow the sorted relative POSIX paths
+of the images, whatever the number of processes. Chunks are kept in FILE.parts/ until FILE is written: rerun
+the same command to resume an interrupted run. Several processes: run the same command with --rank 0..W-1
+--world-size W (or under torchrun); each computes its share of the chunks and the last one writes FILE."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,12 +54,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_PROG, description="SigLIP / SigLIP 2 zero-shot classification, embeddings and parity.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     classify = commands.add_parser("classify", help="zero-shot probabilities of images against labels")
-    classify.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    classify.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files or folders (every image in a folder, sorted)"
+    )
     classify.add_argument("--labels", nargs="+", required=True, metavar="LABEL", help="class names")
     classify.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder (default {DEFAULT_MODEL})")
     classify.add_argument(
@@ -52,13 +76,45 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
 
-    embed = commands.add_parser("embed", help="image embeddings of a folder to .safetensors or .npy")
+    embed = commands.add_parser(
+        "embed",
+        help="image embeddings of a folder to .safetensors or .npy",
+        epilog=_EMBED_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     embed.add_argument("image_dir", metavar="IMAGE_DIR", help="folder searched recursively for images")
     embed.add_argument("--out", required=True, metavar="FILE", help="output .safetensors or .npy file")
     embed.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder (default {DEFAULT_MODEL})")
-    embed.add_argument("--batch-size", type=int, default=32, help="images per forward (default 32)")
-    embed.add_argument("--max-num-patches", type=int, default=None, help="NaFlex patch budget per image")
+    embed.add_argument("--batch-size", type=_positive, default=32, help="most images per forward (default 32)")
+    embed.add_argument(
+        "--max-tokens", type=_positive, default=None, help="NaFlex: most patches per forward (default 32 images' worth)"
+    )
+    embed.add_argument("--max-num-patches", type=_positive, default=None, help="NaFlex patch budget per image")
     embed.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    embed.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype (default float32; auto: bfloat16 where the CPU has native bf16 matmul (AMX / "
+        "AVX512-BF16) or on a GPU, else float32); the output is float32",
+    )
+    embed.add_argument(
+        "--workers", type=int, default=None, help="decoding / preprocessing processes (default: half the CPUs, <= 8)"
+    )
+    embed.add_argument(
+        "--decoder",
+        default="pillow",
+        choices=["pillow", "kornia-rs"],
+        help="pillow (default: pixels equal transformers') or kornia-rs (faster JPEGs, pixels may differ slightly)",
+    )
+    embed.add_argument("--chunk-size", type=_positive, default=1024, help="rows per kept chunk (default 1024)")
+    embed.add_argument("--rank", type=int, default=None, help="this process's rank (default $RANK or 0)")
+    embed.add_argument("--world-size", type=_positive, default=None, help="processes (default $WORLD_SIZE or 1)")
+    embed.add_argument(
+        "--skip-errors", action="store_true", help="skip unreadable folders and images; list them on stderr"
+    )
+    embed.add_argument("--allow-skipped", action="store_true", help="exit 0 even when images were skipped")
+    embed.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     compare = commands.add_parser("compare", help="parity report against transformers")
     compare.add_argument("--model", required=True, help="hub id or folder")
@@ -67,7 +123,12 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--device", default="cpu", help="device of both models (default cpu)")
 
     demo = commands.add_parser("demo", help="offline end-to-end run on a tiny random checkpoint")
-    demo.add_argument("--workdir", default=None, help="keep the checkpoint and images here (default: a temp folder)")
+    demo.add_argument(
+        "--workdir",
+        default=None,
+        help="keep the checkpoint (DIR/checkpoint, with tokenizer files: a ready offline model folder) and the "
+        "images (DIR/images) here (default: a temporary folder, deleted at the end)",
+    )
     return parser
 
 
@@ -78,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name; ``sys.argv[1:]`` by default.
 
     Returns:
-        the exit status: 0 on success, 1 on an error or a failed parity check, 2 on a bad command line.
+        the exit status: 0 on success, 1 on an error or a failed parity check, 2 on a bad command line, 3 when
+        ``embed --skip-errors`` skipped images (unless ``--allow-skipped``), 130 on Ctrl-C.
 
     Example:
         >>> main(["classify", "missing.png", "--labels", "cat", "--model", "/no/such/folder"])
@@ -88,9 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a bad command line (2), already printed by argparse
         return int(stop.code or 0)
-    _quiet_transformers()
     command = {"classify": _classify, "embed": _embed, "compare": _compare, "demo": _demo}[args.command]
     try:
+        _quiet_transformers()
         return command(args)
     except KeyboardInterrupt:
         print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)
@@ -102,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _device(name: str | None) -> torch.device:
+    import torch
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -129,14 +193,33 @@ def _hide_transformers_progress() -> None:
     logging.disable_progress_bar()
 
 
-def _classify(args: argparse.Namespace) -> int:
-    from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, load_image
+def _expand_images(arguments: Sequence[str]) -> list[str]:
+    """Image paths of the command line; a folder stands for every image in it (recursive, sorted)."""
+    from kornia_siglip2._embed import list_images
 
-    missing = [image for image in args.images if not Path(image).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no such image file: {', '.join(missing)}")
+    images: list[str] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = list_images(path).files
+            if not found:
+                raise FileNotFoundError(f"no images in folder {argument}")
+            images += [str(path / name) for name in found]
+        elif path.is_file():
+            images.append(argument)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {argument}")
+    return images
+
+
+def _classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, image_tensor
+
+    paths = _expand_images(args.images)
     # read every image before loading the model: a bad file fails in a second, not after the model load
-    images = [load_image(image) for image in args.images]
+    images = [image_tensor(path, path) for path in paths]
     classifier = ZeroShotClassifier.from_pretrained(args.model, device=_device(args.device))
     template = args.template or DEFAULT_TEMPLATE
     with torch.inference_mode():
@@ -144,45 +227,101 @@ def _classify(args: argparse.Namespace) -> int:
     print(f"zero-shot sigmoid probabilities (independent per label), model {args.model}, prompt {template!r}")
     _print_table(
         ["image", *args.labels],
-        [[image, *(f"{p:.4f}" for p in row)] for image, row in zip(args.images, probabilities.tolist(), strict=True)],
+        [[image, *(f"{p:.4f}" for p in row)] for image, row in zip(paths, probabilities.tolist(), strict=True)],
     )
     return 0
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from kornia_siglip2.zero_shot import ZeroShotClassifier
+    from kornia_siglip2 import _embed as embed
 
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npy"):
         raise ValueError(f"--out must end in .safetensors or .npy, got {out.name}")
+    rank = int(os.environ.get("RANK", 0)) if args.rank is None else args.rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if args.world_size is None else args.world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"--rank must be in [0, {world_size}) for --world-size {world_size}, got {rank}")
     folder = Path(args.image_dir)
-    if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is not a folder")
-    files = sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
+    listing = embed.list_images(folder, skip_errors=args.skip_errors)
+    if not listing.files:
+        raise FileNotFoundError(f"no images ({', '.join(embed.IMAGE_SUFFIXES)}) in {folder}")
+    embed.check_writable(out)  # before any compute: a bad --out fails now, not after hours
+    import torch
+
+    from kornia_siglip2.zero_shot import ZeroShotClassifier
+
+    device = _device(args.device)
+    dtype = embed.auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     overrides = {} if args.max_num_patches is None else {"max_num_patches": args.max_num_patches}
     classifier = ZeroShotClassifier.from_pretrained(
-        args.model, device=_device(args.device), load_tokenizer=False, **overrides
+        args.model, device=device, dtype=dtype, load_tokenizer=False, **overrides
     )
-    embeddings = classifier.embed_images(files, batch_size=args.batch_size).float().cpu().contiguous()
-    names = [path.relative_to(folder).as_posix() for path in files]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        metadata = {"files": json.dumps(names), "model": str(args.model), "format": "pt"}
-        save_file({"image_embeds": embeddings}, out, metadata=metadata)
-    else:
-        import numpy as np
-
-        # .npy holds the array only: rows follow the sorted relative paths (the .safetensors metadata lists them)
-        np.save(out, embeddings.numpy())
-    print(f"wrote {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} to {out}")
+    max_tokens = args.max_tokens
+    if max_tokens is None and classifier.model.config.is_naflex:
+        max_tokens = args.batch_size * classifier.preprocessor.max_num_patches
+    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) // 2))
+    job = embed.EmbedJob(
+        folder=folder,
+        out=out,
+        listing=listing,
+        model_name=str(args.model),
+        dtype=dtype,
+        rank=rank,
+        world_size=world_size,
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        max_tokens=max_tokens,
+        workers=max(0, workers),
+        decoder=args.decoder,
+        skip_errors=args.skip_errors,
+        progress=False if args.no_progress else None,
+        settings={"preprocessor": repr(classifier.preprocessor), "decoder": args.decoder},
+    )
+    try:
+        computed, resumed = embed.run_embed(job, classifier)
+    except KeyboardInterrupt:
+        kept = len(list(job.parts.glob("chunk-*.safetensors")))
+        print(
+            f"{_PROG} embed: interrupted; {kept} finished chunk(s) kept in {job.parts}: rerun the same command to "
+            "resume",
+            file=sys.stderr,
+        )
+        return 130
+    note = f" ({resumed} chunk(s) resumed from {job.parts})" if resumed else ""
+    result = embed.merge(job)
+    if result is None:
+        print(
+            f"rank {rank}/{world_size}: computed {computed} embeddings{note} into {job.parts}; the last rank to "
+            f"finish writes {out}"
+        )
+        return 0
+    if result.get("merged_by_other"):
+        print(f"rank {rank}/{world_size}: computed {computed} embeddings{note}; another rank wrote {out}")
+        return 0
+    rows, dim = result["embeddings"].shape
+    where = f"{out}: tensor '{embed.EMBED_KEY}' [{rows}, {dim}] float32" if out.suffix == ".safetensors" else str(out)
+    meta = "metadata" if out.suffix == ".safetensors" else f"sidecar {embed.sidecar_path(out)}"
+    print(
+        f"wrote {rows} embeddings of dimension {dim} to {where}{note}; {meta} 'files' names the image of each row "
+        f"(sorted relative paths), 'skipped' the {len(result['skipped'])} skipped"
+    )
+    skipped = result["skipped"]
+    for entry in skipped:
+        print(f"{_PROG} embed: skipped {entry['file']}: {entry['error']}", file=sys.stderr)
+    if skipped and not args.allow_skipped:
+        print(
+            f"{_PROG} embed: {len(skipped)} image(s) or folder(s) skipped (listed above and in the output's "
+            f"'skipped' metadata); exit status {_SKIPPED_STATUS} (--allow-skipped: 0)",
+            file=sys.stderr,
+        )
+        return _SKIPPED_STATUS
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
+    import torch
+
     _hide_transformers_progress()
     passed, lines = parity_report(args.model, device=torch.device(args.device), atol=args.atol, rtol=args.rtol)
     print("\n".join(lines))
@@ -207,6 +346,7 @@ def parity_report(
     Returns:
         whether everything matches, and the report lines.
     """
+    import torch
     import transformers
     from transformers import AutoModel
 
@@ -268,6 +408,8 @@ def parity_report(
 
 def _parity_inputs(classifier: Any, device: torch.device) -> tuple[dict[str, Any], dict[str, Any], torch.Tensor, str]:
     """Same preprocessed images for both models (packed for us, padded for transformers' NaFlex) and texts."""
+    import torch
+
     from kornia_siglip2.preprocess import NaFlexImagePreprocessor, to_padded
 
     generator = torch.Generator().manual_seed(0)
@@ -309,7 +451,7 @@ def _max_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 
 def _pooled(output: Any) -> torch.Tensor:
     """Pooled features of transformers' ``get_*_features`` (a model output in transformers 5, a tensor in 4.x)."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+    return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
 def _diff_row(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> tuple[list[str], float, float]:
@@ -351,6 +493,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(workdir: Path, start: float) -> int:
+    import torch
+
     from kornia_siglip2._demo import DEMO_LABELS, build_tiny_checkpoint, write_shape_images
     from kornia_siglip2.lens import logit_lens
     from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, load_image
@@ -422,6 +566,7 @@ def _demo_checks(
     logits: torch.Tensor,
 ) -> list[tuple[str, bool, str]]:
     """Compare our pipeline's intermediate results with transformers' processor + model on the same files."""
+    import torch
     from PIL import Image
     from transformers import AutoTokenizer, Siglip2Model, Siglip2Processor
     from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil

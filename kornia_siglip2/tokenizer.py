@@ -14,14 +14,18 @@ what transformers' ``Siglip2Processor`` does by default and the model cards ask 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-__all__ = ["TOKENIZER_FILES", "SigLipTokenizer", "tokenizer_family"]
+__all__ = ["TOKENIZER_FILES", "SigLipTokenizer", "quiet_transformers", "tokenizer_family"]
 
 #: Files of which at least one must be in a checkpoint for its tokenizer to load (transformers would otherwise
 #: build an empty default tokenizer for ``model_type: siglip2``).
@@ -121,7 +125,8 @@ class SigLipTokenizer:
             the wrapper.
 
         Raises:
-            FileNotFoundError: no checkpoint, or no tokenizer files (``tokenizer.json``, ``spiece.model``) in it.
+            FileNotFoundError: no checkpoint, or no tokenizer files (``tokenizer.json``, ``spiece.model``) in it;
+                the message says how to add them.
             ImportError: transformers (or sentencepiece for SigLIP) is not installed.
             ValueError: an unsupported tokenizer class.
         """
@@ -132,13 +137,17 @@ class SigLipTokenizer:
         )
         if not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise FileNotFoundError(
-                f"No tokenizer in {name_or_path} (looked for {', '.join(TOKENIZER_FILES)} in {folder})."
+                f"No tokenizer in {name_or_path} (looked for {', '.join(TOKENIZER_FILES)} in {folder}). A "
+                "transformers save_pretrained(model) folder holds no tokenizer: save the checkpoint's tokenizer "
+                "there too (AutoTokenizer.from_pretrained(SOURCE).save_pretrained(FOLDER)), or load with "
+                "load_tokenizer=False to embed images only."
             )
         try:
             from transformers import AutoTokenizer
         except ImportError as error:
             raise ImportError("Tokenization needs transformers: pip install 'kornia_siglip2[text]'.") from error
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         if max_length is None:
             max_length = _max_position_embeddings(folder)
         return cls(tokenizer, max_length)
@@ -193,6 +202,39 @@ class SigLipTokenizer:
             return_tensors="pt",
         )
         return encoded["input_ids"].to(torch.int64)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' warnings inside the block only; the logging state before it is restored after it.
+
+    Loading a SigLIP tokenizer makes transformers warn about token ids it checks against a default config (for
+    example ``bos_token_id must be None or an integer within the vocabulary``); they say nothing about the
+    checkpoint. Nothing is hidden when the user asked for transformers' messages: ``TRANSFORMERS_VERBOSITY`` is
+    set, or transformers' verbosity is already more detailed than its default (``WARNING``).
+
+    Example:
+        >>> from transformers import logging as hf_logging
+        >>> before = hf_logging.get_verbosity()
+        >>> with quiet_transformers():
+        ...     hf_logging.get_verbosity() == hf_logging.ERROR or "TRANSFORMERS_VERBOSITY" in os.environ
+        True
+        >>> hf_logging.get_verbosity() == before
+        True
+    """
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    if "TRANSFORMERS_VERBOSITY" in os.environ or previous < logging.WARNING:
+        yield  # the user asked for transformers' messages
+        return
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
+            yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _apply_siglip_rules(tokenizer: Any) -> None:

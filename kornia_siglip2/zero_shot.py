@@ -2,14 +2,23 @@
 
 One pipeline for every checkpoint: files / tensors -> preprocess (NaFlex: packed without padding) -> encode ->
 L2-normalize -> ``logits = s * <image, text> + b`` -> ``sigmoid`` (SigLIP scores each pair independently, so
-the probabilities of one image need not sum to 1; REFERENCE 3).
+the probabilities of one image need not sum to 1; Zhai et al. 2023, arXiv:2303.15343).
+
+Images may be paths, PIL images, numpy arrays (:math:`(H, W, 3)` uint8 as transformers' processors take them, or
+:math:`(3, H, W)`, or :math:`(H, W)` grey) and :math:`(C, H, W)` tensors (uint8, or float in :math:`[0, 1]`).
+
+Inference records no autograd graph unless asked: every method takes ``grad``; the default ``None`` records one
+only when an input tensor requires grad (attribution, adversarial examples), ``True`` always records (fine-tuning
+through the classifier), ``False`` never does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -28,7 +37,7 @@ from kornia_siglip2.preprocess import (
 )
 from kornia_siglip2.tokenizer import SigLipTokenizer
 
-__all__ = ["DEFAULT_TEMPLATE", "ImageSource", "ZeroShotClassifier", "load_image"]
+__all__ = ["DEFAULT_TEMPLATE", "ImageSource", "ZeroShotClassifier", "image_tensor", "load_image"]
 
 #: Prompt of the SigLIP / SigLIP 2 model cards.
 DEFAULT_TEMPLATE = "This is a photo of {label}."
@@ -36,8 +45,12 @@ DEFAULT_TEMPLATE = "This is a photo of {label}."
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-# One image: a path, a :math:`(C, H, W)` tensor (float in :math:`[0, 1]` or uint8) or a PIL image.
-ImageSource: TypeAlias = "str | os.PathLike[str] | torch.Tensor | PILImage"
+# One image: a path, a :math:`(C, H, W)` tensor (float in :math:`[0, 1]` or uint8), a PIL image, or a numpy
+# array (:math:`(H, W, 3)` / :math:`(3, H, W)` / :math:`(H, W)`, uint8 or float in :math:`[0, 1]`).
+ImageSource: TypeAlias = "str | os.PathLike[str] | torch.Tensor | PILImage | np.ndarray"
+
+# PIL modes holding more than 8 bits per sample: converting them to RGB clips every value above 255
+_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 
 def load_image(path: str | os.PathLike[str] | PILImage) -> torch.Tensor:
@@ -177,33 +190,33 @@ class ZeroShotClassifier(nn.Module):
         """Device of the model weights."""
         return self.model.logit_scale.device
 
-    def image_features(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
-        """Encode one batch of images (differentiable for tensor input) into L2-normalized embeddings.
+    def image_features(self, images: ImageSource | Sequence[ImageSource], *, grad: bool | None = None) -> torch.Tensor:
+        """Encode one batch of images into L2-normalized embeddings.
 
         Args:
-            images: a :math:`(B, C, H, W)` tensor, one :math:`(C, H, W)` tensor, a path, or a list of paths /
-                :math:`(C, H, W)` tensors of any sizes (float in :math:`[0, 1]` or uint8).
+            images: a :math:`(B, C, H, W)` tensor, or one image or a list of images of any sizes: paths, PIL
+                images, numpy arrays (:math:`(H, W, 3)` uint8 as transformers takes them) or :math:`(C, H, W)`
+                tensors (float in :math:`[0, 1]` or uint8).
+            grad: record autograd (see the module docstring); by default only for inputs that require grad.
 
         Returns:
             :math:`(B, D)` unit-norm image embeddings, in the model dtype.
 
         Raises:
-            ValueError: no images, or an image file that cannot be read.
+            ValueError: no images, an image of an unsupported shape or dtype, or a file that cannot be read.
             FileNotFoundError: a path that does not exist.
+            TypeError: an object that is not an image.
         """
         batch = _to_batch(images, self.device)
-        preprocessed = self.preprocessor(batch)
-        if self.model.config.is_naflex:
-            features = self.model.get_image_features(patches=preprocessed.patches, grid_thw=preprocessed.grid_thw)
-        else:
-            features = self.model.get_image_features(preprocessed)
-        return F.normalize(features, dim=-1)
+        with _autograd(grad, batch):
+            return _image_embeddings(self.model, self.preprocessor(batch))
 
-    def text_features(self, texts: str | Sequence[str]) -> torch.Tensor:
+    def text_features(self, texts: str | Sequence[str], *, grad: bool | None = None) -> torch.Tensor:
         """Tokenize and encode one batch of texts into L2-normalized embeddings.
 
         Args:
             texts: one string or :math:`T` strings.
+            grad: record autograd (see the module docstring); by default not (token ids never require grad).
 
         Returns:
             :math:`(T, D)` unit-norm text embeddings, in the model dtype.
@@ -212,23 +225,28 @@ class ZeroShotClassifier(nn.Module):
             ValueError: the classifier has no tokenizer.
         """
         if self.tokenizer is None:
-            raise ValueError("This classifier has no tokenizer (built with load_tokenizer=False).")
+            raise ValueError(
+                "This classifier has no tokenizer (built with load_tokenizer=False, or the checkpoint has none)."
+            )
         input_ids = self.tokenizer(texts).to(self.device)
-        return F.normalize(self.model.get_text_features(input_ids), dim=-1)
+        with _autograd(grad, input_ids):
+            return _text_embeddings(self.model, input_ids)
 
-    @torch.no_grad()
     def embed_images(
         self,
         images: torch.Tensor | Sequence[ImageSource],
         batch_size: int = 32,
         progress: bool | None = None,
+        *,
+        grad: bool | None = None,
     ) -> torch.Tensor:
         """Retrieval embeddings of many images, ``batch_size`` at a time (files are read one batch at a time).
 
         Args:
-            images: a :math:`(B, C, H, W)` tensor or a list of paths / :math:`(C, H, W)` tensors of any sizes.
+            images: a :math:`(B, C, H, W)` tensor or a list of images of any sizes (as :meth:`image_features`).
             batch_size: images per forward (NaFlex: packed together).
             progress: progress bar on stderr; ``None`` shows it when there is more than one batch.
+            grad: record autograd (see the module docstring).
 
         Returns:
             :math:`(B, D)` unit-norm embeddings on the model's device.
@@ -237,16 +255,19 @@ class ZeroShotClassifier(nn.Module):
             ValueError: an empty input or a non-positive ``batch_size``; an unreadable image file.
         """
         items = _as_items(images)
-        return torch.cat(list(_batched(items, batch_size, progress, "images", self.image_features)))
+        encode = lambda chunk: self.image_features(chunk, grad=grad)  # noqa: E731
+        return torch.cat(list(_batched(items, batch_size, progress, "images", encode)))
 
-    @torch.no_grad()
-    def embed_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool | None = None) -> torch.Tensor:
+    def embed_texts(
+        self, texts: Sequence[str], batch_size: int = 256, progress: bool | None = None, *, grad: bool | None = None
+    ) -> torch.Tensor:
         """Retrieval embeddings of many texts, ``batch_size`` at a time.
 
         Args:
             texts: :math:`T` strings.
             batch_size: texts per forward.
             progress: progress bar on stderr; ``None`` shows it when there is more than one batch.
+            grad: record autograd (see the module docstring).
 
         Returns:
             :math:`(T, D)` unit-norm embeddings on the model's device.
@@ -256,13 +277,16 @@ class ZeroShotClassifier(nn.Module):
         """
         if isinstance(texts, str):
             texts = [texts]
-        return torch.cat(list(_batched(list(texts), batch_size, progress, "texts", self.text_features)))
+        encode = lambda chunk: self.text_features(chunk, grad=grad)  # noqa: E731
+        return torch.cat(list(_batched(list(texts), batch_size, progress, "texts", encode)))
 
     def logits(
         self,
         images: ImageSource | Sequence[ImageSource],
         labels: Sequence[str],
         template: str = DEFAULT_TEMPLATE,
+        *,
+        grad: bool | None = None,
     ) -> torch.Tensor:
         """Scaled and biased cosine similarities of every image with every label put in ``template``.
 
@@ -270,6 +294,7 @@ class ZeroShotClassifier(nn.Module):
             images: as :meth:`forward`.
             labels: :math:`K` class names.
             template: prompt with a ``{label}`` field.
+            grad: record autograd (see the module docstring).
 
         Returns:
             ``logits_per_image`` :math:`(B, K)`.
@@ -278,23 +303,30 @@ class ZeroShotClassifier(nn.Module):
             ValueError: as :meth:`forward`.
         """
         texts = _prompts(labels, template)
-        image_embeds = self.image_features(images)
-        text_embeds = self.text_features(texts)
-        return self.model.logits(image_embeds, text_embeds).t()
+        batch = _to_batch(images, self.device)
+        with _autograd(grad, batch):
+            image_embeds = self.image_features(batch, grad=grad)
+            text_embeds = self.text_features(texts, grad=grad)
+            return self.model.logits(image_embeds, text_embeds).t()
 
     def forward(
         self,
         images: ImageSource | Sequence[ImageSource],
         labels: Sequence[str],
         template: str = DEFAULT_TEMPLATE,
+        *,
+        grad: bool | None = None,
     ) -> torch.Tensor:
         """Zero-shot probabilities: ``sigmoid(logits_per_image)`` (not softmax).
 
         Args:
-            images: a :math:`(B, C, H, W)` tensor (float in :math:`[0, 1]` or uint8), a list of :math:`(C, H, W)`
-                tensors of different sizes, file paths (read with PIL as RGB), or one of these.
+            images: a :math:`(B, C, H, W)` tensor (float in :math:`[0, 1]` or uint8), or one image or a list of
+                images of any sizes: paths (read with PIL, EXIF orientation applied), PIL images, numpy arrays
+                (:math:`(H, W, 3)` uint8) or :math:`(C, H, W)` tensors.
             labels: :math:`K` class names.
             template: prompt with a ``{label}`` field.
+            grad: record autograd (see the module docstring); by default only when an input tensor requires grad,
+                so ``classifier(images, labels)`` builds no graph.
 
         Returns:
             :math:`(B, K)` probabilities, each in :math:`(0, 1)`, independent per pair.
@@ -302,7 +334,66 @@ class ZeroShotClassifier(nn.Module):
         Raises:
             ValueError: no labels, a template without ``{label}``, no tokenizer, or bad images.
         """
-        return torch.sigmoid(self.logits(images, labels, template))
+        batch = _to_batch(images, self.device)
+        with _autograd(grad, batch):
+            return torch.sigmoid(self.logits(batch, labels, template, grad=grad))
+
+
+def _image_embeddings(model: SigLip2, preprocessed: Any) -> torch.Tensor:
+    """L2-normalized image embeddings of preprocessed images: the one place that calls the vision tower.
+
+    Args:
+        model: the dual-tower model.
+        preprocessed: :class:`~kornia_siglip2.preprocess.PackedImages` (NaFlex) or :math:`(B, 3, H, W)` pixels.
+
+    Returns:
+        :math:`(B, D)` unit-norm embeddings.
+
+    Example:
+        >>> import tempfile
+        >>> from kornia_siglip2._demo import build_tiny_checkpoint
+        >>> classifier = ZeroShotClassifier.from_pretrained(build_tiny_checkpoint(tempfile.mkdtemp()))
+        >>> _image_embeddings(classifier.model, classifier.preprocessor([torch.rand(3, 32, 48)])).shape
+        torch.Size([1, 64])
+    """
+    if model.config.is_naflex:
+        features = model.get_image_features(patches=preprocessed.patches, grid_thw=preprocessed.grid_thw)
+    else:
+        features = model.get_image_features(preprocessed)
+    return F.normalize(_pooled(features), dim=-1)
+
+
+def _text_embeddings(model: SigLip2, input_ids: torch.Tensor) -> torch.Tensor:
+    """L2-normalized text embeddings of token ids :math:`(T, L)`: the one place that calls the text tower.
+
+    Args:
+        model: the dual-tower model.
+        input_ids: :math:`(T, L)` token ids.
+
+    Returns:
+        :math:`(T, D)` unit-norm embeddings.
+    """
+    return F.normalize(_pooled(model.get_text_features(input_ids)), dim=-1)
+
+
+def _pooled(features: Any) -> torch.Tensor:
+    """The pooled tensor of a ``get_*_features`` result (a tensor, or an output with ``pooler_output``)."""
+    return features if isinstance(features, torch.Tensor) else features.pooler_output
+
+
+def _requires_grad(inputs: Any) -> bool:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.requires_grad
+    if isinstance(inputs, (list, tuple)):
+        return any(isinstance(item, torch.Tensor) and item.requires_grad for item in inputs)
+    return False
+
+
+def _autograd(grad: bool | None, inputs: Any) -> contextlib.AbstractContextManager[Any]:
+    """``no_grad`` unless gradients were asked for (``grad=True``, or an input tensor that requires grad)."""
+    if grad is None:
+        grad = _requires_grad(inputs)
+    return contextlib.nullcontext() if grad else torch.no_grad()
 
 
 def _load_preprocessor(folder: Path, model: SigLip2, overrides: dict[str, Any]) -> SigLip2ImagePreprocessor:
@@ -355,7 +446,126 @@ def _to_batch(images: ImageSource | Sequence[ImageSource], device: torch.device)
         return items.to(device)
     if len(items) == 0:
         raise ValueError("images must hold at least one image, got an empty list.")
-    return [(item if isinstance(item, torch.Tensor) else load_image(item)).to(device) for item in items]
+    return [image_tensor(item, f"images[{index}]").to(device) for index, item in enumerate(items)]
+
+
+def image_tensor(image: Any, name: str = "image") -> torch.Tensor:
+    """One image of any supported kind as a :math:`(3, H, W)` tensor (uint8, or float as given).
+
+    - path or PIL image: :func:`load_image` (EXIF orientation applied; 16-bit grey images warn, see below);
+    - numpy array: :math:`(H, W, C)` or :math:`(C, H, W)` with :math:`C \\in \\{1, 3\\}` (channels inferred as
+      transformers' ``infer_channel_dimension_format`` does: channels first when both ends could be channels), or
+      :math:`(H, W)` grey; uint8, or float in :math:`[0, 1]`;
+    - tensor: :math:`(3, H, W)` or :math:`(1, H, W)` / :math:`(H, W)` grey (repeated to 3 channels, as
+      transformers' ``convert_to_rgb`` does).
+
+    16-bit grey files (PIL modes ``I;16`` / ``I``) are clipped to 255 on conversion to RGB, as Pillow and
+    transformers do; that wrecks their contrast, so a ``UserWarning`` names the file and says how to convert it.
+
+    Args:
+        image: the image.
+        name: how the image is named in error messages (``images[2]``).
+
+    Returns:
+        :math:`(3, H, W)` tensor.
+
+    Raises:
+        ValueError: an unsupported shape, channel count or dtype (the message says what to pass).
+        TypeError: an object that is not an image.
+
+    Example:
+        >>> image_tensor(np.zeros((4, 6, 3), dtype=np.uint8)).shape  # HWC, as transformers takes numpy images
+        torch.Size([3, 4, 6])
+        >>> image_tensor(torch.rand(1, 4, 6)).shape  # grey
+        torch.Size([3, 4, 6])
+    """
+    if isinstance(image, torch.Tensor):
+        return _tensor_image(image, name)
+    if isinstance(image, np.ndarray):
+        return _numpy_image(image, name)
+    if isinstance(image, (str, os.PathLike)) or _is_pil(image):
+        _warn_if_high_bit_depth(image, name)
+        return load_image(image)
+    raise TypeError(
+        f"{name} must be a path, a PIL image, a numpy array or a (3, H, W) tensor, got {type(image).__name__}."
+    )
+
+
+def _tensor_image(image: torch.Tensor, name: str) -> torch.Tensor:
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim == 3 and image.shape[0] == 1:
+        return image.expand(3, -1, -1)
+    if image.ndim == 3 and image.shape[0] == 3:
+        return image
+    if image.ndim == 3 and image.shape[-1] in (1, 3):
+        raise ValueError(
+            f"{name} is a tensor of shape {tuple(image.shape)}: tensors are channels first (3, H, W); for an "
+            "(H, W, 3) tensor pass image.permute(2, 0, 1)."
+        )
+    if image.ndim == 3 and 4 in (image.shape[0], image.shape[-1]):
+        raise ValueError(
+            f"{name} has 4 channels (shape {tuple(image.shape)}): drop or composite the alpha channel first "
+            "(image[:3]), or pass the file / PIL image, which is converted to RGB."
+        )
+    raise ValueError(f"{name} must be a (3, H, W) tensor, got shape {tuple(image.shape)}.")
+
+
+def _numpy_image(array: np.ndarray, name: str) -> torch.Tensor:
+    if array.dtype == np.uint8:
+        pass
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32, copy=False)
+    else:
+        raise ValueError(
+            f"{name} is a numpy array of dtype {array.dtype}: pass uint8 (0-255) or float in [0, 1] "
+            "(for 16-bit data: (array / 65535).astype(np.float32))."
+        )
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be an (H, W, 3) numpy array, got shape {array.shape}.")
+    # transformers' infer_channel_dimension_format: channels first when the first axis could be channels
+    if array.shape[0] in (1, 3):
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    elif array.shape[-1] in (1, 3):
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+    elif 4 in (array.shape[0], array.shape[-1]):
+        raise ValueError(
+            f"{name} has 4 channels (shape {array.shape}): drop or composite the alpha channel first "
+            "(array[..., :3]), or pass a PIL image, which is converted to RGB."
+        )
+    else:
+        raise ValueError(f"{name} must be an (H, W, 3) numpy array, got shape {array.shape}.")
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
+
+
+def _is_pil(image: Any) -> bool:
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(image, pil.Image)
+
+
+def _warn_if_high_bit_depth(image: Any, name: str) -> None:
+    """Warn that a 16-bit grey image is about to be clipped to 8 bits (opening a file reads its header only)."""
+    if _is_pil(image):
+        mode, label = image.mode, name
+    else:
+        try:
+            from PIL import Image
+
+            with Image.open(image) as opened:
+                mode = opened.mode
+        except Exception:  # load_image reports missing and unreadable files with a clear message
+            return
+        label = str(image)
+    if mode in _HIGH_BIT_DEPTH_MODES:
+        warnings.warn(
+            f"{label} is a high-bit-depth image (PIL mode {mode}): converting it to RGB clips every value above "
+            "255 (as Pillow and transformers do). Scale it to 8 bits first, e.g. "
+            "Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) for 16-bit data.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _batched(

@@ -1,0 +1,467 @@
+"""The ``embed`` command's machinery: list a folder, shard it, decode + preprocess in workers, encode, keep chunks.
+
+Output contract (also in ``kornia-siglip2 embed --help`` and the user guide):
+
+- rows follow the **sorted relative POSIX paths** of the images (Python string order of ``a/b.jpg``), whatever the
+  number of processes; with ``--skip-errors`` the skipped images have no row;
+- ``.safetensors``: tensor ``image_embeds`` :math:`(N, D)` float32, L2-normalized; metadata ``files`` (JSON list,
+  entry ``i`` = image of row ``i``), ``skipped`` (JSON list of ``{"file", "error"}``), ``model``, ``dtype``,
+  ``row_order`` and ``format``;
+- ``.npy``: the :math:`(N, D)` float32 array, plus a sidecar ``<name>.json`` beside it holding the same metadata
+  (``.npy`` itself cannot carry any).
+
+Work is kept in ``<out>.parts/``: one ``chunk-KKKKKK.safetensors`` per ``--chunk-size`` rows of the global sorted
+list, each written atomically as soon as it is computed. Rank ``r`` of ``W`` computes chunks ``r, r + W, ...``;
+rerunning the same command skips the chunks already there (an interrupted run resumes), and the process that
+finds every chunk present writes ``<out>`` atomically (temporary file + rename) and removes ``<out>.parts/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__: list[str] = []
+
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+EMBED_KEY = "image_embeds"
+ROW_ORDER = "sorted relative POSIX paths (Python string order); skipped images have no row"
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+_MANIFEST = "manifest.json"
+
+
+@dataclass
+class Listing:
+    """Images of a folder: sorted relative POSIX paths, and what could not be read (``{"file", "error"}``)."""
+
+    files: list[str]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def list_images(folder: Path, skip_errors: bool = False) -> Listing:
+    """Every image under ``folder`` (recursive, by suffix), sorted by relative POSIX path.
+
+    A folder or file that cannot be read is an error naming it, unless ``skip_errors``: it is then listed in
+    :attr:`Listing.skipped`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    files: list[str] = []
+    skipped: list[dict[str, str]] = []
+
+    def fail(path: str, reason: str, what: str) -> None:
+        relative = Path(path).relative_to(folder).as_posix() if Path(path) != folder else "."
+        if not skip_errors:
+            raise PermissionError(
+                f"cannot read {what} {path}: {reason}; fix its permissions, or pass --skip-errors to skip it "
+                "(it is then listed in the output's 'skipped' metadata)"
+            )
+        skipped.append({"file": relative + ("/" if what == "folder" else ""), "error": reason})
+
+    def on_error(error: OSError) -> None:
+        fail(str(error.filename), error.strerror or type(error).__name__, "folder")
+
+    for directory, subfolders, names in os.walk(folder, onerror=on_error):
+        subfolders.sort()
+        for name in names:
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = os.path.join(directory, name)
+            if not os.access(path, os.R_OK):
+                fail(path, "permission denied", "image")
+                continue
+            files.append(Path(path).relative_to(folder).as_posix())
+    files.sort()
+    skipped.sort(key=lambda entry: entry["file"])
+    return Listing(files, skipped)
+
+
+def check_writable(out: Path) -> None:
+    """Fail now, before any compute, if ``out`` cannot be written (a folder in the way, no permission)."""
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a file name ending in .safetensors or .npy")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise PermissionError(f"--out {out} cannot be written: {error.strerror or error}") from error
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """The fastest dtype on ``device`` (``--dtype auto``).
+
+    bfloat16 on CPUs with native bf16 matmul (AMX / AVX512-BF16) and on GPUs that support it (float16 on the
+    others), float32 on every other CPU.
+
+    Example:
+        >>> auto_dtype(torch.device("cpu")) in (torch.float32, torch.bfloat16)
+        True
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU advertises bf16 matmul instructions (``amx_bf16`` or ``avx512_bf16`` in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def decode_pillow(path: Path) -> torch.Tensor:
+    """Decode with Pillow through :func:`~kornia_siglip2.zero_shot.image_tensor`: pixels equal transformers'."""
+    from kornia_siglip2.zero_shot import image_tensor
+
+    return image_tensor(path, str(path))
+
+
+def decode_kornia_rs(path: Path) -> torch.Tensor:
+    """Decode JPEGs with ``kornia_rs`` (faster; pixels may differ from Pillow's by a few levels), others with Pillow.
+
+    JPEGs with an EXIF orientation other than 1 go through Pillow, which applies it.
+    """
+    if path.suffix.lower() not in _JPEG_SUFFIXES:
+        return decode_pillow(path)
+    from PIL import Image
+
+    with Image.open(path) as opened:
+        if opened.mode != "RGB" or opened.getexif().get(0x0112, 1) != 1:
+            return decode_pillow(path)
+    import kornia_rs
+
+    array = kornia_rs.io.read_image_jpeg(str(path), "rgb")
+    return torch.from_numpy(array.__array__() if hasattr(array, "__array__") else array).permute(2, 0, 1)
+
+
+DECODERS: dict[str, Callable[[Path], torch.Tensor]] = {"pillow": decode_pillow, "kornia-rs": decode_kornia_rs}
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decode + preprocess one image per item in a worker: ``(row, preprocessed or None, error or None)``."""
+
+    def __init__(self, root: Path, files: Sequence[str], rows: Sequence[int], preprocessor: Any, decoder: str):
+        self.root, self.files, self.rows = root, files, list(rows)
+        self.preprocessor, self.decode = preprocessor, DECODERS[decoder]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, item: int) -> tuple[int, Any, str | None]:
+        row = self.rows[item]
+        path = self.root / self.files[row]
+        try:
+            pixels = self.decode(path)
+        except Exception as error:
+            return row, None, " ".join(str(error).split()) or type(error).__name__
+        with torch.inference_mode():
+            preprocessed = self.preprocessor([pixels])
+        if isinstance(preprocessed, torch.Tensor):
+            return row, preprocessed.clone(), None
+        return row, (preprocessed.patches.clone(), preprocessed.grid_thw.clone()), None
+
+
+def _first(batch: Any) -> Any:
+    return batch
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # workers decode and resize; the main process computes
+
+
+@dataclass
+class EmbedJob:
+    """One ``embed`` run (or one rank of it)."""
+
+    folder: Path
+    out: Path
+    listing: Listing
+    model_name: str
+    dtype: torch.dtype
+    rank: int = 0
+    world_size: int = 1
+    chunk_size: int = 1024
+    batch_size: int = 32
+    max_tokens: int | None = None
+    workers: int = 0
+    decoder: str = "pillow"
+    skip_errors: bool = False
+    progress: bool | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> Path:
+        return Path(f"{self.out}.parts")
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(len(self.listing.files) / self.chunk_size)
+
+    def chunk_path(self, chunk: int) -> Path:
+        return self.parts / f"chunk-{chunk:06d}.safetensors"
+
+    def manifest(self) -> dict[str, Any]:
+        digest = hashlib.sha256("\n".join(self.listing.files).encode("utf-8")).hexdigest()
+        return {
+            "version": 1,
+            "num_files": len(self.listing.files),
+            "files_sha256": digest,
+            "model": self.model_name,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "chunk_size": self.chunk_size,
+            **self.settings,
+        }
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX)."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _save_chunk(path: Path, embeddings: torch.Tensor, rows: list[int], skipped: list[dict[str, str]]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {EMBED_KEY: embeddings.float().cpu().contiguous(), "rows": torch.tensor(rows, dtype=torch.int64)}
+    _atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata={"skipped": json.dumps(skipped)}))
+
+
+def _prepare_parts(job: EmbedJob) -> None:
+    job.parts.mkdir(parents=True, exist_ok=True)
+    manifest_file = job.parts / _MANIFEST
+    expected = job.manifest()
+    if manifest_file.is_file():
+        found = json.loads(manifest_file.read_text(encoding="utf-8"))
+        if found != expected:
+            changed = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
+            raise ValueError(
+                f"{job.parts} holds the chunks of a different run (differs in {', '.join(changed)}): rerun with the "
+                f"same folder, model and options to resume it, or delete {job.parts} to start again"
+            )
+        return
+    text = json.dumps(expected, indent=1)
+    _atomic_write(manifest_file, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def _batches(
+    samples: Iterator[tuple[int, Any, str | None]], job: EmbedJob, naflex: bool, chunk_of: Callable[[int], int]
+) -> Iterator[tuple[int, list[int], Any, list[dict[str, str]], bool]]:
+    """Group samples into forward batches (NaFlex: by token budget) that never cross a chunk boundary.
+
+    Yields ``(chunk, rows, preprocessed batch or None, skipped, chunk_ends)``.
+    """
+    from kornia_siglip2.preprocess import PackedImages
+
+    rows: list[int] = []
+    items: list[Any] = []
+    skipped: list[dict[str, str]] = []
+    tokens = 0
+    current = -1
+    budget = job.max_tokens
+
+    def flush(chunk_ends: bool) -> tuple[int, list[int], Any, list[dict[str, str]], bool]:
+        nonlocal rows, items, skipped, tokens
+        batch: Any = None
+        if items:
+            if naflex:
+                batch = PackedImages(torch.cat([p for p, _ in items]), torch.cat([g for _, g in items]))
+            else:
+                batch = torch.cat(items)
+        result = (current, rows, batch, skipped, chunk_ends)
+        rows, items, skipped, tokens = [], [], [], 0
+        return result
+
+    for row, preprocessed, error in samples:
+        chunk = chunk_of(row)
+        if current >= 0 and chunk != current:
+            yield flush(True)
+        current = chunk
+        if error is not None:
+            if not job.skip_errors:
+                raise ValueError(
+                    f"cannot read image {job.folder / job.listing.files[row]}: {error}; the chunks computed so far "
+                    f"are kept in {job.parts} (rerun to resume), or pass --skip-errors to skip unreadable images"
+                )
+            skipped.append({"file": job.listing.files[row], "error": error})
+            continue
+        size = preprocessed[0].shape[0] if naflex else 1
+        over_budget = naflex and budget is not None and items and tokens + size > budget
+        if len(items) >= job.batch_size or over_budget:
+            yield flush(False)
+        rows.append(row)
+        items.append(preprocessed)
+        tokens += size
+    if current >= 0:
+        yield flush(True)
+
+
+def run_embed(job: EmbedJob, classifier: Any) -> tuple[int, int]:
+    """Compute this rank's missing chunks, then merge if every chunk is there.
+
+    Returns:
+        ``(rows computed now, chunks resumed from disk)``.
+    """
+    from tqdm import tqdm
+
+    _prepare_parts(job)
+    mine = range(job.rank, job.num_chunks, job.world_size)
+    todo = [chunk for chunk in mine if not job.chunk_path(chunk).is_file()]
+    resumed = len(mine) - len(todo)
+    total = len(job.listing.files)
+    rows = [row for chunk in todo for row in range(chunk * job.chunk_size, min(total, (chunk + 1) * job.chunk_size))]
+    naflex = classifier.model.config.is_naflex
+    preprocessor = classifier.preprocessor.cpu()  # workers preprocess on the CPU; the model may be elsewhere
+    dataset = _Images(job.folder, job.listing.files, rows, preprocessor, job.decoder)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        collate_fn=_first,
+        num_workers=job.workers,
+        worker_init_fn=_worker_init if job.workers else None,
+        prefetch_factor=4 if job.workers else None,
+        persistent_workers=False,
+    )
+    device = classifier.device
+    show = job.progress if job.progress is not None else True
+    desc = "embedding images" if job.world_size == 1 else f"embedding images (rank {job.rank}/{job.world_size})"
+    done = 0
+    pending: list[torch.Tensor] = []
+    pending_rows: list[int] = []
+    pending_skipped: list[dict[str, str]] = []
+    with tqdm(total=len(rows), unit="img", desc=desc, file=sys.stderr, disable=not show or not rows) as bar:
+        chunk_of = lambda row: row // job.chunk_size  # noqa: E731
+        for chunk, batch_rows, batch, skipped, chunk_ends in _batches(iter(loader), job, naflex, chunk_of):
+            if batch is not None:
+                pending.append(_encode(classifier.model, batch, device))
+                pending_rows += batch_rows
+            pending_skipped += skipped
+            bar.update(len(batch_rows) + len(skipped))
+            done += len(batch_rows)
+            if chunk_ends:
+                embeddings = torch.cat(pending) if pending else torch.zeros(0, 0)
+                _save_chunk(job.chunk_path(chunk), embeddings, pending_rows, pending_skipped)
+                pending, pending_rows, pending_skipped = [], [], []
+    return done, resumed
+
+
+def _encode(model: Any, batch: Any, device: torch.device) -> torch.Tensor:
+    """Embeddings of one preprocessed batch (float32 on the CPU), through the zero-shot module's one model call."""
+    from kornia_siglip2.zero_shot import _image_embeddings
+
+    with torch.inference_mode():
+        if isinstance(batch, torch.Tensor):
+            moved = batch.to(device)
+        else:
+            moved = type(batch)(*(tensor.to(device) for tensor in batch))
+        return _image_embeddings(model, moved).float().cpu()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[bool]:
+    """Exclusive ``flock`` on ``path``; yields False when the file's folder is gone (another rank merged)."""
+    try:
+        handle = open(path, "a")  # noqa: SIM115
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except ImportError:  # not POSIX: ranks must not finish at the same instant
+            pass
+        yield True
+    finally:
+        handle.close()
+
+
+def merge(job: EmbedJob) -> dict[str, Any] | None:
+    """Write ``job.out`` from the chunks if all are there (atomically), remove the parts; ``None`` if not yet."""
+    from safetensors import safe_open
+
+    with _locked(job.parts / ".lock") as held:
+        if not held or not (job.parts / _MANIFEST).is_file():
+            return {"merged_by_other": True}
+        missing = [chunk for chunk in range(job.num_chunks) if not job.chunk_path(chunk).is_file()]
+        if missing:
+            return None
+        embeddings, rows, skipped = [], [], list(job.listing.skipped)
+        for chunk in range(job.num_chunks):
+            with safe_open(job.chunk_path(chunk), framework="pt") as handle:
+                embeddings.append(handle.get_tensor(EMBED_KEY))
+                rows += handle.get_tensor("rows").tolist()
+                skipped += json.loads(handle.metadata()["skipped"])
+        embeddings = [tensor for tensor in embeddings if tensor.numel()] or [torch.zeros(0, 0)]
+        matrix = torch.cat(embeddings).contiguous()
+        files = [job.listing.files[row] for row in rows]
+        metadata = {
+            "files": files,
+            "skipped": sorted(skipped, key=lambda entry: entry["file"]),
+            "model": job.model_name,
+            "dtype": str(job.dtype).removeprefix("torch."),
+            "row_order": ROW_ORDER,
+            "key": EMBED_KEY,
+        }
+        write_output(job.out, matrix, metadata)
+        for path in job.parts.iterdir():
+            if path.name != ".lock":
+                path.unlink()
+        (job.parts / ".lock").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            job.parts.rmdir()
+        return {"embeddings": matrix, **metadata}
+
+
+def sidecar_path(out: Path) -> Path:
+    """The JSON file beside a ``.npy`` output that holds its metadata (``emb.npy`` -> ``emb.json``)."""
+    return out.with_suffix(".json")
+
+
+def write_output(out: Path, embeddings: torch.Tensor, metadata: dict[str, Any]) -> None:
+    """Write the final output atomically (``.safetensors`` with metadata, or ``.npy`` + JSON sidecar)."""
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        strings = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+        strings["format"] = "pt"
+        _atomic_write(out, lambda temporary: save_file({EMBED_KEY: embeddings}, temporary, metadata=strings))
+        return
+    import numpy as np
+
+    def save_npy(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:
+            np.save(handle, embeddings.numpy())
+
+    side = {**metadata, "shape": list(embeddings.shape), "array": out.name}
+    text = json.dumps(side, indent=1)
+    _atomic_write(sidecar_path(out), lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    _atomic_write(out, save_npy)
