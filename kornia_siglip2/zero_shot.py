@@ -483,7 +483,13 @@ def image_tensor(image: Any, name: str = "image") -> torch.Tensor:
         return _tensor_image(image, name)
     if isinstance(image, np.ndarray):
         return _numpy_image(image, name)
-    if isinstance(image, (str, os.PathLike)) or _is_pil(image):
+    if _is_pil(image):
+        from PIL import ImageOps
+
+        _warn_if_high_bit_depth(image, name)
+        # transformers' load_image applies the EXIF orientation to PIL images too; a no-op when already applied
+        return load_image(ImageOps.exif_transpose(image))
+    if isinstance(image, (str, os.PathLike)):
         _warn_if_high_bit_depth(image, name)
         return load_image(image)
     raise TypeError(
