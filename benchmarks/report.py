@@ -263,14 +263,18 @@ def plot(summary: dict, path: Path) -> None:
             # label the minor ticks only when the axis spans less than a decade (else they collide)
             spread = max(r["tokens"] for r in selected) / min(r["tokens"] for r in selected)
             axis.xaxis.set_minor_formatter(ScalarFormatter() if spread < 10 else NullFormatter())
-            axis.set_ylim(bottom=0)
+            # headroom above the highest point, so its label stays inside the axes and clear of the title
+            axis.set_ylim(0, 1.18 * max(r[metric] * scale for r in selected))
+            axis.margins(x=0.12)
             axis.set_xlabel("real tokens per batch")
             axis.set_ylabel(label)
             axis.grid(alpha=0.3)
             if line == 0:
                 axis.set_title(("forward + backward" if train else "inference") + f", {size} model, CPU fp32")
-                axis.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
+    # one legend for the figure, below the axes: inside an axis it covered data points
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
