@@ -176,10 +176,56 @@ class _Images(torch.utils.data.Dataset):
         except Exception as error:
             return row, None, " ".join(str(error).split()) or type(error).__name__
         with torch.inference_mode():
-            preprocessed = self.preprocessor([pixels])
+            preprocessed = preprocess_with_pillow(self.preprocessor, pixels)
+            if preprocessed is None:
+                preprocessed = self.preprocessor([pixels])
         if isinstance(preprocessed, torch.Tensor):
             return row, preprocessed.clone(), None
         return row, (preprocessed.patches.clone(), preprocessed.grid_thw.clone()), None
+
+
+_PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling.BILINEAR / BICUBIC
+
+
+def preprocess_with_pillow(preprocessor: Any, pixels: torch.Tensor) -> Any:
+    """``preprocessor([pixels])`` for one uint8 image, resized by Pillow's own C code instead of its replay.
+
+    :func:`~kornia_siglip2.resample.pil_resize` reproduces Pillow's ``Image.resize(size, resample,
+    reducing_gap=None)`` bit for bit, so calling Pillow gives the same tensors (tested) at Pillow's speed; the
+    workers of ``embed`` are on the CPU anyway. Returns ``None`` when the shortcut does not apply (float input,
+    ``pil_exact=False``, an unknown preprocessor).
+    """
+    from kornia_siglip2.packing import patchify
+    from kornia_siglip2.preprocess import (
+        NaFlexImagePreprocessor,
+        PackedImages,
+        SigLipImagePreprocessor,
+        naflex_target_size,
+    )
+
+    code = _PIL_RESAMPLE.get(getattr(preprocessor, "resample", None))
+    if pixels.dtype != torch.uint8 or not getattr(preprocessor, "pil_exact", False) or code is None:
+        return None
+    height, width = pixels.shape[-2:]
+    if isinstance(preprocessor, NaFlexImagePreprocessor):
+        size = naflex_target_size(height, width, preprocessor.patch_size, preprocessor.max_num_patches)
+    elif isinstance(preprocessor, SigLipImagePreprocessor):
+        size = tuple(preprocessor.image_size)
+    else:
+        return None
+    if tuple(size) == (height, width):
+        resized = pixels
+    else:
+        import numpy as np
+        from PIL import Image
+
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        array = np.asarray(image.resize((size[1], size[0]), resample=code, reducing_gap=None))
+        resized = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    normalized = preprocessor._normalize(resized[None].to(preprocessor.image_mean.dtype) / 255)
+    if isinstance(preprocessor, NaFlexImagePreprocessor):
+        return PackedImages(*patchify(normalized, preprocessor.patch_size))
+    return normalized
 
 
 def _first(batch: Any) -> Any:

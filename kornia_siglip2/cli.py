@@ -99,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "AVX512-BF16) or on a GPU, else float32); the output is float32",
     )
     embed.add_argument(
-        "--workers", type=int, default=None, help="decoding / preprocessing processes (default: half the CPUs, <= 8)"
+        "--workers", type=int, default=None, help="decoding / preprocessing processes (default: the CPU count, <= 8)"
     )
     embed.add_argument(
         "--decoder",
@@ -260,7 +260,7 @@ def _embed(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens
     if max_tokens is None and classifier.model.config.is_naflex:
         max_tokens = args.batch_size * classifier.preprocessor.max_num_patches
-    workers = args.workers if args.workers is not None else max(1, min(8, (os.cpu_count() or 2) // 2))
+    workers = args.workers if args.workers is not None else max(1, min(8, os.cpu_count() or 1))
     job = embed.EmbedJob(
         folder=folder,
         out=out,

@@ -296,3 +296,24 @@ class TestStartup:
     def test_classify_missing(self, tmp_path, capsys):
         assert main(["classify", str(tmp_path / "nothing"), "--labels", "cat"]) == 1
         assert "no such image file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["naflex", "naflex_bicubic", "fixed"])
+def test_pillow_shortcut_is_bit_exact(kind):
+    """The workers resize with Pillow itself: the same tensors as the preprocessor's Pillow replay."""
+    from kornia_siglip2.preprocess import NaFlexImagePreprocessor, SigLipImagePreprocessor
+
+    preprocessor = {
+        "naflex": NaFlexImagePreprocessor(16, 256),
+        "naflex_bicubic": NaFlexImagePreprocessor(8, 64, resample="bicubic"),
+        "fixed": SigLipImagePreprocessor(32),
+    }[kind]
+    generator = torch.Generator().manual_seed(0)
+    for height, width in [(480, 640), (1000, 100), (37, 91), (32, 32), (7, 300)]:
+        pixels = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+        fast, reference = embed.preprocess_with_pillow(preprocessor, pixels), preprocessor([pixels])
+        if kind == "fixed":
+            assert torch.equal(fast, reference), (height, width)
+        else:
+            assert torch.equal(fast.patches, reference.patches) and torch.equal(fast.grid_thw, reference.grid_thw)
+    assert embed.preprocess_with_pillow(preprocessor, torch.rand(3, 20, 20)) is None  # float: the tensor path
