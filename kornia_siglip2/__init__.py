@@ -1,6 +1,6 @@
 """kornia_siglip2: packed-first, differentiable SigLIP / SigLIP 2 encoders and losses.
 
-The names below are imported on first use (PEP 562 module ``__getattr__``), so ``python -m kornia_siglip2 --help``
+The names below are imported on first use (PEP 562 module ``__getattr__``), so the command line's ``--help``
 answers without importing torch; ``from kornia_siglip2 import SigLip2`` works as usual.
 """
 

@@ -561,7 +561,7 @@ def _warn_if_high_bit_depth(image: Any, name: str) -> None:
 
             with Image.open(image) as opened:
                 mode = opened.mode
-        except Exception:  # load_image reports missing and unreadable files with a clear message
+        except (OSError, ValueError, SyntaxError):  # load_image reports missing / unreadable files clearly
             return
         label = str(image)
     if mode in _HIGH_BIT_DEPTH_MODES:
