@@ -15,7 +15,7 @@ LATEST_VENV ?= .venv-latest
 MIN_VENV ?= .venv-min
 TEST_CMD = HF_HUB_OFFLINE=1 $(1)/bin/python -m pytest tests kornia_siglip2 -q $(PYTEST_ARGS)
 
-.PHONY: install demo test test-all test-latest test-min lint format bench bench-quick docs kornia-patch wheel \
+.PHONY: install demo test test-all test-latest test-min lint format bench bench-quick docs kornia-patch kornia-prs wheel \
 	lock versions clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -100,9 +100,20 @@ docs: $(VENV)/.docs-installed
 	$(PY) docs/make_figures.py
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
-kornia-patch: install
-	$(PY) scripts/kornia_patch.py --out build/kornia_patch
-	$(PY) -m ruff check --config scripts/kornia_ruff.toml build/kornia_patch
+# The Kornia PR series (scripts/kornia_pr/prN, docs/upstreaming.md): `make kornia-patch PR=2` renders PRs 1..2 onto a
+# copy of the installed Kornia 0.9.0 in build/kornia_pr/pr2 and checks it; `make kornia-prs` checks every PR.
+KORNIA_TOOLS := build/kornia_tools
+PR ?=
+
+$(KORNIA_TOOLS)/.installed: scripts/kornia_pr/tools.txt
+	$(PY) -m pip install --quiet --upgrade --target $(KORNIA_TOOLS) -r scripts/kornia_pr/tools.txt
+	touch $@
+
+kornia-patch: install $(KORNIA_TOOLS)/.installed
+	$(PY) scripts/kornia_patch.py $(if $(PR),--pr $(PR),--all) --check --tools $(KORNIA_TOOLS)
+
+kornia-prs: install $(KORNIA_TOOLS)/.installed
+	$(PY) scripts/kornia_patch.py --all --check --tools $(KORNIA_TOOLS)
 
 wheel: install
 	BUILD_PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" CONSTRAINTS=$(CONSTRAINTS) scripts/check_wheel.sh

@@ -1,313 +1,355 @@
-"""Render kornia_siglip2 into Kornia's layout and conventions: ``build/kornia_patch/kornia/models/siglip2/``.
+"""Render and check the Kornia PR series of kornia_siglip2 (``make kornia-patch PR=N``, ``make kornia-prs``).
 
-What the rendering does, file by file (``MODULE_MAP``):
+Each PR is a folder ``scripts/kornia_pr/prN/`` laid out as a Kornia checkout (``kornia/...``, ``tests/...``,
+``docs/source/...``): the files it adds or changes, whole. Rendering PR ``N`` copies the installed Kornia package
+(the 0.9.0 wheel) into ``build/kornia_pr/prN/kornia``, applies PRs ``1..N`` on top of it in order, adds the small test
+harness of ``scripts/kornia_pr/harness`` (a ``testing/base.py`` and ``conftest.py`` compatible with Kornia's, which the
+wheel does not ship, and Kornia's ``[tool.ty]`` settings), and writes ``prN.diff``: the unified diff of PR ``N``
+against the tree after PR ``N - 1`` (against 0.9.0 for PR 1), which is what a maintainer would review.
 
-- moves each module to its place in ``kornia/models/siglip2/`` (Kornia's own names where Kornia 0.9 has a
-  counterpart: ``vision.py`` -> ``vision_encoder.py``, ``text.py`` -> ``text_encoder.py``, ``preprocess.py`` ->
-  ``preprocessor.py``, ``hub.py`` -> ``builder.py``);
-- prepends Kornia's Apache-2.0 license header (the one its ``add-license-header`` pre-commit hook manages);
-- rewrites every ``kornia_siglip2`` reference (imports, docstrings, doctests, cross-references) to
-  ``kornia.models.siglip2`` with the renamed modules, so ``kornia_siglip2.vision.X`` becomes
-  ``kornia.models.siglip2.vision_encoder.X``;
-- drops the package's own ``__version__`` (Kornia has one version);
-- leaves the code itself alone: ``KORNIA_CHECK`` / ``KORNIA_CHECK_SHAPE`` calls, shapes in docstrings and
-  doctests stay as they are;
-- re-sorts imports (isort, ``I001``) and formats with ruff under ``scripts/kornia_ruff.toml`` (Kornia's
-  pre-commit runs ``ruff --fix`` and ``ruff format`` too: ``kornia`` is first-party there, which moves the
-  rewritten imports into one block).
+The renderer reads only the installed Kornia package and the PR folders: it does not import kornia_siglip2.
 
-Not rendered: ``cli.py``, ``__main__.py`` (Kornia has no per-model command line) and ``_demo.py`` (tiny
-checkpoints written with transformers, for the demo and tests). ``UPSTREAM_NOTES.md`` in the output lists
-what still needs a human: imports outside torch / kornia / the standard library (Kornia allows only
-PyTorch), doctests that use an unrendered module, and the ``REFERENCE n`` citations of this project's notes.
+``--check`` then proves, in subprocesses that import the rendered copy:
 
-Usage: ``python scripts/kornia_patch.py [--out build/kornia_patch] [--ruff PATH]``; then
-``ruff check --config scripts/kornia_ruff.toml build/kornia_patch`` passes.
+1. ``api``: every public name of 0.9.0's ``kornia.models.siglip2`` (each module's ``__all__`` or public definitions)
+   still exists with the same kind, and every parameter, method and dataclass field keeps its name, order, kind and
+   default; new parameters come after the old ones with defaults. ``ALLOWED_DEFAULT_CHANGES`` lists the defaults a PR
+   changes on purpose, with the reason;
+2. ``runtime``: every ``kornia.models.*`` module imports, a tiny PaliGemma and SigLip2 forward run, and
+   ``import kornia`` imports none of safetensors, huggingface_hub, transformers, PIL (``probe.py runtime``);
+3. ``pytest``: the rendered tests of PRs ``1..N`` in float32 and float64, dynamo tests included
+   (``KORNIA_TEST_OPTIMIZER``), without transformers (it is blocked from import);
+4. ``doctest``: the docstring examples of every rendered ``kornia`` file;
+5. ``ruff``: ``ruff check`` and ``ruff format --check`` with Kornia's rules (``scripts/kornia_ruff.toml``) and the
+   ruff version Kornia's pre-commit pins, on the rendered files;
+6. ``ty``: ``ty check kornia`` with the ty version Kornia's ``pixi.toml`` pins and Kornia's ``[tool.ty]`` settings;
+   no diagnostic may name a rendered file (diagnostics elsewhere in 0.9.0 are counted and reported).
+
+Usage::
+
+    python scripts/kornia_patch.py --pr 2 [--out build/kornia_pr] [--check] [--tools build/kornia_tools]
+    python scripts/kornia_patch.py --all --check
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import difflib
+import importlib.util
+import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["EXCLUDED", "LICENSE_HEADER", "MODULE_MAP", "PatchReport", "main", "render"]
+__all__ = [
+    "ALLOWED_DEFAULT_CHANGES",
+    "SERIES",
+    "CheckResult",
+    "compare_api",
+    "installed_kornia",
+    "main",
+    "pr_files",
+    "render",
+    "run_checks",
+]
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "kornia_siglip2"
-RUFF_CONFIG = Path(__file__).resolve().parent / "kornia_ruff.toml"
-TARGET_PACKAGE = "kornia.models.siglip2"
-TARGET_DIR = Path("kornia", "models", "siglip2")
+SCRIPTS = Path(__file__).resolve().parent
+SERIES_DIR = SCRIPTS / "kornia_pr"
+HARNESS = SERIES_DIR / "harness"
+RUFF_CONFIG = SCRIPTS / "kornia_ruff.toml"
 
-#: The header Kornia's ``add-license-header`` pre-commit hook keeps on every Python file (from kornia 0.9).
-LICENSE_HEADER = """\
-# LICENSE HEADER MANAGED BY add-license-header
-#
-# Copyright 2018 Kornia Team
-#
-# Licensed under the Apache License, Version 2.0 (the "License");
-# you may not use this file except in compliance with the License.
-# You may obtain a copy of the License at
-#
-#     http://www.apache.org/licenses/LICENSE-2.0
-#
-# Unless required by applicable law or agreed to in writing, software
-# distributed under the License is distributed on an "AS IS" BASIS,
-# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-# See the License for the specific language governing permissions and
-# limitations under the License.
-#
-
-"""
-
-#: Our module (relative to ``kornia_siglip2/``) -> its file in ``kornia/models/siglip2/``. Sub-packages
-#: (``losses/``) keep their layout.
-MODULE_MAP = {
-    "__init__.py": "__init__.py",
-    "config.py": "config.py",
-    "packing.py": "packing.py",
-    "attention.py": "attention.py",
-    "layers.py": "layers.py",
-    "vision.py": "vision_encoder.py",
-    "text.py": "text_encoder.py",
-    "model.py": "model.py",
-    "hub.py": "builder.py",
-    "preprocess.py": "preprocessor.py",
-    "resample.py": "resample.py",
-    "tokenizer.py": "tokenizer.py",
-    "zero_shot.py": "zero_shot.py",
-    "lens.py": "lens.py",
+#: PR number -> title. Each has its folder ``scripts/kornia_pr/pr<N>``.
+SERIES = {
+    1: "siglip2: parity fixes (no logit-scale clamp, paper initialisation, PIL-filter resize, NaFlex checkpoints)",
+    2: "siglip2: packed variable-length attention for padded vision batches (internal)",
+    3: "losses: SigmoidLoss (SigLIP pairwise sigmoid loss) in kornia.losses",
 }
 
-#: Modules left out of the patch, with the reason.
-EXCLUDED = {
-    "cli.py": "command line; Kornia has no per-model CLI",
-    "__main__.py": "entry point of the command line",
-    "_demo.py": "tiny checkpoints built with transformers, for the demo and the tests",
-    "demo.py": "public face of _demo.py (offline example assets)",
-    "_embed.py": "the command line's folder-embedding machinery (workers, chunks, ranks)",
+#: (class or function name, parameter or field) -> why its default changes, wherever the name is exported and in every
+#: signature that has the parameter (a dataclass's class signature, its ``__init__`` and its field). Everything else
+#: keeps its default.
+ALLOWED_DEFAULT_CHANGES = {
+    ("SigLip2Config", "logit_scale_init_value"): (
+        "2.6592 (CLIP's log(1/0.07)) -> log(10), the SigLIP paper's initialisation (section 3.2)"
+    ),
 }
 
-_ALLOWED_ROOTS = {"torch", "kornia", "__future__"}
+#: Kornia's tools, pinned as Kornia pins them (main b4f5a78): ruff in .pre-commit-config.yaml, ty in pixi.toml.
+TOOL_PINS = {"ruff": "0.16.1", "ty": "0.0.9"}
 
 
 @dataclass
-class PatchReport:
-    """What :func:`render` wrote and what it leaves to a human."""
+class CheckResult:
+    """One check of one rendered PR."""
 
-    files: list[Path] = field(default_factory=list)
-    third_party: dict[str, set[str]] = field(default_factory=dict)
-    unrendered_uses: dict[str, set[str]] = field(default_factory=dict)
-    citations: dict[str, int] = field(default_factory=dict)
-
-
-def _target(relative: Path) -> Path:
-    if len(relative.parts) == 1:
-        return Path(MODULE_MAP[relative.name])
-    return relative  # sub-packages keep their layout
+    name: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+    data: dict = field(default_factory=dict)
 
 
-def _module_renames() -> list[tuple[str, str]]:
-    """``kornia_siglip2.<module>`` -> ``kornia.models.siglip2.<new module>`` for every renamed module."""
-    renames = []
-    for source, target in MODULE_MAP.items():
-        old, new = source.removesuffix(".py"), target.removesuffix(".py")
-        if old != new and old != "__init__":
-            renames.append((f"kornia_siglip2.{old}", f"{TARGET_PACKAGE}.{new}"))
-    return renames
+def installed_kornia() -> Path:
+    """The folder of the kornia package this Python imports."""
+    spec = importlib.util.find_spec("kornia")
+    if spec is None or spec.origin is None:
+        raise SystemExit("kornia is not installed in this Python: pip install kornia==0.9.0")
+    return Path(spec.origin).parent
 
 
-def _exported_names() -> set[str]:
-    """Names the package ``__init__`` exports: cross-references to them can use the package path."""
-    tree = ast.parse((PACKAGE / "__init__.py").read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
-            return {element.value for element in node.value.elts if isinstance(element, ast.Constant)}
-    return set()
+def pr_files(pr: int) -> list[Path]:
+    """The files of PR ``pr``, relative to a Kornia checkout."""
+    folder = SERIES_DIR / f"pr{pr}"
+    if not folder.is_dir():
+        raise SystemExit(f"no PR {pr}: {folder} does not exist (the series is {sorted(SERIES)})")
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
 
 
-def rewrite(text: str, exported: set[str] = frozenset()) -> str:
-    """Rewrite every ``kornia_siglip2`` reference of a module's source to ``kornia.models.siglip2``.
-
-    A Sphinx cross-reference ``~kornia_siglip2.<module>.<Name>`` to a name the package exports becomes
-    ``~kornia.models.siglip2.<Name>``: the same length, where the full new path would push lines past 120.
-    """
-    if exported:
-        names = "|".join(sorted(map(re.escape, exported), key=len, reverse=True))
-        text = re.sub(rf"~kornia_siglip2\.[a-z_]+\.({names})\b", rf"~{TARGET_PACKAGE}.\1", text)
-    # the optional-dependency hint names our extra; in Kornia it names the packages
-    text = text.replace("'kornia_siglip2[text]'", "transformers sentencepiece tokenizers protobuf")
-    for old, new in _module_renames():
-        text = re.sub(rf"\b{re.escape(old)}\b", new, text)
-    text = re.sub(r"\bkornia_siglip2\b", TARGET_PACKAGE, text)
-    # the sub-package has no version of its own
-    text = re.sub(r'^__version__ = ".*"\n', "", text, flags=re.MULTILINE)
-    return re.sub(r'^\s*"__version__",\n', "", text, flags=re.MULTILINE)
+def _read(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
 
 
-def raw_docstrings(source: str) -> str:
-    r"""Write docstrings that contain a backslash as raw strings (Kornia's ``D301``), with the same value.
+def render(pr: int, out: Path) -> Path:
+    """Render PRs ``1..pr`` onto a copy of the installed Kornia; return the tree (``out/pr<N>``)."""
+    dest = out.resolve() / f"pr{pr}"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copytree(installed_kornia(), dest / "kornia", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(HARNESS, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    diff: list[str] = []
+    stats: list[dict] = []
+    for number in range(1, pr + 1):
+        for relative in pr_files(number):
+            target = dest / relative
+            before = _read(target)
+            after = _read(SERIES_DIR / f"pr{number}" / relative)
+            if number == pr:
+                lines = list(difflib.unified_diff(before, after, f"a/{relative}", f"b/{relative}"))
+                diff += lines
+                added = sum(1 for line in lines if line.startswith("+") and not line.startswith("+++"))
+                removed = sum(1 for line in lines if line.startswith("-") and not line.startswith("---"))
+                stats.append({"file": str(relative), "added": added, "removed": removed, "new": not before})
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(SERIES_DIR / f"pr{number}" / relative, target)
+    (dest / f"pr{pr}.diff").write_text("".join(diff), encoding="utf-8")
+    (dest / "PR.json").write_text(json.dumps({"pr": pr, "title": SERIES[pr], "files": stats}, indent=1))
+    return dest
 
-    The docstring's value as ``ast`` reads it (``\\math`` in the source text reads ``\math``) is written back
-    between raw triple quotes: exact unless the value holds triple quotes or ends in a backslash, and such a
-    docstring is left as it is.
-    """
-    tree = ast.parse(source)
-    lines = source.splitlines(keepends=True)
-    offsets = [0]
-    for line in lines:
-        offsets.append(offsets[-1] + len(line))
-    edits = []
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+
+def _compare_signature(where: str, old: list | None, new: list | None, allowed: dict, owner: str) -> list[str]:
+    if old is None:
+        return []
+    if new is None:
+        return [f"{where}: signature no longer readable"]
+    problems = []
+    new_by_position = {param[0]: (i, param) for i, param in enumerate(new)}
+    last = -1
+    for name, kind, default in old:
+        if name not in new_by_position:
+            problems.append(f"{where}: parameter {name!r} removed")
             continue
-        if not node.body or not isinstance(node.body[0], ast.Expr):
+        index, (_, new_kind, new_default) = new_by_position[name]
+        if index < last:
+            problems.append(f"{where}: parameter {name!r} moved")
+        last = index
+        if new_kind != kind:
+            problems.append(f"{where}: parameter {name!r} kind {kind} -> {new_kind}")
+        if new_default != default and (owner, name) not in allowed:
+            problems.append(f"{where}: default of {name!r} {default} -> {new_default}")
+    old_names = {param[0] for param in old}
+    for name, kind, default in new:
+        if name not in old_names and default == "<none>" and kind not in ("VAR_POSITIONAL", "VAR_KEYWORD"):
+            problems.append(f"{where}: new parameter {name!r} without a default")
+    return problems
+
+
+def compare_api(old: dict, new: dict, allowed: dict | None = None) -> list[str]:
+    """Every way ``new`` (``probe.py api`` output) breaks the public surface ``old``; empty if none."""
+    allowed = ALLOWED_DEFAULT_CHANGES if allowed is None else allowed
+    problems = []
+    for module, names in old.items():
+        if module not in new:
+            problems.append(f"module {module} removed")
             continue
-        literal = node.body[0].value
-        if not (isinstance(literal, ast.Constant) and isinstance(literal.value, str)):
-            continue
-        value = literal.value
-        start = offsets[literal.lineno - 1] + literal.col_offset
-        end = offsets[literal.end_lineno - 1] + literal.end_col_offset
-        original = source[start:end]
-        if "\\" not in original or original[:1] in "rR" or '"""' in value or value.endswith("\\"):
-            continue
-        edits.append((start, end, f'r"""{value}"""'))
-    for start, end, text in sorted(edits, reverse=True):
-        source = source[:start] + text + source[end:]
-    return source
+        for name, description in names.items():
+            where = f"{module}.{name}"
+            current = new[module].get(name)
+            if current is None:
+                problems.append(f"{where} removed")
+                continue
+            if current["kind"] != description["kind"]:
+                problems.append(f"{where}: {description['kind']} -> {current['kind']}")
+                continue
+            problems += _compare_signature(where, description.get("signature"), current.get("signature"), allowed, name)
+            for method, signature in description.get("methods", {}).items():
+                if method not in current.get("methods", {}):
+                    problems.append(f"{where}.{method} removed")
+                    continue
+                problems += _compare_signature(
+                    f"{where}.{method}", signature, current["methods"][method], allowed, name
+                )
+            for field_name, default in description.get("fields", {}).items():
+                new_default = current.get("fields", {}).get(field_name)
+                if new_default is None:
+                    problems.append(f"{where}: field {field_name!r} removed")
+                elif new_default != default and (name, field_name) not in allowed:
+                    problems.append(f"{where}: default of field {field_name!r} {default} -> {new_default}")
+    return problems
 
 
-def _stdlib() -> set[str]:
-    return set(sys.stdlib_module_names)
+def _env(dest: Path | None) -> dict[str, str]:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    if dest is not None:
+        env["PYTHONPATH"] = str(dest)
+    return env
 
 
-def _scan(path: Path, source: str, report: PatchReport) -> None:
-    """Record, in a rendered module, third-party imports, uses of unrendered modules and REFERENCE citations."""
-    name = path.as_posix()
-    stdlib = _stdlib()
-    for node in ast.walk(ast.parse(source)):
-        modules: list[str] = []
-        if isinstance(node, ast.Import):
-            modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            modules = [node.module]
-        for module in modules:
-            root = module.split(".")[0]
-            if root not in _ALLOWED_ROOTS and root not in stdlib:
-                report.third_party.setdefault(name, set()).add(module)
-    for module in EXCLUDED:
-        stem = module.removesuffix(".py")
-        if re.search(rf"\b{re.escape(TARGET_PACKAGE)}\.{re.escape(stem)}\b", source):
-            report.unrendered_uses.setdefault(name, set()).add(stem)
-    count = len(re.findall(r"\bREFERENCE \d+", source))
-    if count:
-        report.citations[name] = count
+def _run(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, float]:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    return done.returncode, done.stdout + done.stderr, time.perf_counter() - start
 
 
-def _sources() -> list[Path]:
-    files = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        relative = path.relative_to(PACKAGE)
-        if "__pycache__" in relative.parts or (len(relative.parts) == 1 and relative.name in EXCLUDED):
-            continue
-        if len(relative.parts) == 1 and relative.name not in MODULE_MAP:
-            raise KeyError(f"kornia_siglip2/{relative} has no place in MODULE_MAP or EXCLUDED: add it to one.")
-        files.append(relative)
-    return files
+def _tool(tools: Path, name: str) -> list[str]:
+    """The pinned tool ``name`` installed in ``tools`` (``pip install --target tools ruff==... ty==...``)."""
+    binary = tools / "bin" / name
+    if not binary.is_file():
+        raise SystemExit(
+            f"{name} is not in {tools}: python -m pip install --target {tools} "
+            + " ".join(f"{tool}=={version}" for tool, version in TOOL_PINS.items())
+        )
+    return [str(binary)]
 
 
-def _ruff(ruff: str, arguments: list[str], cwd: Path) -> None:
-    subprocess.run([ruff, *arguments], cwd=cwd, check=True, capture_output=True, text=True)
+def _tool_version(tools: Path, name: str) -> str:
+    code, out, _ = _run([*_tool(tools, name), "--version"], Path.cwd(), _env(None))
+    return out.strip() if code == 0 else f"unknown ({out.strip()[:80]})"
 
 
-def _notes(report: PatchReport) -> str:
-    lines = [
-        "# Upstream notes for kornia/models/siglip2",
-        "",
-        "Generated by `scripts/kornia_patch.py` from kornia_siglip2. What a human still has to do before a PR:",
-        "",
-        "## Imports outside torch, kornia and the standard library",
-        "",
-        "Kornia's CONTRIBUTING allows only PyTorch; use `kornia.core.download.download_hf_file` and",
-        "`kornia.core.safetensors.load_safetensors` instead of huggingface_hub / safetensors, and keep",
-        "transformers (tokenizer) and pillow (image files) optional, imported lazily.",
-        "",
+def run_checks(pr: int, dest: Path, tools: Path) -> list[CheckResult]:
+    """Run every check of the module docstring on the rendered tree ``dest`` of PR ``pr``."""
+    results = []
+    probe = str(SERIES_DIR / "probe.py")
+    rendered = sorted({str(f) for number in range(1, pr + 1) for f in pr_files(number)})
+    python_files = [f for f in rendered if f.endswith(".py")]
+    kornia_files = [f for f in python_files if f.startswith("kornia/")]
+    test_files = [f for f in python_files if f.startswith("tests/")]
+
+    code, out, seconds = _run([sys.executable, probe, "api"], dest, _env(None))
+    if code != 0:
+        raise SystemExit(f"probe api on the installed kornia failed:\n{out}")
+    old = json.loads(out)
+    code, out, more = _run([sys.executable, probe, "api"], dest, _env(dest))
+    problems = compare_api(old, json.loads(out)) if code == 0 else [out[-2000:]]
+    names = sum(len(names) for names in old.values())
+    results.append(CheckResult("api", not problems, seconds + more, "\n".join(problems), {"public_names": names}))
+
+    code, out, seconds = _run([sys.executable, probe, "runtime"], dest, _env(dest))
+    try:
+        report = json.loads(out[out.index("{") :])
+    except ValueError:
+        report = {"failures": [out[-2000:]]}
+    detail = "\n".join(report.get("failures", []))
+    if not report.get("kornia_file", "").startswith(str(dest)):
+        code, detail = 1, f"imported kornia from {report.get('kornia_file')}, not from {dest}\n{detail}"
+    results.append(CheckResult("runtime", code == 0, seconds, detail, report))
+
+    env = _env(dest)
+    env["KORNIA_TEST_OPTIMIZER"] = env.get("KORNIA_TEST_OPTIMIZER", "inductor")
+    # transformers must not be needed: a finder that refuses it makes any import of it fail the tests
+    blocker = dest / "_block_transformers"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n\nclass _Block:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('transformers', 'PIL'):\n"
+        "            raise ImportError(f'{name} is blocked in the rendered tests')\n\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
+    env["PYTHONPATH"] = f"{blocker}{os.pathsep}{dest}"
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "--dtype",
+        "float32,float64",
+        "-p",
+        "no:cacheprovider",
+        *test_files,
     ]
-    lines += [f"- `{name}`: {', '.join(sorted(modules))}" for name, modules in sorted(report.third_party.items())]
-    lines += ["", "## Doctests or references that use modules not in the patch", ""]
-    lines += [
-        f"- `{name}`: {', '.join(sorted(modules))} (excluded: {'; '.join(EXCLUDED[m + '.py'] for m in modules)})"
-        for name, modules in sorted(report.unrendered_uses.items())
-    ]
-    lines += ["", "## Citations of this project's REFERENCE notes to replace by public sources", ""]
-    lines += [f"- `{name}`: {count}" for name, count in sorted(report.citations.items())]
-    lines += ["", "## Not rendered", ""]
-    lines += [f"- `kornia_siglip2/{name}`: {why}" for name, why in EXCLUDED.items()]
-    return "\n".join(lines) + "\n"
+    code, out, seconds = _run(command, dest, env)
+    summary = out.strip().splitlines()[-1] if out.strip() else ""
+    results.append(CheckResult("pytest", code == 0, seconds, out[-3000:] if code else summary, {"summary": summary}))
 
+    command = [sys.executable, "-m", "pytest", "-q", "--doctest-modules", "-p", "no:cacheprovider", *kornia_files]
+    code, out, seconds = _run(command, dest, _env(dest))
+    summary = out.strip().splitlines()[-1] if out.strip() else ""
+    results.append(CheckResult("doctest", code == 0, seconds, out[-3000:] if code else summary, {"summary": summary}))
 
-def render(out: str | Path, ruff: str | None = None) -> PatchReport:
-    """Write the patch under ``out`` (emptied first) and return what was written.
+    ruff = _tool(tools, "ruff")
+    config = ["--config", str(RUFF_CONFIG), "--no-cache"]
+    code, out, seconds = _run([*ruff, "check", *config, *python_files], dest, _env(None))
+    code2, out2, seconds2 = _run([*ruff, "format", "--check", *config, *python_files], dest, _env(None))
+    results.append(
+        CheckResult(
+            "ruff",
+            code == 0 and code2 == 0,
+            seconds + seconds2,
+            (out + out2).strip()[-3000:],
+            {"version": _tool_version(tools, "ruff"), "files": len(python_files)},
+        )
+    )
 
-    Args:
-        out: output folder; the modules land in ``out/kornia/models/siglip2/``.
-        ruff: the ruff executable (default: the one next to this Python, else ``ruff`` on ``PATH``).
-
-    Returns:
-        the written files (relative to ``out``) and the notes of ``UPSTREAM_NOTES.md``.
-
-    Raises:
-        KeyError: a new top-level module of the package is neither mapped nor excluded.
-        subprocess.CalledProcessError: ruff failed to sort the imports or to format.
-    """
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    report = PatchReport()
-    exported = _exported_names()
-    for relative in _sources():
-        target = TARGET_DIR / _target(relative)
-        source = raw_docstrings(rewrite((PACKAGE / relative).read_text(encoding="utf-8"), exported))
-        _scan(target, source, report)
-        destination = out / target
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        destination.write_text(LICENSE_HEADER + source, encoding="utf-8")
-        report.files.append(target)
-    (out / "UPSTREAM_NOTES.md").write_text(_notes(report), encoding="utf-8")
-    ruff = ruff or _default_ruff()
-    config = ["--config", str(RUFF_CONFIG)]
-    # Kornia's pre-commit runs `ruff check --fix` (safe fixes only) before `ruff format`: the same here. On
-    # Python 3.11 that turns a self-returning TypeVar into typing.Self (PYI019); the TypeVar left unused is then
-    # deleted (PYI018, whose fix ruff marks unsafe only because it deletes code) and its import with it (F401).
-    fix = ["check", *config, "--fix", "--exit-zero", "--quiet", str(TARGET_DIR)]
-    _ruff(ruff, fix, out)
-    _ruff(ruff, [*fix, "--unsafe-fixes", "--select", "PYI018"], out)
-    _ruff(ruff, fix, out)
-    _ruff(ruff, ["format", *config, "--quiet", str(TARGET_DIR)], out)
-    return report
-
-
-def _default_ruff() -> str:
-    beside = Path(sys.executable).with_name("ruff")
-    return str(beside) if beside.is_file() else (shutil.which("ruff") or "ruff")
+    command = [*_tool(tools, "ty"), "check", "--python", sys.prefix, "--output-format", "concise", "kornia"]
+    code, out, seconds = _run(command, dest, _env(None))
+    diagnostics = [line for line in out.splitlines() if re.match(r"^\S+\.py:\d+:\d+: ", line)]
+    ours = [line for line in diagnostics if line.split(":")[0] in kornia_files]
+    results.append(
+        CheckResult(
+            "ty",
+            not ours,
+            seconds,
+            "\n".join(ours),
+            {"version": _tool_version(tools, "ty"), "diagnostics_total": len(diagnostics), "in_rendered": len(ours)},
+        )
+    )
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Render the patch and print where it went."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "build" / "kornia_patch"), help="output folder")
-    parser.add_argument("--ruff", default=None, help="ruff executable (default: next to python, else PATH)")
+    """Command line: render one PR (``--pr N``) or the whole series (``--all``), optionally checked."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--pr", type=int, choices=sorted(SERIES))
+    which.add_argument("--all", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("build/kornia_pr"))
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--tools", type=Path, default=Path("build/kornia_tools"))
     args = parser.parse_args(argv)
-    report = render(args.out, args.ruff)
-    print(f"wrote {len(report.files)} files under {Path(args.out) / TARGET_DIR}")
-    print(f"notes: {Path(args.out) / 'UPSTREAM_NOTES.md'}")
-    return 0
+    failed = False
+    for pr in sorted(SERIES) if args.all else [args.pr]:
+        dest = render(pr, args.out)
+        stats = json.loads((dest / "PR.json").read_text())["files"]
+        added, removed = sum(s["added"] for s in stats), sum(s["removed"] for s in stats)
+        print(f"PR {pr}: {SERIES[pr]}\n  {dest}: {len(stats)} files, +{added} -{removed} ({dest / f'pr{pr}.diff'})")
+        if not args.check:
+            continue
+        results = run_checks(pr, dest, args.tools.resolve())
+        (dest / "checks.json").write_text(json.dumps([vars(r) for r in results], indent=1, default=str))
+        for result in results:
+            line = result.detail.splitlines()[-1] if result.ok and result.detail else ""
+            print(f"  {'ok  ' if result.ok else 'FAIL'} {result.name:8s} {result.seconds:6.1f} s  {line}")
+            if not result.ok:
+                failed = True
+                print("    " + result.detail.replace("\n", "\n    "))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
