@@ -1,7 +1,7 @@
 """Probes run in a subprocess on one Kornia package (the installed 0.9.0, or a rendered copy on ``PYTHONPATH``).
 
 ``python probe.py api``: JSON of the public surface of ``kornia.models.siglip2``: for every module of the package,
-its public names (``__all__``, else the names it defines without a leading underscore), and for each class and
+its public names (``__all__`` and the classes and functions it defines without a leading underscore), and for each class and
 function its signature (parameter name, kind, default), the public methods of classes with theirs, and the fields
 of dataclasses.
 
@@ -66,13 +66,13 @@ def api() -> dict[str, Any]:
     surface: dict[str, Any] = {}
     for module_name in names:
         module = importlib.import_module(module_name)
-        public = getattr(module, "__all__", None)
-        if public is None:
-            public = [
-                name
-                for name, value in vars(module).items()
-                if not name.startswith("_") and getattr(value, "__module__", None) == module_name
-            ]
+        # __all__ and every public class or function the module defines (SigLip2VisionMLP is not in __all__)
+        defined = [
+            name
+            for name, value in vars(module).items()
+            if not name.startswith("_") and getattr(value, "__module__", None) == module_name
+        ]
+        public = sorted(set(getattr(module, "__all__", [])) | set(defined))
         surface[module_name] = {name: _describe(getattr(module, name)) for name in public}
     return surface
 

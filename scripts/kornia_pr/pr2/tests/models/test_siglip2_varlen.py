@@ -60,8 +60,8 @@ def _mask(device: torch.device) -> torch.Tensor:
 
 class TestSigLip2PackedAttention(BaseTester):
     def test_smoke(self, device, dtype):
-        query = torch.rand(2, 7, 4, device=device, dtype=dtype)
-        assert _varlen_attention(query, query, query, [0, 3, 7]).shape == (2, 7, 4)
+        query = torch.rand(7, 2, 4, device=device, dtype=dtype)
+        assert _varlen_attention(query, query, query, [0, 3, 7]).shape == (7, 2, 4)
 
     def test_exception(self, device, dtype):
         vision = _loaded_model(True, device, dtype).vision_model
@@ -74,17 +74,19 @@ class TestSigLip2PackedAttention(BaseTester):
         cu_seqlens = [0]
         for length in lengths:
             cu_seqlens.append(cu_seqlens[-1] + length)
-        query = torch.rand(2, cu_seqlens[-1], 4, device=device, dtype=dtype)
+        query = torch.rand(cu_seqlens[-1], 2, 4, device=device, dtype=dtype)
         out = _varlen_attention(query, query, query, cu_seqlens)
         assert out.shape == query.shape
 
-    def test_block_diagonal(self, device, dtype):
-        # each segment attends to itself only: the same as one attention call per segment
-        query, key, value = torch.rand(3, 2, 9, 4, device=device, dtype=dtype)
-        out = _varlen_attention(query, key, value, [0, 4, 9])
-        for start, end in ((0, 4), (4, 9)):
-            scores = (query[:, start:end] @ key[:, start:end].transpose(-1, -2)) / 2.0  # sqrt(head_dim = 4)
-            self.assert_close(out[:, start:end], scores.softmax(-1) @ value[:, start:end])
+    @pytest.mark.parametrize("cu_seqlens", [[0, 4, 9], [0, 3, 6, 9], [0, 2, 7, 9]])
+    def test_block_diagonal(self, device, dtype, cu_seqlens):
+        # each segment attends to itself only: softmax(q k^T / sqrt(head_dim)) v per segment, per head
+        query, key, value = torch.rand(3, 9, 2, 4, device=device, dtype=dtype)
+        out = _varlen_attention(query, key, value, cu_seqlens)
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # [H, L, Dh]
+            expected = ((q @ k.transpose(-1, -2)) / 2.0).softmax(-1) @ v  # sqrt(head_dim = 4) = 2
+            self.assert_close(out[start:end], expected.transpose(0, 1))
 
     def test_matches_transformers(self, device, dtype):
         vision = _loaded_model(True, device, dtype).vision_model
@@ -113,6 +115,6 @@ class TestSigLip2PackedAttention(BaseTester):
         self.gradcheck(lambda x: layer._forward_packed(x, [0, 2, 5]), (hidden,))
 
     def test_dynamo(self, device, dtype, torch_optimizer):
-        query, key, value = torch.rand(3, 2, 9, 4, device=device, dtype=dtype)
+        query, key, value = torch.rand(3, 9, 2, 4, device=device, dtype=dtype)
         compiled = torch_optimizer(_varlen_attention)
         self.assert_close(compiled(query, key, value, [0, 4, 9]), _varlen_attention(query, key, value, [0, 4, 9]))

@@ -36,35 +36,43 @@ def _varlen_attention(
 ) -> torch.Tensor:
     """Attention within each segment of packed sequences, none across segments (block-diagonal attention).
 
-    The segments ``[cu_seqlens[i], cu_seqlens[i + 1])`` of equal length are stacked and attended in one
-    ``scaled_dot_product_attention`` call, so a batch whose sequences share a few lengths takes a few calls, and no
+    The segments ``[cu_seqlens[i], cu_seqlens[i + 1])`` of equal length are gathered into one batch and attended in
+    one ``scaled_dot_product_attention`` call, so a batch whose sequences share a few lengths takes a few calls, and no
     padded token is computed.
 
     Args:
-        query: Packed queries :math:`(H, N, D_h)`, :math:`N` the tokens of all segments.
-        key: Packed keys :math:`(H, N, D_h)`.
-        value: Packed values :math:`(H, N, D_h)`.
+        query: Packed queries :math:`(N, H, D_h)`, :math:`N` the tokens of all segments.
+        key: Packed keys :math:`(N, H, D_h)`.
+        value: Packed values :math:`(N, H, D_h)`.
         cu_seqlens: Segment boundaries, ``0 = cu_seqlens[0] <= ... <= cu_seqlens[-1] = N``, on the host.
         dropout_p: Attention dropout probability.
 
     Returns:
-        The attention output :math:`(H, N, D_h)`.
+        The attention output :math:`(N, H, D_h)`.
     """
     groups: dict[int, list[int]] = {}
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         if end > start:
             groups.setdefault(end - start, []).append(start)
-    output = torch.zeros_like(query)
+    if len(groups) == 1:
+        # equal lengths: the packed tokens already are a (n, L) batch
+        (length,) = groups
+        q, k, v = (t.unflatten(0, (-1, length)).transpose(1, 2) for t in (query, key, value))  # [n, H, L, Dh]
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p).transpose(1, 2).flatten(0, 1)
+    outputs, indices = [], []
     for length, starts in groups.items():
         offsets = torch.arange(length, device=query.device)
         index = (torch.tensor(starts, device=query.device)[:, None] + offsets[None]).flatten()  # [n * L]
-        # [H, n * L, Dh] -> [n, H, L, Dh]
         q, k, v = (
-            t.index_select(1, index).unflatten(1, (len(starts), length)).transpose(0, 1) for t in (query, key, value)
+            t.index_select(0, index).unflatten(0, (len(starts), length)).transpose(1, 2) for t in (query, key, value)
         )
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        output = output.index_copy(1, index, attended.transpose(0, 1).flatten(1, 2))
-    return output
+        outputs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p).transpose(1, 2).flatten(0, 1))
+        indices.append(index)
+    # the groups partition the tokens: put them back in packed order with one gather
+    order = torch.cat(indices)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return torch.cat(outputs).index_select(0, inverse)
 
 
 class SigLip2Attention(nn.Module):
@@ -203,11 +211,11 @@ class SigLip2Attention(nn.Module):
     def _forward_packed(self, hidden_states: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
         """Self-attention of packed sequences :math:`(N, D)`, each segment of ``cu_seqlens`` attending to itself."""
         total = hidden_states.shape[0]
-        # [N, D] -> [H, N, Dh]
+        # [N, D] -> [N, H, Dh]
         query, key, value = (
-            proj(hidden_states).view(total, self.num_heads, self.head_dim).transpose(0, 1)
+            proj(hidden_states).view(total, self.num_heads, self.head_dim)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         dropout_p = self.dropout.p if self.training and self.dropout.p > 0.0 else 0.0
         attention_output = _varlen_attention(query, key, value, cu_seqlens, dropout_p)
-        return self.out_proj(attention_output.transpose(0, 1).reshape(total, self.hidden_size))
+        return self.out_proj(attention_output.reshape(total, self.hidden_size))
