@@ -178,3 +178,23 @@ def test_kornia_compare_runs(tmp_path, monkeypatch):
     assert len(rows) >= 10
     bad = [f"{row.check}: {row.ours}" for row in rows if not row.ours_ok]
     assert not bad, bad
+
+
+def test_later_prs_keep_earlier_changes(kornia_patch):
+    """A PR that carries a file an earlier PR changed keeps every line the earlier PR added (imports aside).
+
+    Each PR folder holds whole files, so a stale copy would silently revert the earlier PR.
+    """
+    installed = kornia_patch.installed_kornia().parent
+    for later in kornia_patch.SERIES:
+        for relative in kornia_patch.pr_files(later):
+            for earlier in range(1, later):
+                earlier_file = SERIES / f"pr{earlier}" / relative
+                if not earlier_file.is_file():
+                    continue
+                base = installed / relative
+                before = set(base.read_text().splitlines()) if base.is_file() else set()
+                added = {line for line in earlier_file.read_text().splitlines() if line not in before}
+                kept = set((SERIES / f"pr{later}" / relative).read_text().splitlines())
+                lost = {line for line in added - kept if not line.lstrip().startswith(("from ", "import "))}
+                assert not lost, (later, earlier, str(relative), sorted(lost)[:5])

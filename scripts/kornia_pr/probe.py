@@ -1,9 +1,9 @@
 """Probes run in a subprocess on one Kornia package (the installed 0.9.0, or a rendered copy on ``PYTHONPATH``).
 
 ``python probe.py api``: JSON of the public surface of ``kornia.models.siglip2``: for every module of the package,
-its public names (``__all__`` and the classes and functions it defines without a leading underscore), and for each class and
-function its signature (parameter name, kind, default), the public methods of classes with theirs, and the fields
-of dataclasses.
+its public names (``__all__`` and the classes and functions it defines without a leading underscore), and for each
+class and function its signature (parameter name, kind, default), the public methods of classes with theirs, and
+the fields of dataclasses.
 
 ``python probe.py runtime``: imports every ``kornia.models.*`` module, runs a tiny PaliGemma forward and a tiny
 SigLip2 forward, and checks that ``import kornia`` imported none of safetensors, huggingface_hub, transformers, PIL.
