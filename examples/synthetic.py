@@ -443,7 +443,7 @@ def evaluate(result: TrainResult, num_images: int = 720, seed: int = 12345, batc
     image_size = model.config.vision_config.image_size
     held_out = make_shapes(num_images, torch.Generator().manual_seed(seed), image_size)
     captions = sorted(set(held_out.captions))
-    text_embeds = torch.nn.functional.normalize(model.get_text_features(tokenizer.encode(captions).to(device)), dim=-1)
+    text_embeds = model.encode_text(tokenizer.encode(captions).to(device), normalize=True)
     correct = generated_correct = 0
     ious = []
     for start in range(0, num_images, batch_size):

@@ -1,7 +1,11 @@
 """kornia_siglip2: packed-first, differentiable SigLIP / SigLIP 2 encoders and losses.
 
 The names below are imported on first use (PEP 562 module ``__getattr__``), so the command line's ``--help``
-answers without importing torch; ``from kornia_siglip2 import SigLip2`` works as usual.
+answers without importing torch; ``from kornia_siglip2 import SigLip2`` works as usual. Importing the
+inference stack (the model, preprocessors, zero-shot) loads no loss, decoder or training code, no
+``kornia.augmentation``, no transformers (``tests/test_imports.py`` keeps it so). Losses, decoders and training
+utilities are the subpackages ``kornia_siglip2.losses``, ``kornia_siglip2.decoders`` and
+``kornia_siglip2.training``.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kornia_siglip2.attention import VarlenLayout, varlen_attention
+    from kornia_siglip2.attention import Attention, varlen_attention
     from kornia_siglip2.config import SigLip2Config, TextConfig, VisionConfig
     from kornia_siglip2.lens import layer_image_features, logit_lens
     from kornia_siglip2.model import SigLip2, SigLip2Output
     from kornia_siglip2.packing import (
+        ImageLayout,
+        PackedImages,
+        VarlenLayout,
         grid_thw_to_cu_seqlens,
         grid_thw_to_seqlens,
         packed_to_padded,
@@ -24,7 +31,6 @@ if TYPE_CHECKING:
     )
     from kornia_siglip2.preprocess import (
         NaFlexImagePreprocessor,
-        PackedImages,
         PaddedImages,
         SigLip2ImagePreprocessor,
         SigLipImagePreprocessor,
@@ -39,7 +45,10 @@ if TYPE_CHECKING:
 
 # public name -> defining module, filled from the imports above
 _LAZY = {
-    "VarlenLayout": "kornia_siglip2.attention",
+    "Attention": "kornia_siglip2.attention",
+    "ImageLayout": "kornia_siglip2.packing",
+    "PackedImages": "kornia_siglip2.packing",
+    "VarlenLayout": "kornia_siglip2.packing",
     "varlen_attention": "kornia_siglip2.attention",
     "SigLip2Config": "kornia_siglip2.config",
     "TextConfig": "kornia_siglip2.config",
@@ -55,7 +64,6 @@ _LAZY = {
     "patchify": "kornia_siglip2.packing",
     "unpatchify": "kornia_siglip2.packing",
     "NaFlexImagePreprocessor": "kornia_siglip2.preprocess",
-    "PackedImages": "kornia_siglip2.preprocess",
     "PaddedImages": "kornia_siglip2.preprocess",
     "SigLip2ImagePreprocessor": "kornia_siglip2.preprocess",
     "SigLipImagePreprocessor": "kornia_siglip2.preprocess",
@@ -75,6 +83,8 @@ _LAZY = {
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attention",
+    "ImageLayout",
     "NaFlexImagePreprocessor",
     "PackedGrid",
     "PackedImages",

@@ -1,142 +1,48 @@
-"""Variable-length (block-diagonal) attention over packed sequences.
+"""Variable-length (block-diagonal) attention over packed sequences, and the one attention module.
 
-:func:`varlen_attention` is the only attention entry point of the towers. Queries of sequence ``i``
-attend to keys of sequence ``i`` only. The result does not depend on the backend:
+:func:`varlen_attention` is the attention of every module of the package (both towers, the MAP head, the
+LocCa decoder). Queries of sequence ``i`` attend to keys of sequence ``i`` only, bidirectionally or causally
+per sequence (:class:`~kornia_siglip2.packing.VarlenLayout`). The result does not depend on the backend:
 
-- ``"grouped"`` (default on CPU): sequences with the same (query, key) lengths are gathered into one
-  batched ``scaled_dot_product_attention`` call with no mask, so memory grows with
-  :math:`\\sum_i L_i^2` and a batch of equal lengths is a single plain SDPA call.
+- ``"grouped"`` (default on CPU): sequences with the same (query, key) lengths and mask are gathered into one
+  batched ``scaled_dot_product_attention`` call with no mask, so memory grows with :math:`\\sum_i L_i^2` and
+  a batch of equal lengths is a single plain SDPA call.
 - ``"dense"``: one SDPA call with a block-diagonal boolean mask built from ``cu_seqlens`` (memory grows
-  with :math:`N^2`); the reference, and the ``torch.compile(fullgraph=True)`` path for small batches.
-- ``"loop"``: one SDPA call per sequence; the obvious reference the tests compare against.
+  with :math:`N^2`); the ``torch.compile(fullgraph=True)`` path for small batches.
+- ``"loop"``: one SDPA call per sequence.
 - ``"flash"``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16), picked by ``"auto"`` there.
+- ``"eager"``: an explicit softmax per sequence that also returns the attention weights (transformers'
+  ``attn_implementation="eager"``; used for ``output_attentions=True``).
 
-The per-forward metadata (Python-int lengths, groups, gather indices) lives in a :class:`VarlenLayout`,
-built once per forward and shared by all layers.
+:class:`Attention` is the module: ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj`` Linear layers with
+transformers' names (so Hugging Face state dicts and peft's usual ``target_modules`` apply as they are), or,
+for the MAP head, ``torch.nn.MultiheadAttention``'s fused ``in_proj_weight`` / ``in_proj_bias`` (the names of
+its Hugging Face weights, which peft's ``q_proj`` / ``v_proj`` targets do not touch, as in transformers);
+self- or cross-attention; its backend fixed at construction or by
+:meth:`~kornia_siglip2.SigLip2.set_attention_backend`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK
+from torch import nn
 
-__all__ = ["BACKENDS", "VarlenLayout", "varlen_attention"]
+from kornia_siglip2.errors import check
+from kornia_siglip2.packing import VarlenLayout, check_cu_seqlens
 
-BACKENDS = ("auto", "grouped", "dense", "loop", "flash")
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "BACKENDS",
+    "Attention",
+    "VarlenLayout",
+    "varlen_attention",
+    "varlen_attention_weights",
+]
 
-
-@dataclass(frozen=True)
-class VarlenLayout:
-    """Layout of a packed batch for attention, computed once and reused by every layer.
-
-    Attributes:
-        cu_seqlens_q: int32 :math:`(n + 1,)` query boundaries.
-        cu_seqlens_k: int32 :math:`(n + 1,)` key boundaries.
-        seqlens_q: query length of each sequence (Python ints).
-        seqlens_k: key length of each sequence (Python ints).
-        groups: ``(num_sequences, len_q, len_k)`` per group of sequences sharing their lengths, in the
-            order their tokens appear after ``gather_q`` / ``gather_k``.
-        gather_q: :math:`(N_q,)` token order that makes each group contiguous, or ``None`` if the
-            tokens are already in that order (no copy is made then).
-        gather_k: the same for keys and values.
-        scatter_q: inverse of ``gather_q`` (``None`` when ``gather_q`` is).
-    """
-
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    seqlens_q: tuple[int, ...]
-    seqlens_k: tuple[int, ...]
-    groups: tuple[tuple[int, int, int], ...]
-    gather_q: torch.Tensor | None
-    gather_k: torch.Tensor | None
-    scatter_q: torch.Tensor | None
-
-    @property
-    def max_seqlen_q(self) -> int:
-        """Longest query sequence."""
-        return max(self.seqlens_q, default=0)
-
-    @property
-    def max_seqlen_k(self) -> int:
-        """Longest key sequence."""
-        return max(self.seqlens_k, default=0)
-
-    @property
-    def num_tokens_q(self) -> int:
-        """Total number of query tokens."""
-        return sum(self.seqlens_q)
-
-    @property
-    def num_tokens_k(self) -> int:
-        """Total number of key tokens."""
-        return sum(self.seqlens_k)
-
-    @classmethod
-    def from_seqlens(
-        cls,
-        seqlens_q: Sequence[int],
-        seqlens_k: Sequence[int] | None = None,
-        device: torch.device | str | None = None,
-    ) -> VarlenLayout:
-        """Build the layout from per-sequence lengths.
-
-        Args:
-            seqlens_q: query length of each sequence.
-            seqlens_k: key length of each sequence; defaults to ``seqlens_q`` (self-attention).
-            device: device of the index tensors.
-
-        Example:
-            >>> layout = VarlenLayout.from_seqlens([4, 9, 4])
-            >>> layout.groups, layout.gather_q is None
-            (((2, 4, 4), (1, 9, 9)), False)
-            >>> VarlenLayout.from_seqlens([16, 16, 16]).groups
-            ((3, 16, 16),)
-        """
-        seqlens_q = tuple(int(length) for length in seqlens_q)
-        seqlens_k = seqlens_q if seqlens_k is None else tuple(int(length) for length in seqlens_k)
-        if len(seqlens_q) != len(seqlens_k):
-            raise ValueError(
-                f"Query and key layouts have {len(seqlens_q)} and {len(seqlens_k)} sequences; they must match."
-            )
-        if any(length <= 0 for length in seqlens_q + seqlens_k):
-            raise ValueError(f"Sequence lengths must be positive, got q={seqlens_q}, k={seqlens_k}.")
-        members: dict[tuple[int, int], list[int]] = {}
-        for index, key in enumerate(zip(seqlens_q, seqlens_k, strict=True)):
-            members.setdefault(key, []).append(index)
-        order = [index for indices in members.values() for index in indices]
-        groups = tuple((len(indices), len_q, len_k) for (len_q, len_k), indices in members.items())
-        cu_q = _cumsum(seqlens_q)
-        cu_k = _cumsum(seqlens_k)
-        gather_q = gather_k = scatter_q = None
-        if order != sorted(order):
-            gather_q = _gather_index(order, cu_q, device)
-            gather_k = _gather_index(order, cu_k, device)
-            scatter_q = torch.argsort(gather_q)
-        return cls(
-            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
-            cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-            seqlens_q=seqlens_q,
-            seqlens_k=seqlens_k,
-            groups=groups,
-            gather_q=gather_q,
-            gather_k=gather_k,
-            scatter_q=scatter_q,
-        )
-
-    @classmethod
-    def from_cu_seqlens(cls, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None = None) -> VarlenLayout:
-        """Build the layout from flash-attention style boundaries (reads them on the host once)."""
-        _check_cu_seqlens(cu_seqlens_q, "cu_seqlens")
-        seqlens_q = torch.diff(cu_seqlens_q).tolist()
-        seqlens_k = None
-        if cu_seqlens_k is not None:
-            _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
-            seqlens_k = torch.diff(cu_seqlens_k).tolist()
-        return cls.from_seqlens(seqlens_q, seqlens_k, device=cu_seqlens_q.device)
+#: Names accepted by :func:`varlen_attention` and :class:`Attention`.
+ATTENTION_BACKENDS = ("auto", "grouped", "dense", "loop", "flash", "eager")
+BACKENDS = ATTENTION_BACKENDS  # the name of releases <= 0.1
 
 
 def varlen_attention(
@@ -161,17 +67,19 @@ def varlen_attention(
             Not needed when ``layout`` is given.
         max_seqlen: longest sequence; accepted for flash-attention compatibility (derived when absent).
         cu_seqlens_k: int :math:`(n + 1,)` key boundaries for cross-attention.
-        layout: a prebuilt :class:`VarlenLayout`; saves the host sync of reading ``cu_seqlens`` when the
-            same layout serves many calls.
+        layout: a prebuilt :class:`~kornia_siglip2.packing.VarlenLayout` (per-sequence causal masks and key
+            selection included); saves the host read of ``cu_seqlens`` when it serves many calls.
         scale: softmax scale; defaults to :math:`D_h^{-1/2}`.
-        backend: one of :data:`BACKENDS`. ``"auto"`` picks ``"flash"`` for fp16/bf16 CUDA tensors when
-            torch provides varlen kernels, ``"grouped"`` otherwise.
+        backend: one of :data:`ATTENTION_BACKENDS`. ``"auto"`` picks ``"flash"`` for fp16/bf16 CUDA tensors
+            when torch provides varlen kernels, ``"grouped"`` otherwise.
 
     Returns:
         :math:`(N_q, H, D_v)` attention output, row ``r`` mixing only the values of its own sequence.
 
     Raises:
-        ValueError: shapes disagree with each other or with the boundaries, or the backend is unknown.
+        ValueCheckError: shapes disagree with each other or with the boundaries, the boundaries are
+            malformed, or the backend is unknown or unavailable (a ``ValueError``).
+        TypeCheckError: the boundaries are not an integer tensor (a ``TypeError``).
 
     Example:
         >>> q, k, v = torch.randn(3, 10, 2, 8).unbind(0)
@@ -183,39 +91,92 @@ def varlen_attention(
         >>> torch.allclose(out[:4], alone, atol=1e-6)
         True
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"Unknown attention backend {backend!r}; choose one of {BACKENDS}.")
-    KORNIA_CHECK(
+    return _attend(query, key, value, cu_seqlens, cu_seqlens_k, layout, scale, backend, weights=False)[0]
+
+
+def varlen_attention_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: VarlenLayout,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The ``"eager"`` backend: attention output and the softmax weights of every sequence.
+
+    Args:
+        query: :math:`(N_q, H, D_h)` packed queries.
+        key: :math:`(N_k, H, D_h)` packed keys.
+        value: :math:`(N_k, H, D_v)` packed values.
+        layout: the sequences.
+        scale: softmax scale; defaults to :math:`D_h^{-1/2}`.
+
+    Returns:
+        the :math:`(N_q, H, D_v)` output and one :math:`(H, L_{q,i}, L_{k,i})` weight tensor per sequence.
+    """
+    return _attend(query, key, value, None, None, layout, scale, "eager", weights=True)  # type: ignore[return-value]
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    layout: VarlenLayout | None,
+    scale: float | None,
+    backend: str,
+    weights: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    check(
+        backend in ATTENTION_BACKENDS,
+        lambda: f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.",
+    )
+    check(
         query.ndim == 3 and key.ndim == 3 and value.ndim == 3,
-        f"query, key and value must be (tokens, heads, head_dim), got {tuple(query.shape)}, "
-        f"{tuple(key.shape)}, {tuple(value.shape)}.",
+        lambda: (
+            f"query, key and value must be (tokens, heads, head_dim), got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}."
+        ),
     )
-    KORNIA_CHECK(
+    check(
         key.shape[:2] == value.shape[:2] and query.shape[1] == key.shape[1] and query.shape[2] == key.shape[2],
-        f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} do not share "
-        "heads / head_dim / token counts.",
+        lambda: (
+            f"query {tuple(query.shape)}, key {tuple(key.shape)} and value {tuple(value.shape)} do not share "
+            "heads / head_dim / token counts."
+        ),
     )
-    if backend == "auto":
-        backend = "flash" if _flash_available(query) else "grouped"
-    if backend == "dense":
-        if cu_seqlens is None and layout is not None:
-            cu_seqlens, cu_seqlens_k = layout.cu_seqlens_q, layout.cu_seqlens_k
-        KORNIA_CHECK(cu_seqlens is not None, "varlen_attention needs cu_seqlens or a layout.")
-        return _dense_attention(query, key, value, cu_seqlens, cu_seqlens_k, scale)
     if layout is None:
-        KORNIA_CHECK(cu_seqlens is not None, "varlen_attention needs cu_seqlens or a layout.")
+        check(cu_seqlens is not None, "varlen_attention needs cu_seqlens or a layout.")
+        if not torch.compiler.is_compiling():
+            check_cu_seqlens(cu_seqlens, "cu_seqlens", query.shape[0])
+            if cu_seqlens_k is not None:
+                check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", key.shape[0])
+        if backend == "dense":  # the compile path: no host read of the boundaries
+            return _dense_attention(query, key, value, cu_seqlens, cu_seqlens_k, None, scale), None
         layout = VarlenLayout.from_cu_seqlens(cu_seqlens, cu_seqlens_k)
     if not torch.compiler.is_compiling():
-        KORNIA_CHECK(
-            layout.num_tokens_q == query.shape[0] and layout.num_tokens_k == key.shape[0],
-            f"cu_seqlens describe {layout.num_tokens_q} query / {layout.num_tokens_k} key tokens but query has "
-            f"{query.shape[0]} and key {key.shape[0]} rows.",
+        num_keys = key.shape[0] if layout.key_index is None else layout.key_index.shape[0]
+        check(
+            layout.num_tokens_q == query.shape[0] and layout.num_tokens_k == num_keys,
+            lambda: (
+                f"the layout describes {layout.num_tokens_q} query / {layout.num_tokens_k} key tokens but "
+                f"query has {query.shape[0]} and key {num_keys} rows."
+            ),
         )
+    if layout.key_index is not None:
+        key = key.index_select(0, layout.key_index)
+        value = value.index_select(0, layout.key_index)
+    if backend == "auto":
+        backend = "flash" if _flash_available(query) and len(set(layout.causal)) <= 1 else "grouped"
+    if backend == "eager":
+        return _eager_attention(query, key, value, layout, scale, weights)
+    if backend == "dense":
+        return _dense_attention(query, key, value, layout.cu_seqlens_q, layout.cu_seqlens_k, layout, scale), None
     if backend == "loop":
-        return _loop_attention(query, key, value, layout, scale)
+        return _loop_attention(query, key, value, layout, scale), None
     if backend == "flash":
-        return _flash_attention(query, key, value, layout, scale)
-    return _grouped_attention(query, key, value, layout, scale)
+        return _flash_attention(query, key, value, layout, scale), None
+    return _grouped_attention(query, key, value, layout, scale), None
 
 
 def _grouped_attention(
@@ -226,17 +187,17 @@ def _grouped_attention(
         key = key.index_select(0, layout.gather_k)
         value = value.index_select(0, layout.gather_k)
     heads = query.shape[1]
-    sizes_q = [count * len_q for count, len_q, _ in layout.groups]
-    sizes_k = [count * len_k for count, _, len_k in layout.groups]
+    sizes_q = [count * len_q for count, len_q, _, _ in layout.groups]
+    sizes_k = [count * len_k for count, _, len_k, _ in layout.groups]
     outputs = []
-    for (count, len_q, len_k), q, k, v in zip(
+    for (count, len_q, len_k, causal), q, k, v in zip(
         layout.groups, query.split(sizes_q), key.split(sizes_k), value.split(sizes_k), strict=True
     ):
         # [count * L, H, Dh] -> [count, H, L, Dh]
         q = q.view(count, len_q, heads, -1).transpose(1, 2)
         k = k.view(count, len_k, heads, -1).transpose(1, 2)
         v = v.view(count, len_k, heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
         outputs.append(out.transpose(1, 2).reshape(count * len_q, heads, -1))
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     if layout.scatter_q is not None:
@@ -248,15 +209,44 @@ def _loop_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VarlenLayout, scale: float | None
 ) -> torch.Tensor:
     outputs = []
-    for q, k, v in zip(
+    for q, k, v, causal in _per_sequence(query, key, value, layout):
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale, is_causal=causal
+        )
+        outputs.append(out.transpose(0, 1))
+    return torch.cat(outputs)
+
+
+def _per_sequence(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VarlenLayout):
+    """``(q, k, v, causal)`` of every sequence of ``layout``, as views."""
+    return zip(
         query.split(list(layout.seqlens_q)),
         key.split(list(layout.seqlens_k)),
         value.split(list(layout.seqlens_k)),
+        layout.causal,
         strict=True,
-    ):
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
-        outputs.append(out.transpose(0, 1))
-    return torch.cat(outputs)
+    )
+
+
+def _eager_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: VarlenLayout,
+    scale: float | None,
+    weights: bool,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    outputs, all_weights = [], []
+    for q, k, v, causal in _per_sequence(query, key, value, layout):
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [H, Lq, Lk]
+        if causal:
+            allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        probabilities = scores.softmax(-1)
+        outputs.append(torch.einsum("hqk,khd->qhd", probabilities, v))
+        all_weights.append(probabilities)
+    return torch.cat(outputs), (tuple(all_weights) if weights else None)
 
 
 def _dense_attention(
@@ -265,15 +255,21 @@ def _dense_attention(
     value: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     cu_seqlens_k: torch.Tensor | None,
+    layout: VarlenLayout | None,
     scale: float | None,
 ) -> torch.Tensor:
     cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    positions_q = torch.arange(query.shape[0], device=query.device)
+    positions_k = torch.arange(key.shape[0], device=key.device)
     # document id of every token: index of the block its position falls into
-    doc_q = torch.searchsorted(
-        cu_seqlens_q[1:].contiguous(), torch.arange(query.shape[0], device=query.device), right=True
-    )
-    doc_k = torch.searchsorted(cu_seqlens_k[1:].contiguous(), torch.arange(key.shape[0], device=key.device), right=True)
+    doc_q = torch.searchsorted(cu_seqlens_q[1:].contiguous(), positions_q, right=True)
+    doc_k = torch.searchsorted(cu_seqlens_k[1:].contiguous(), positions_k, right=True)
     mask = doc_q[:, None] == doc_k[None, :]  # [N_q, N_k]
+    if layout is not None and any(layout.causal):
+        causal = torch.tensor(layout.causal, device=query.device)[doc_q]  # [N_q]
+        offset_q = positions_q - cu_seqlens_q.to(positions_q.dtype)[doc_q]
+        offset_k = positions_k - cu_seqlens_k.to(positions_k.dtype)[doc_k]
+        mask = mask & (~causal[:, None] | (offset_k[None, :] <= offset_q[:, None]))
     out = F.scaled_dot_product_attention(
         query.transpose(0, 1)[None],
         key.transpose(0, 1)[None],
@@ -298,6 +294,17 @@ def _flash_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VarlenLayout, scale: float | None
 ) -> torch.Tensor:
     # CUDA only: tests/test_attention.py::TestFlashBackend runs on a GPU machine and skips on CPU (as in our CI)
+    check(
+        _flash_available(query),
+        lambda: (
+            f"The flash attention backend needs float16 / bfloat16 CUDA tensors and torch's varlen kernels "
+            f"(torch.nn.attention.varlen); got {query.dtype} on {query.device.type}. Use backend='auto' or 'grouped'."
+        ),
+    )
+    check(
+        len(set(layout.causal)) <= 1,
+        "The flash attention backend takes one causal flag for all sequences; use backend='grouped'.",
+    )
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn(
@@ -309,23 +316,103 @@ def _flash_attention(
         layout.max_seqlen_q,
         layout.max_seqlen_k,
         scale=scale,
+        is_causal=bool(layout.causal and layout.causal[0]),
     )
 
 
-def _cumsum(lengths: Sequence[int]) -> list[int]:
-    boundaries = [0]
-    for length in lengths:
-        boundaries.append(boundaries[-1] + length)
-    return boundaries
+class Attention(nn.Module):
+    """Multi-head attention over packed tokens: self-attention, or cross-attention to another sequence.
 
+    Args:
+        width: query (and output) width :math:`D`.
+        num_heads: heads :math:`H` (``D`` divisible by ``H``).
+        key_width: width of the tokens keys and values are computed from; defaults to ``width``
+            (cross-attention to vision tokens of another width, as the LocCa decoder does).
+        backend: one of :data:`ATTENTION_BACKENDS`, see :func:`varlen_attention`.
+        fused_in_proj: hold the q/k/v projections as ``torch.nn.MultiheadAttention``'s ``in_proj_weight``
+            :math:`(3D, D)` and ``in_proj_bias`` (the MAP head's layout in Hugging Face checkpoints) instead of
+            three Linear layers; needs ``key_width == width``.
 
-def _gather_index(order: list[int], boundaries: list[int], device: torch.device | str | None) -> torch.Tensor:
-    ranges = [torch.arange(boundaries[index], boundaries[index + 1]) for index in order]
-    return torch.cat(ranges).to(device)
+    Example:
+        >>> attention = Attention(8, num_heads=2)
+        >>> layout = VarlenLayout.from_seqlens([3, 2])
+        >>> tokens, weights = attention(torch.rand(5, 8), layout)
+        >>> tokens.shape, weights is None
+        (torch.Size([5, 8]), True)
+        >>> pool = Attention(8, num_heads=2)  # one query per sequence attending to its tokens
+        >>> pool(torch.rand(2, 8), VarlenLayout.from_seqlens([1, 1], [3, 2]), torch.rand(5, 8))[0].shape
+        torch.Size([2, 8])
+    """
 
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        key_width: int | None = None,
+        backend: str = "auto",
+        fused_in_proj: bool = False,
+    ) -> None:
+        super().__init__()
+        check(
+            num_heads > 0 and width % num_heads == 0,
+            lambda: f"width {width} must be divisible by num_heads {num_heads}.",
+        )
+        check(
+            backend in ATTENTION_BACKENDS,
+            lambda: f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.",
+        )
+        key_width = width if key_width is None else key_width
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.backend = backend
+        self.fused_in_proj = fused_in_proj
+        if fused_in_proj:
+            check(key_width == width, lambda: f"fused_in_proj needs key_width == width, got {key_width} != {width}.")
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+            self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            self.q_proj = nn.Linear(width, width)
+            self.k_proj = nn.Linear(key_width, width)
+            self.v_proj = nn.Linear(key_width, width)
+        self.out_proj = nn.Linear(width, width)
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, name: str) -> None:
-    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a 1-D integer tensor (n + 1,) of boundaries, got {tuple(cu_seqlens.shape)}.")
-    if int(cu_seqlens[0]) != 0 or bool((torch.diff(cu_seqlens) <= 0).any()):
-        raise ValueError(f"{name} must start at 0 and increase strictly, got {cu_seqlens.tolist()}.")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        layout: VarlenLayout,
+        key_states: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Attend within each sequence of ``layout``.
+
+        Args:
+            hidden_states: packed query tokens :math:`(N_q, D)`.
+            layout: which queries attend to which keys.
+            key_states: packed tokens :math:`(N_k, D_k)` for cross-attention; ``hidden_states`` by default.
+            output_attentions: also return the attention weights (computed with the ``"eager"`` backend).
+
+        Returns:
+            :math:`(N_q, D)` tokens and, on request, one :math:`(H, L_q, L_k)` weight tensor per sequence.
+        """
+        key_states = hidden_states if key_states is None else key_states
+        query, key, value = self._project(hidden_states, key_states)
+        # [N, D] -> [N, H, Dh]
+        query, key, value = (tensor.unflatten(-1, (self.num_heads, self.head_dim)) for tensor in (query, key, value))
+        backend = "eager" if output_attentions else self.backend
+        attended, weights = _attend(query, key, value, None, None, layout, None, backend, output_attentions)
+        return self.out_proj(attended.flatten(1)), weights
+
+    def _project(
+        self, hidden_states: torch.Tensor, key_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.fused_in_proj:
+            return self.q_proj(hidden_states), self.k_proj(key_states), self.v_proj(key_states)
+        width = self.out_proj.in_features
+        query = F.linear(hidden_states, self.in_proj_weight[:width], self.in_proj_bias[:width])
+        if key_states is hidden_states:
+            key, value = F.linear(key_states, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, -1)
+        else:
+            key = F.linear(key_states, self.in_proj_weight[width : 2 * width], self.in_proj_bias[width : 2 * width])
+            value = F.linear(key_states, self.in_proj_weight[2 * width :], self.in_proj_bias[2 * width :])
+        return query, key, value

@@ -378,12 +378,12 @@ def parity_report(
         rows = [
             _diff_row(
                 "image features",
-                ours.model.get_image_features(**ours_images),
+                ours.model.encode_image(**ours_images),
                 _pooled(theirs.get_image_features(**theirs_images)),
             ),
             _diff_row(
                 "text features",
-                ours.model.get_text_features(input_ids),
+                ours.model.encode_text(input_ids),
                 _pooled(theirs.get_text_features(input_ids=input_ids)),
             ),
             _diff_row(

@@ -3,16 +3,56 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MODEL_TYPES", "SigLip2Config", "TextConfig", "VisionConfig"]
+import torch
+import torch.nn.functional as F
 
-#: ``model_type`` values of Hugging Face checkpoints: ``siglip`` covers SigLIP v1 and SigLIP 2 fixed
-#: resolution (conv patch embedding, fixed position table); ``siglip2`` is SigLIP 2 NaFlex.
-MODEL_TYPES = ("siglip", "siglip2")
+from kornia_siglip2.errors import check
 
-_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu", "quick_gelu", "relu")
+__all__ = [
+    "ACTIVATIONS",
+    "MODEL_TYPES",
+    "POSITION_EMBEDDINGS",
+    "VISION_MODEL_TYPES",
+    "SigLip2Config",
+    "TextConfig",
+    "VisionConfig",
+]
+
+#: ``model_type`` of a dual-tower Hugging Face checkpoint -> the position-embedding kind of its vision tower:
+#: ``siglip`` covers SigLIP v1 and SigLIP 2 fixed resolution (conv patch embedding, fixed position table);
+#: ``siglip2`` is SigLIP 2 NaFlex (linear patch embedding, table resized to every image's grid).
+MODEL_TYPES: dict[str, str] = {"siglip": "fixed", "siglip2": "naflex"}
+
+#: ``model_type`` of a vision-only checkpoint (transformers' ``SiglipVisionModel`` / ``Siglip2VisionModel``)
+#: -> the dual-tower family it belongs to.
+VISION_MODEL_TYPES: dict[str, str] = {"siglip_vision_model": "siglip", "siglip2_vision_model": "siglip2"}
+
+#: Position-embedding kinds of the vision tower: ``"fixed"`` keeps the table at the training grid (resized
+#: bicubically elsewhere, transformers' ``interpolate_pos_encoding``); ``"naflex"`` resizes it to each image's
+#: grid with bilinear + antialias (SigLIP 2 NaFlex).
+POSITION_EMBEDDINGS = ("fixed", "naflex")
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+#: ``hidden_act`` names of HF configs -> the function (``gelu_pytorch_tanh`` is SigLIP's).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+    "gelu": F.gelu,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+}
 
 
 @dataclass
@@ -31,6 +71,14 @@ class VisionConfig:
         layer_norm_eps: LayerNorm epsilon.
         hidden_act: MLP activation name (``gelu_pytorch_tanh`` is ``F.gelu(approximate="tanh")``).
         vision_use_head: whether the tower ends with the MAP pooling head.
+        position_embedding: one of :data:`POSITION_EMBEDDINGS`; ``None`` (the default) takes the kind of the
+            dual-tower ``model_type`` (:class:`SigLip2Config` fills it) and, for a standalone tower, ``"naflex"``.
+
+    Example:
+        >>> VisionConfig(position_embedding="fixed").num_positions  # (224 / 16) ** 2
+        196
+        >>> VisionConfig(position_embedding="naflex").num_positions
+        256
     """
 
     hidden_size: int = 768
@@ -44,11 +92,30 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu_pytorch_tanh"
     vision_use_head: bool = True
+    position_embedding: str | None = None
 
     def __post_init__(self) -> None:
         _check_heads(self.hidden_size, self.num_attention_heads, "vision")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"vision hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}.")
+        _check_activation(self.hidden_act, "vision")
+        check(
+            self.position_embedding is None or self.position_embedding in POSITION_EMBEDDINGS,
+            lambda: (
+                f"vision position_embedding must be one of {POSITION_EMBEDDINGS} (or None), "
+                f"got {self.position_embedding!r}."
+            ),
+        )
+
+    @property
+    def is_naflex(self) -> bool:
+        """Whether the position table is resized to every image's grid (SigLIP 2 NaFlex)."""
+        return self.position_embedding in (None, "naflex")
+
+    @property
+    def num_positions(self) -> int:
+        """Rows of the learned position table: ``num_patches`` (NaFlex) or ``(image_size / patch_size) ** 2``."""
+        if self.is_naflex:
+            return self.num_patches
+        return (self.image_size // self.patch_size) ** 2
 
 
 @dataclass
@@ -83,8 +150,7 @@ class TextConfig:
         if self.projection_size is None:
             self.projection_size = self.hidden_size
         _check_heads(self.hidden_size, self.num_attention_heads, "text")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"text hidden_act must be one of {_ACTIVATIONS}, got {self.hidden_act!r}.")
+        _check_activation(self.hidden_act, "text")
 
 
 @dataclass
@@ -109,15 +175,27 @@ class SigLip2Config:
     text_config: TextConfig = field(default_factory=TextConfig)
 
     def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(
-                f"Unknown model_type {self.model_type!r}: expected one of {MODEL_TYPES} "
+        check(
+            self.model_type in MODEL_TYPES,
+            lambda: (
+                f"Unknown model_type {self.model_type!r}: expected one of {tuple(MODEL_TYPES)} "
                 "('siglip' for SigLIP v1 / SigLIP 2 fixed resolution, 'siglip2' for SigLIP 2 NaFlex)."
-            )
+            ),
+        )
         if isinstance(self.vision_config, dict):
             self.vision_config = _from_dict(VisionConfig, self.vision_config)
         if isinstance(self.text_config, dict):
             self.text_config = _from_dict(TextConfig, self.text_config)
+        kind = MODEL_TYPES[self.model_type]
+        if self.vision_config.position_embedding is None:
+            self.vision_config = dataclasses.replace(self.vision_config, position_embedding=kind)
+        check(
+            self.vision_config.position_embedding == kind,
+            lambda: (
+                f"model_type {self.model_type!r} has {kind!r} position embeddings, but vision_config says "
+                f"{self.vision_config.position_embedding!r}."
+            ),
+        )
         if self.is_naflex:
             side = round(self.vision_config.num_patches**0.5)
             if side * side != self.vision_config.num_patches:
@@ -138,20 +216,27 @@ class SigLip2Config:
         """Build from a Hugging Face ``config.json`` dict, filling transformers' defaults for absent fields.
 
         Raises:
-            ValueError: the ``model_type`` is not a SigLIP / SigLIP 2 dual-tower type.
+            ValueCheckError: the ``model_type`` is not a SigLIP / SigLIP 2 dual-tower type (a ``ValueError``).
         """
         model_type = hf_config.get("model_type")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"Unknown model_type {model_type!r} in config.json: expected one of {MODEL_TYPES}.")
+        check(
+            model_type in MODEL_TYPES,
+            lambda: f"Unknown model_type {model_type!r} in config.json: expected one of {tuple(MODEL_TYPES)}.",
+        )
         return cls(
             model_type=model_type,
             vision_config=_from_dict(VisionConfig, hf_config.get("vision_config") or {}),
             text_config=_from_dict(TextConfig, hf_config.get("text_config") or {}),
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` dict (transformers' ``PretrainedConfig.to_dict``); see :meth:`to_hf_dict`."""
+        return self.to_hf_dict()
+
     def to_hf_dict(self) -> dict[str, Any]:
         """Return a ``config.json`` dict that transformers' ``AutoConfig`` reads."""
         vision = dataclasses.asdict(self.vision_config)
+        vision.pop("position_embedding")  # implied by model_type in HF configs
         if self.is_naflex:
             vision.pop("image_size")
         else:
@@ -169,8 +254,14 @@ class SigLip2Config:
 
 
 def _check_heads(hidden_size: int, num_heads: int, tower: str) -> None:
-    if num_heads <= 0 or hidden_size % num_heads:
-        raise ValueError(f"{tower} hidden_size {hidden_size} must be divisible by num_attention_heads {num_heads}.")
+    check(
+        num_heads > 0 and hidden_size % num_heads == 0,
+        lambda: f"{tower} hidden_size {hidden_size} must be divisible by num_attention_heads {num_heads}.",
+    )
+
+
+def _check_activation(name: str, tower: str) -> None:
+    check(name in ACTIVATIONS, lambda: f"{tower} hidden_act must be one of {tuple(ACTIVATIONS)}, got {name!r}.")
 
 
 def _from_dict(config_class: type, values: dict[str, Any]) -> Any:

@@ -12,6 +12,20 @@ Example:
     'siglip2'
 """
 
-from kornia_siglip2._demo import DEMO_LABELS, DEMO_SHAPES, build_tiny_checkpoint, write_shape_images
+from kornia_siglip2._demo import (
+    DEMO_LABELS,
+    DEMO_SHAPES,
+    build_siglip2_tokenizer,
+    build_siglip_tokenizer,
+    build_tiny_checkpoint,
+    write_shape_images,
+)
 
-__all__ = ["DEMO_LABELS", "DEMO_SHAPES", "build_tiny_checkpoint", "write_shape_images"]
+__all__ = [
+    "DEMO_LABELS",
+    "DEMO_SHAPES",
+    "build_siglip2_tokenizer",
+    "build_siglip_tokenizer",
+    "build_tiny_checkpoint",
+    "write_shape_images",
+]

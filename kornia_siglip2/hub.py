@@ -1,9 +1,12 @@
 """Checkpoint I/O: the only module that knows Hugging Face key names.
 
 Reads ``config.json`` + safetensors (single file or sharded) from a local folder or the Hugging Face
-cache / hub, maps HF keys to ours (q/k/v fused into ``qkv``; the conv patch embedding of ``siglip``
-checkpoints becomes the Linear over ``(py, px, c)`` patches), validates every key and shape, and writes
-the HF layout back. Never unpickles: ``*.bin`` / ``*.pt`` files are refused.
+cache / hub, maps HF keys to ours (they are the same keys; only the Conv2d patch embedding of ``siglip``
+checkpoints becomes the Linear over ``(py, px, c)`` patches), validates every key and shape, and writes the
+HF layout back. Never unpickles: ``*.bin`` / ``*.pt`` files are refused.
+
+It sits right above :mod:`~kornia_siglip2.config` in the import graph: it builds models through the class
+it is given and imports no model module, so the towers and the model can use it.
 """
 
 from __future__ import annotations
@@ -11,16 +14,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kornia_siglip2.config import SigLip2Config
-from kornia_siglip2.model import SigLip2
-from kornia_siglip2.vision import VisionTransformer
+from kornia_siglip2.config import MODEL_TYPES, VISION_MODEL_TYPES, SigLip2Config
+from kornia_siglip2.errors import check
+
+_Module = TypeVar("_Module", bound=torch.nn.Module)
 
 __all__ = [
+    "conv_to_linear_patch_weight",
     "from_hf_state_dict",
     "load_pretrained",
     "load_vision_pretrained",
@@ -32,11 +38,7 @@ __all__ = [
 
 _SAFETENSORS = "model.safetensors"
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
-_QKV = re.compile(r"^(.*\.self_attn)\.([qkv])_proj\.(weight|bias)$")
 _PATCH_SUFFIX = "embeddings.patch_embedding.weight"
-_PATCH_WEIGHT = f"vision_model.{_PATCH_SUFFIX}"
-# vision-only checkpoints (transformers' SiglipVisionModel / Siglip2VisionModel) carry no "vision_model." prefix
-_VISION_ONLY_TYPES = {"siglip_vision_model": "siglip", "siglip2_vision_model": "siglip2"}
 # non-persistent buffers that older transformers versions wrote into checkpoints
 _IGNORED = re.compile(r"(^|\.)position_ids$")
 
@@ -108,46 +110,66 @@ def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a transformers ``SiglipModel`` / ``Siglip2Model`` state dict to :class:`SigLip2` keys.
+def conv_to_linear_patch_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A Conv2d patch embedding :math:`(D, C, p, p)` as the Linear over ``(py, px, c)`` patches, :math:`(D, p^2 C)`.
 
-    Raises:
-        ValueError: a q/k/v triple is incomplete, or the patch embedding has an unexpected rank.
+    Example:
+        >>> conv_to_linear_patch_weight(torch.zeros(8, 3, 4, 4)).shape
+        torch.Size([8, 48])
+    """
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a transformers ``SiglipModel`` / ``Siglip2Model`` (or vision tower) state dict to our keys.
+
+    The keys are the same; a Conv2d patch embedding :math:`(D, C, p, p)` becomes the Linear over
+    ``(py, px, c)`` patches (:func:`conv_to_linear_patch_weight`) and the ``position_ids`` buffers older
+    transformers releases saved are dropped. Every other tensor is passed through as is (no copy).
+
+    Example:
+        >>> hf = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 4, 4),
+        ...       "logit_bias": torch.ones(1)}
+        >>> {key: tuple(value.shape) for key, value in from_hf_state_dict(hf).items()}
+        {'vision_model.embeddings.patch_embedding.weight': (8, 48), 'logit_bias': (1,)}
     """
     state_dict: dict[str, torch.Tensor] = {}
-    qkv_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in hf_state_dict.items():
         if _IGNORED.search(key):
             continue
-        match = _QKV.match(key)
-        if match:
-            prefix, which, kind = match.groups()
-            qkv_parts.setdefault((prefix, kind), {})[which] = tensor
-        elif key.endswith(_PATCH_SUFFIX) and tensor.ndim == 4:
-            # Conv2d (D, C, p, p) -> Linear over (py, px, c) flattened patches
-            state_dict[key] = tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
+        if key.endswith(_PATCH_SUFFIX) and tensor.ndim == 4:
+            state_dict[key] = conv_to_linear_patch_weight(tensor)
         else:
             state_dict[key] = tensor
-    for (prefix, kind), parts in qkv_parts.items():
-        missing = [f"{prefix}.{which}_proj.{kind}" for which in "qkv" if which not in parts]
-        if missing:
-            raise ValueError(f"Checkpoint is missing attention weights: {missing}.")
-        state_dict[f"{prefix}.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return state_dict
 
 
-def to_hf_state_dict(model: SigLip2) -> dict[str, torch.Tensor]:
-    """The model's weights in transformers' layout (inverse of :func:`from_hf_state_dict`, bit-exact)."""
-    config = model.config
+def to_hf_state_dict(
+    state_dict: dict[str, torch.Tensor] | torch.nn.Module,
+    config: SigLip2Config | None = None,
+    prefix: str = "vision_model.",
+) -> dict[str, torch.Tensor]:
+    """Our weights in transformers' layout (inverse of :func:`from_hf_state_dict`, bit-exact).
+
+    Args:
+        state_dict: a :class:`~kornia_siglip2.SigLip2` (its weights and config are used) or its
+            ``state_dict()`` (or a vision tower's, with ``prefix=""``).
+        config: the model's configuration (the patch embedding goes back to a Conv2d for ``siglip``);
+            taken from the model when a model is passed.
+        prefix: key prefix of the vision tower in ``state_dict``.
+
+    Raises:
+        ValueCheckError: no config is known.
+    """
+    if isinstance(state_dict, torch.nn.Module):
+        config = state_dict.config if config is None else config
+        state_dict = state_dict.state_dict()
+    check(config is not None, "to_hf_state_dict needs the model's config with a bare state dict.")
     vision = config.vision_config
     hf_state_dict: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state_dict.items():
         tensor = tensor.detach()
-        if key.endswith((".qkv.weight", ".qkv.bias")):
-            prefix, kind = key.rsplit(".qkv.", 1)
-            for which, part in zip("qkv", tensor.chunk(3), strict=True):
-                hf_state_dict[f"{prefix}.{which}_proj.{kind}"] = part.contiguous()
-        elif key == _PATCH_WEIGHT and not config.is_naflex:
+        if key == f"{prefix}{_PATCH_SUFFIX}" and not config.is_naflex:
             patch = vision.patch_size
             conv = tensor.reshape(tensor.shape[0], patch, patch, vision.num_channels).permute(0, 3, 1, 2)
             hf_state_dict[key] = conv.contiguous()
@@ -181,6 +203,7 @@ def _load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
 
 
 def load_pretrained(
+    model_class: type[_Module],
     name_or_path: str | Path,
     *,
     device: torch.device | str | None = None,
@@ -188,13 +211,13 @@ def load_pretrained(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
-) -> SigLip2:
-    """Load a checkpoint into :class:`SigLip2`; see :meth:`SigLip2.from_pretrained`."""
+) -> _Module:
+    """Build ``model_class(config)`` from a dual-tower checkpoint; see :meth:`SigLip2.from_pretrained`."""
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     config = SigLip2Config.from_hf_dict(_read_config(folder))
     state_dict = from_hf_state_dict(read_safetensors(folder))
     with torch.device("meta"):
-        model = SigLip2(config)
+        model = model_class(config)
     _load_into(model, state_dict, str(name_or_path))
     # transformers' default: float32 unless a dtype is asked for
     model = model.to(device=device, dtype=dtype or torch.float32)
@@ -202,6 +225,7 @@ def load_pretrained(
 
 
 def load_vision_pretrained(
+    tower_class: type[_Module],
     name_or_path: str | Path,
     *,
     device: torch.device | str | None = None,
@@ -209,35 +233,37 @@ def load_vision_pretrained(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
-) -> VisionTransformer:
-    """Load only the vision tower, from a vision-only or a dual-tower SigLIP / SigLIP 2 checkpoint.
+) -> _Module:
+    """Build ``tower_class(vision_config)`` from a vision-only or dual-tower checkpoint.
 
     Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
     transformers' ``SiglipVisionModel``) have no ``vision_model.`` prefix; dual-tower ones do, and their
-    text weights are skipped. Arguments as :meth:`SigLip2.from_pretrained`.
+    text weights are skipped.
 
     Raises:
-        ValueError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
+        ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
     """
     folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
     hf_config = _read_config(folder)
     model_type = hf_config.get("model_type")
     tensors = read_safetensors(folder)
-    if model_type in _VISION_ONLY_TYPES:
-        family, vision_dict = _VISION_ONLY_TYPES[model_type], hf_config
+    if model_type in VISION_MODEL_TYPES:
+        family, vision_dict = VISION_MODEL_TYPES[model_type], hf_config
     else:
         family, vision_dict = model_type, hf_config.get("vision_config") or {}
         tensors = {
             key[len("vision_model.") :]: value for key, value in tensors.items() if key.startswith("vision_model.")
         }
-    if family not in ("siglip", "siglip2"):
-        raise ValueError(
-            f"Unknown model_type {model_type!r} in config.json: expected siglip, siglip2, siglip_vision_model "
-            "or siglip2_vision_model."
-        )
+    check(
+        family in MODEL_TYPES,
+        lambda: (
+            f"Unknown model_type {model_type!r} in config.json: expected one of "
+            f"{tuple(MODEL_TYPES) + tuple(VISION_MODEL_TYPES)}."
+        ),
+    )
     config = SigLip2Config.from_hf_dict({"model_type": family, "vision_config": vision_dict})
     with torch.device("meta"):
-        tower = VisionTransformer(config.vision_config, naflex=config.is_naflex)
+        tower = tower_class(config.vision_config)
     _load_into(tower, from_hf_state_dict(tensors), str(name_or_path))
     return tower.to(device=device, dtype=dtype or torch.float32).eval()
 
@@ -249,8 +275,13 @@ def _read_config(folder: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
-def save_pretrained(model: SigLip2, folder: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` in the layout transformers' ``from_pretrained`` reads."""
+def save_pretrained(model: torch.nn.Module, folder: str | Path) -> None:
+    """Write ``config.json`` and ``model.safetensors`` in the layout transformers' ``from_pretrained`` reads.
+
+    Args:
+        model: a :class:`~kornia_siglip2.SigLip2` (anything with a ``config`` :class:`SigLip2Config`).
+        folder: target folder (created if needed).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")

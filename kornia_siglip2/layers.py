@@ -1,7 +1,7 @@
-"""Transformer building blocks shared by the vision and text towers: MLP, attention, pre-LN block, encoder.
+"""Transformer building blocks shared by the vision and text towers: MLP, pre-LN block, encoder.
 
-Every block works on packed tokens :math:`(N, D)` and a :class:`~kornia_siglip2.attention.VarlenLayout`
-that says which tokens attend to each other; a text batch is the special case of equal lengths.
+Every block works on packed tokens :math:`(N, D)` and a :class:`~kornia_siglip2.packing.VarlenLayout` that
+says which tokens attend to each other; a text batch is the special case of equal lengths.
 """
 
 from __future__ import annotations
@@ -9,32 +9,68 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from kornia_siglip2.attention import VarlenLayout, varlen_attention
+from kornia_siglip2.attention import Attention
+from kornia_siglip2.config import ACTIVATIONS
+from kornia_siglip2.errors import check
+from kornia_siglip2.packing import VarlenLayout
 
-__all__ = ["MLP", "Encoder", "EncoderBlock", "SelfAttention", "activation"]
+__all__ = ["MLP", "Encoder", "EncoderBlock", "EncoderOutput", "activation", "init_transformer_weights", "lecun_normal_"]
 
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "quick_gelu": _quick_gelu,
-    "relu": F.relu,
-}
+#: ``(last tokens, hidden states or None, attention weights per layer or None)``
+EncoderOutput = tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[tuple[torch.Tensor, ...], ...] | None]
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Return the activation function called ``name`` in HF configs (``gelu_pytorch_tanh`` for SigLIP)."""
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}; expected one of {tuple(_ACTIVATIONS)}.")
-    return _ACTIVATIONS[name]
+    """Return the activation function called ``name`` in HF configs (``gelu_pytorch_tanh`` for SigLIP).
+
+    Raises:
+        ValueCheckError: ``name`` is not in :data:`~kornia_siglip2.config.ACTIVATIONS`.
+    """
+    check(name in ACTIVATIONS, lambda: f"Unknown activation {name!r}; expected one of {tuple(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """big_vision's defaults for every Linear and LayerNorm below ``module``.
+
+    Linear kernels xavier-uniform (``nn.Dense(kernel_init=xavier_uniform())`` in big_vision's ``MlpBlock``
+    and attention), biases zero (big_vision draws the MLP biases from N(0, 1e-6): zero is that to within
+    1e-6), LayerNorm scale 1 and offset 0.
+
+    Example:
+        >>> mlp = MLP(8, 16)
+        >>> init_transformer_weights(mlp)
+        >>> bool((mlp.fc1.bias == 0).all()), bool(mlp.fc1.weight.abs().max() <= (6 / 24) ** 0.5)
+        (True, True)
+    """
+    for child in module.modules():
+        if isinstance(child, nn.Linear):
+            nn.init.xavier_uniform_(child.weight)
+            if child.bias is not None:
+                nn.init.zeros_(child.bias)
+        elif isinstance(child, nn.LayerNorm):
+            nn.init.ones_(child.weight)
+            nn.init.zeros_(child.bias)
+        elif isinstance(child, Attention) and child.fused_in_proj:
+            # one xavier draw per projection, as three separate kernels would get
+            with torch.no_grad():
+                for part in child.in_proj_weight.chunk(3):
+                    nn.init.xavier_uniform_(part)
+            nn.init.zeros_(child.in_proj_bias)
+
+
+def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
+    """Flax's ``lecun_normal``: truncated normal (two standard deviations) with variance ``1 / fan_in``.
+
+    ``fan_in`` is the product of all axes but the first (a Linear's input width, a conv's ``C * p * p``).
+    The standard deviation is divided by 0.8796, the standard deviation of a unit normal truncated at two.
+    """
+    fan_in = weight[0].numel()
+    std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
+    return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
 
 class MLP(nn.Module):
@@ -61,64 +97,6 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection over packed tokens.
-
-    Args:
-        width: token width :math:`D`.
-        num_heads: heads :math:`H` (``D`` divisible by ``H``).
-
-    Example:
-        >>> attention = SelfAttention(8, num_heads=2)
-        >>> layout = VarlenLayout.from_seqlens([3, 2])
-        >>> attention(torch.rand(5, 8), layout).shape
-        torch.Size([5, 8])
-    """
-
-    def __init__(self, width: int, num_heads: int) -> None:
-        super().__init__()
-        if width % num_heads:
-            raise ValueError(f"width {width} must be divisible by num_heads {num_heads}.")
-        self.num_heads = num_heads
-        self.head_dim = width // num_heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        layout: VarlenLayout,
-        key_padding_mask: torch.Tensor | None = None,
-        backend: str = "auto",
-    ) -> torch.Tensor:
-        """Attend within each sequence of ``layout``.
-
-        Args:
-            hidden_states: packed tokens :math:`(N, D)`.
-            layout: which tokens form a sequence.
-            key_padding_mask: optional :math:`(B, L)` bool mask (True = attend) for a layout of ``B``
-                sequences of equal length ``L``; used by the text tower's ``attention_mask``.
-            backend: attention backend, see :func:`~kornia_siglip2.attention.varlen_attention`.
-
-        Returns:
-            :math:`(N, D)` tokens.
-        """
-        num_tokens = hidden_states.shape[0]
-        # [N, 3D] -> 3 x [N, H, Dh]
-        query, key, value = self.qkv(hidden_states).view(num_tokens, 3, self.num_heads, self.head_dim).unbind(1)
-        if key_padding_mask is None:
-            attended = varlen_attention(query, key, value, layout=layout, backend=backend)
-        else:
-            batch, length = key_padding_mask.shape
-            query, key, value = (
-                tensor.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-                for tensor in (query, key, value)
-            )
-            attended = F.scaled_dot_product_attention(query, key, value, attn_mask=key_padding_mask[:, None, None, :])
-            attended = attended.transpose(1, 2)
-        return self.out_proj(attended.reshape(num_tokens, -1))
-
-
 class EncoderBlock(nn.Module):
     """Pre-LN transformer block: ``x + attn(LN1(x))`` then ``x + mlp(LN2(x))``.
 
@@ -128,6 +106,12 @@ class EncoderBlock(nn.Module):
         hidden_width: MLP inner width.
         layer_norm_eps: LayerNorm epsilon (1e-6 in SigLIP).
         hidden_act: MLP activation name.
+
+    Example:
+        >>> block = EncoderBlock(8, num_heads=2, hidden_width=16)
+        >>> tokens, weights = block(torch.rand(7, 8), VarlenLayout.from_seqlens([4, 3]), output_attentions=True)
+        >>> tokens.shape, [tuple(w.shape) for w in weights]
+        (torch.Size([7, 8]), [(2, 4, 4), (2, 3, 3)])
     """
 
     def __init__(
@@ -140,30 +124,37 @@ class EncoderBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.self_attn = SelfAttention(width, num_heads)
+        self.self_attn = Attention(width, num_heads)
         self.layer_norm2 = nn.LayerNorm(width, eps=layer_norm_eps)
         self.mlp = MLP(width, hidden_width, hidden_act)
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        layout: VarlenLayout,
-        key_padding_mask: torch.Tensor | None = None,
-        backend: str = "auto",
-    ) -> torch.Tensor:
-        """Transform packed tokens :math:`(N, D)`; see :meth:`SelfAttention.forward` for the arguments."""
-        hidden_states = hidden_states + self.self_attn(
-            self.layer_norm1(hidden_states), layout, key_padding_mask, backend
-        )
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+        self, hidden_states: torch.Tensor, layout: VarlenLayout, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Transform packed tokens :math:`(N, D)`; returns them and, on request, the attention weights."""
+        attended, weights = self.self_attn(self.layer_norm1(hidden_states), layout, None, output_attentions)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states)), weights
 
 
 class Encoder(nn.Module):
     """A stack of :class:`EncoderBlock` (the ``encoder.layers.{i}`` of both towers).
 
+    Args:
+        num_layers: number of blocks.
+        width: token width :math:`D`.
+        num_heads: attention heads.
+        hidden_width: MLP inner width.
+        layer_norm_eps: LayerNorm epsilon.
+        hidden_act: MLP activation name.
+
+    Attributes:
+        gradient_checkpointing: recompute each block in the backward pass instead of keeping its
+            activations (``torch.utils.checkpoint``; set with :meth:`set_grad_checkpointing`).
+
     Example:
         >>> encoder = Encoder(2, width=8, num_heads=2, hidden_width=16)
-        >>> tokens, hidden_states = encoder(torch.rand(7, 8), VarlenLayout.from_seqlens([4, 3]), True)
+        >>> tokens, hidden_states, _ = encoder(torch.rand(7, 8), VarlenLayout.from_seqlens([4, 3]), True)
         >>> tokens.shape, len(hidden_states)
         (torch.Size([7, 8]), 3)
     """
@@ -181,30 +172,46 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(
             EncoderBlock(width, num_heads, hidden_width, layer_norm_eps, hidden_act) for _ in range(num_layers)
         )
-        #: attention backend used by every layer (see :data:`kornia_siglip2.attention.BACKENDS`)
-        self.attention_backend = "auto"
+        self.gradient_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in the backward pass (less activation memory, one more forward)."""
+        self.gradient_checkpointing = enable
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         layout: VarlenLayout,
         output_hidden_states: bool = False,
-        key_padding_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
         """Run all blocks.
 
         Args:
             hidden_states: packed tokens :math:`(N, D)`.
             layout: sequence layout shared by every layer.
             output_hidden_states: also return the input and the output of every block.
-            key_padding_mask: see :meth:`SelfAttention.forward`.
+            output_attentions: also return every block's attention weights.
 
         Returns:
-            the last tokens :math:`(N, D)` and, on request, ``num_layers + 1`` hidden states.
+            the last tokens :math:`(N, D)`, on request ``num_layers + 1`` hidden states, and on request one
+            tuple of per-sequence :math:`(H, L, L)` weights per block.
         """
         all_states = [hidden_states] if output_hidden_states else None
+        all_weights = [] if output_attentions else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, layout, key_padding_mask, self.attention_backend)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden_states, weights = checkpoint(
+                    layer, hidden_states, layout, output_attentions, use_reentrant=False
+                )
+            else:
+                hidden_states, weights = layer(hidden_states, layout, output_attentions)
             if all_states is not None:
                 all_states.append(hidden_states)
-        return hidden_states, (tuple(all_states) if all_states is not None else None)
+            if all_weights is not None:
+                all_weights.append(weights)
+        return (
+            hidden_states,
+            tuple(all_states) if all_states is not None else None,
+            tuple(all_weights) if all_weights is not None else None,
+        )

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 
+from kornia_siglip2.errors import check, check_shape
 from kornia_siglip2.model import SigLip2
-from kornia_siglip2.vision import PackedGrid, VisionTransformer
+from kornia_siglip2.packing import ImageLayout, PackedImages
+from kornia_siglip2.vision import VisionTransformer
 
 __all__ = ["layer_image_features", "logit_lens"]
 
@@ -23,40 +24,44 @@ __all__ = ["layer_image_features", "logit_lens"]
 def layer_image_features(
     vision_model: VisionTransformer,
     hidden_states: Sequence[torch.Tensor],
-    grid_thw: torch.Tensor | PackedGrid,
+    grid_thw: torch.Tensor | ImageLayout | PackedImages,
 ) -> torch.Tensor:
     """Pool every hidden state with the tower's final LayerNorm and MAP head.
 
     Args:
         vision_model: the vision tower that produced ``hidden_states`` (it must have its MAP head).
         hidden_states: :math:`L + 1` packed states, each :math:`(N, D)` (``VisionOutput.hidden_states``).
-        grid_thw: :math:`(n, 3)` grid of the packed images, or the :class:`~kornia_siglip2.vision.PackedGrid`.
+        grid_thw: :math:`(n, 3)` grid of the packed images, or its :class:`~kornia_siglip2.packing.ImageLayout`
+            or :class:`~kornia_siglip2.packing.PackedImages`.
 
     Returns:
         :math:`(L + 1, \\sum t, D)` pooled (not normalized) features; the last row is ``pooler_output``.
 
     Raises:
-        BaseError: no hidden states, no MAP head, or states that do not match ``grid_thw``.
+        ValueCheckError: no hidden states, no MAP head, or states that do not match ``grid_thw``.
 
     Example:
         >>> from kornia_siglip2 import VisionConfig, patchify
         >>> config = VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
         ...                       patch_size=4, num_patches=16)
-        >>> tower = VisionTransformer(config, naflex=True).eval()
+        >>> tower = VisionTransformer(config).eval()
         >>> patches, grid_thw = patchify(torch.rand(3, 3, 8, 12), patch_size=4)
         >>> output = tower(patches, grid_thw, output_hidden_states=True)
         >>> pooled = layer_image_features(tower, output.hidden_states, grid_thw)
         >>> pooled.shape, torch.equal(pooled[-1], output.pooler_output)
         (torch.Size([3, 3, 16]), True)
     """
-    KORNIA_CHECK(len(hidden_states) > 0, "hidden_states is empty: run the tower with output_hidden_states=True.")
-    KORNIA_CHECK(vision_model.head is not None, "The vision tower has no MAP head (vision_use_head=False).")
+    check(len(hidden_states) > 0, "hidden_states is empty: run the tower with output_hidden_states=True.")
+    check(vision_model.head is not None, "The vision tower has no MAP head (vision_use_head=False).")
     first = hidden_states[0]
-    packed = grid_thw if isinstance(grid_thw, PackedGrid) else PackedGrid.from_grid_thw(grid_thw, first.device)
+    if isinstance(grid_thw, PackedImages):
+        packed = grid_thw.layout
+    else:
+        packed = grid_thw if isinstance(grid_thw, ImageLayout) else ImageLayout.from_grid_thw(grid_thw, first.device)
     pooled = []
     for index, state in enumerate(hidden_states):
-        KORNIA_CHECK_SHAPE(state, ["N", "D"], f"hidden_states[{index}] must be packed tokens (N, D).")
-        KORNIA_CHECK(
+        check_shape(state, ["N", "D"], f"hidden_states[{index}] must be packed tokens (N, D).")
+        check(
             state.shape[0] == packed.num_tokens,
             f"hidden_states[{index}] has {state.shape[0]} tokens but grid_thw describes {packed.num_tokens}.",
         )
@@ -67,17 +72,17 @@ def layer_image_features(
 def logit_lens(
     model: SigLip2,
     input_ids: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | PackedImages | None = None,
     pixel_attention_mask: torch.Tensor | None = None,
     spatial_shapes: torch.Tensor | None = None,
     *,
     patches: torch.Tensor | None = None,
-    grid_thw: torch.Tensor | PackedGrid | None = None,
+    grid_thw: torch.Tensor | ImageLayout | None = None,
     text_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score every layer's pooled image representation against the texts, as the model scores its output.
 
-    Images come in any of the model's conventions (see :meth:`~kornia_siglip2.SigLip2.get_image_features`);
+    Images come in any of the model's conventions (see :meth:`~kornia_siglip2.SigLip2.encode_image`);
     texts as token ids or as pooled text features.
 
     Args:
@@ -87,7 +92,8 @@ def logit_lens(
         pixel_attention_mask: :math:`(B, L_{max})` valid-patch mask of padded NaFlex input.
         spatial_shapes: :math:`(B, 2)` patch grids of padded NaFlex input.
         patches: packed patches :math:`(N, p^2 C)` (instead of ``pixel_values``).
-        grid_thw: :math:`(n, 3)` grid of the packed images, or a prebuilt :class:`~kornia_siglip2.vision.PackedGrid`.
+        grid_thw: :math:`(n, 3)` grid of the packed images, or a prebuilt
+            :class:`~kornia_siglip2.packing.ImageLayout` (no host read: ``torch.compile`` traces the call).
         text_embeds: :math:`(T, D)` text features (normalized here), instead of ``input_ids``.
 
     Returns:
@@ -95,8 +101,8 @@ def logit_lens(
         equals ``model(...).logits_per_image``.
 
     Raises:
-        ValueError: not exactly one of ``input_ids`` / ``text_embeds``, or an incomplete image description.
-        BaseError: ``text_embeds`` is not :math:`(T, D)`.
+        ValueCheckError: not exactly one of ``input_ids`` / ``text_embeds``, an incomplete image description,
+            or ``text_embeds`` that is not :math:`(T, D)` (a ``ValueError``).
 
     Example:
         >>> from kornia_siglip2 import SigLip2Config, patchify
@@ -117,21 +123,21 @@ def logit_lens(
         >>> torch.equal(lens[-1], model(input_ids, patches=patches, grid_thw=grid_thw).logits_per_image)
         True
     """
-    if (input_ids is None) == (text_embeds is None):
-        raise ValueError("Pass exactly one of input_ids (T, L) or text_embeds (T, D).")
-    if patches is None and grid_thw is None:
-        patches, grid_thw = model.pack_images(pixel_values, pixel_attention_mask, spatial_shapes)
-    elif patches is None or grid_thw is None:
-        raise ValueError("The packed path needs both patches (N, p*p*C) and grid_thw (n, 3).")
-    elif pixel_values is not None:
-        raise ValueError("Pass either pixel_values or patches + grid_thw, not both.")
-    # one PackedGrid for the tower and the per-layer pooling: grid_thw is read from the device once
-    packed = grid_thw if isinstance(grid_thw, PackedGrid) else PackedGrid.from_grid_thw(grid_thw, patches.device)
-    output = model.vision_model(patches, packed, output_hidden_states=True)
-    image_embeds = F.normalize(layer_image_features(model.vision_model, output.hidden_states, packed), dim=-1)
+    check((input_ids is None) != (text_embeds is None), "Pass exactly one of input_ids (T, L) or text_embeds (T, D).")
+    if isinstance(grid_thw, ImageLayout):
+        check(patches is not None and pixel_values is None, "An ImageLayout goes with patches only.")
+        layout = grid_thw
+    else:
+        # one cached layout for the tower and the per-layer pooling: grid_thw is read from the device once
+        packed = model.pack_images(
+            pixel_values, pixel_attention_mask, spatial_shapes, patches=patches, grid_thw=grid_thw
+        )
+        patches, layout = packed.patches, packed.layout
+    output = model.vision_model(patches, layout, output_hidden_states=True)
+    image_embeds = F.normalize(layer_image_features(model.vision_model, output.hidden_states, layout), dim=-1)
     if text_embeds is None:
-        text_embeds = model.get_text_features(input_ids)
-    KORNIA_CHECK_SHAPE(text_embeds, ["T", "D"], "text_embeds must be (num_texts, D).")
+        text_embeds = model.encode_text(input_ids)
+    check_shape(text_embeds, ["T", "D"], "text_embeds must be (num_texts, D).")
     text_embeds = F.normalize(text_embeds, dim=-1)
     # the model's own logits() per layer, so the last layer is bit-identical to logits_per_image
     return torch.stack([model.logits(layer, text_embeds).t() for layer in image_embeds])

@@ -1,45 +1,36 @@
-"""The dual-tower SigLIP / SigLIP 2 model: vision + text towers and the learned ``logit_scale``/``logit_bias``."""
+"""The dual-tower SigLIP / SigLIP 2 model: vision + text towers and the learned ``logit_scale``/``logit_bias``.
+
+Two surfaces over one packed core:
+
+- transformers 5's: ``forward`` / ``get_image_features`` / ``get_text_features`` with transformers' argument
+  names and ``ModelOutput`` results (key, index and attribute access, ``return_dict=False``), outputs in the
+  layout of the inputs (padded in, padded out; packed in, packed out);
+- tensor-out methods for Kornia / open_clip users: :meth:`SigLip2.encode_image` and
+  :meth:`SigLip2.encode_text`, with a ``normalize`` flag.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kornia_siglip2.attention import ATTENTION_BACKENDS, Attention
 from kornia_siglip2.config import SigLip2Config
-from kornia_siglip2.losses.sigmoid import sigmoid_loss
-from kornia_siglip2.packing import padded_to_packed, patchify
-from kornia_siglip2.text import TextOutput, TextTransformer
-from kornia_siglip2.vision import PackedGrid, VisionOutput, VisionTransformer
+from kornia_siglip2.errors import check
+from kornia_siglip2.hub import from_hf_state_dict, load_pretrained, save_pretrained
+from kornia_siglip2.outputs import SigLip2Output, TextOutput, VisionOutput
+from kornia_siglip2.packing import ImageLayout, PackedImages, pack_inputs
+from kornia_siglip2.text import TextTransformer
+from kornia_siglip2.vision import VisionTransformer
 
 __all__ = ["SigLip2", "SigLip2Output"]
 
-
-@dataclass
-class SigLip2Output:
-    """Output of :meth:`SigLip2.forward` (the names of transformers' ``SiglipOutput``).
-
-    Attributes:
-        loss: sigmoid loss (REFERENCE 5) when ``return_loss=True``, else ``None``.
-        logits_per_image: :math:`(n_{img}, n_{txt})` scaled cosine similarities plus bias.
-        logits_per_text: :math:`(n_{txt}, n_{img})`, the transpose.
-        text_embeds: L2-normalized pooled text features :math:`(n_{txt}, D)`.
-        image_embeds: L2-normalized pooled image features :math:`(n_{img}, D)`.
-        text_model_output: the text tower's :class:`~kornia_siglip2.text.TextOutput`.
-        vision_model_output: the vision tower's :class:`~kornia_siglip2.vision.VisionOutput`.
-    """
-
-    loss: torch.Tensor | None
-    logits_per_image: torch.Tensor
-    logits_per_text: torch.Tensor
-    text_embeds: torch.Tensor
-    image_embeds: torch.Tensor
-    text_model_output: TextOutput
-    vision_model_output: VisionOutput
+ImageInput = torch.Tensor | PackedImages | None
 
 
 class SigLip2(nn.Module):
@@ -48,11 +39,11 @@ class SigLip2(nn.Module):
     Images always travel as a packed sequence (``patches [N, p*p*C]`` + ``grid_thw [n, 3]``); the
     transformers input conventions (``pixel_values [B, C, H, W]`` for fixed resolution, padded
     ``pixel_values [B, L, p*p*C]`` + ``pixel_attention_mask`` + ``spatial_shapes`` for NaFlex) are
-    converted to that at the boundary.
+    converted to that at the boundary, and the outputs converted back to the caller's layout.
 
     Args:
-        config: model configuration. Weights are randomly initialised; use :meth:`from_pretrained` to
-            load a checkpoint.
+        config: model configuration. Weights are initialised as big_vision does (:meth:`init_weights`);
+            use :meth:`from_pretrained` to load a checkpoint.
 
     Example:
         >>> from kornia_siglip2 import SigLip2Config
@@ -64,113 +55,239 @@ class SigLip2(nn.Module):
         ...                     "num_hidden_layers": 1, "num_attention_heads": 2}})
         >>> model = SigLip2(config).eval()
         >>> out = model(input_ids=torch.randint(0, 100, (3, 64)), pixel_values=torch.rand(2, 3, 16, 24))
-        >>> out.logits_per_image.shape
-        torch.Size([2, 3])
+        >>> out.logits_per_image.shape, out["logits_per_image"] is out[0]
+        (torch.Size([2, 3]), True)
+        >>> model.encode_image(torch.rand(2, 3, 16, 24), normalize=True).shape
+        torch.Size([2, 32])
     """
 
     def __init__(self, config: SigLip2Config) -> None:
         super().__init__()
         self.config = config
-        self.vision_model = VisionTransformer(config.vision_config, naflex=config.is_naflex)
+        self.name_or_path = ""
+        self.vision_model = VisionTransformer(config.vision_config)
         self.text_model = TextTransformer(config.text_config)
-        # SigLIP paper section 3.2: t' = log 10, b = -10 at initialisation
+        # SigLIP paper section 3.2 (the towers initialise themselves, see init_weights)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
         self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
 
+    # ------------------------------------------------------------------ setup
+    def init_weights(self) -> None:
+        """Initialise both towers as big_vision does, and the logit scale / bias as the SigLIP paper.
+
+        See :meth:`VisionTransformer.init_weights` and :meth:`TextTransformer.init_weights`;
+        ``logit_scale = log 10`` and ``logit_bias = -10`` (SigLIP paper, section 3.2).
+        """
+        self.vision_model.init_weights()
+        self.text_model.init_weights()
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(10.0))
+            self.logit_bias.fill_(-10.0)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Use ``backend`` (one of :data:`~kornia_siglip2.attention.ATTENTION_BACKENDS`) in every attention.
+
+        Raises:
+            ValueCheckError: unknown backend.
+        """
+        check(
+            backend in ATTENTION_BACKENDS,
+            lambda: f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.",
+        )
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every encoder block of both towers in the backward pass (``torch.utils.checkpoint``)."""
+        self.vision_model.encoder.set_grad_checkpointing(enable)
+        self.text_model.encoder.set_grad_checkpointing(enable)
+
+    # ------------------------------------------------------- transformers-style attributes
     @property
     def patch_size(self) -> int:
         """Patch side in pixels."""
         return self.config.vision_config.patch_size
 
-    def pack_images(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        pixel_attention_mask: torch.Tensor | None = None,
-        spatial_shapes: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Convert transformers-style image inputs into a packed ``(patches, grid_thw)`` batch.
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters (transformers' ``PreTrainedModel.device``)."""
+        return self.logit_scale.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the parameters (transformers' ``PreTrainedModel.dtype``)."""
+        return self.logit_scale.dtype
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameters, as transformers' ``PreTrainedModel.num_parameters``.
 
         Args:
-            pixel_values: :math:`(B, C, H, W)` normalized images, or NaFlex padded patches
-                :math:`(B, L_{max}, p \\cdot p \\cdot C)` together with the next two arguments.
-            pixel_attention_mask: :math:`(B, L_{max})`, 1 for valid patches (NaFlex padded input).
-            spatial_shapes: :math:`(B, 2)` patch grid of each image (NaFlex padded input).
+            only_trainable: count only parameters with ``requires_grad``.
+            exclude_embeddings: leave out the token and position embedding tables.
+        """
+        excluded = set()
+        if exclude_embeddings:
+            excluded = {id(module.weight) for module in self.modules() if isinstance(module, nn.Embedding)}
+        return sum(
+            parameter.numel()
+            for parameter in self.parameters()
+            if id(parameter) not in excluded and (parameter.requires_grad or not only_trainable)
+        )
 
-        Returns:
-            ``patches`` :math:`(N, p \\cdot p \\cdot C)` and ``grid_thw`` :math:`(B, 3)`.
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The text token embedding (transformers' ``get_input_embeddings``)."""
+        return self.text_model.embeddings.token_embedding
+
+    # ------------------------------------------------------------------ images
+    def pack_images(
+        self,
+        pixel_values: ImageInput = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        *,
+        patches: torch.Tensor | None = None,
+        grid_thw: torch.Tensor | None = None,
+    ) -> PackedImages:
+        """Bring any image input convention to one packed batch (see :func:`~kornia_siglip2.packing.pack_inputs`).
 
         Raises:
-            ValueError: an input has the wrong rank or the NaFlex description is incomplete.
+            ValueCheckError: an input has the wrong rank, is given twice, or the NaFlex description is incomplete.
         """
-        if pixel_values is None:
-            raise ValueError("pixel_values is required (or pass patches and grid_thw).")
-        if pixel_values.ndim == 4:
-            return patchify(pixel_values, self.patch_size)
-        if pixel_values.ndim == 3:
-            if spatial_shapes is None:
-                raise ValueError("Padded NaFlex pixel_values (B, L, p*p*C) need spatial_shapes (B, 2).")
-            if pixel_attention_mask is None:
-                lengths = spatial_shapes.long().prod(-1)
-                positions = torch.arange(pixel_values.shape[1], device=pixel_values.device)
-                pixel_attention_mask = positions[None] < lengths[:, None]
-            return padded_to_packed(pixel_values, pixel_attention_mask, spatial_shapes)
-        raise ValueError(
-            "pixel_values must be images (B, C, H, W) or padded NaFlex patches (B, L, p*p*C), "
-            f"got shape {tuple(pixel_values.shape)}."
+        return pack_inputs(
+            pixel_values,
+            pixel_attention_mask,
+            spatial_shapes,
+            patches=patches,
+            grid_thw=grid_thw,
+            patch_size=self.patch_size,
         )
 
     def encode_images(
         self,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: ImageInput = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         *,
         patches: torch.Tensor | None = None,
-        grid_thw: torch.Tensor | PackedGrid | None = None,
+        grid_thw: torch.Tensor | ImageLayout | None = None,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
     ) -> VisionOutput:
-        """Run the vision tower on either input convention; see :meth:`get_image_features`."""
-        if patches is not None or grid_thw is not None:
-            if patches is None or grid_thw is None:
-                raise ValueError("The packed path needs both patches (N, p*p*C) and grid_thw (n, 3).")
-            if pixel_values is not None:
-                raise ValueError("Pass either pixel_values or patches + grid_thw, not both.")
-        else:
-            patches, grid_thw = self.pack_images(pixel_values, pixel_attention_mask, spatial_shapes)
-        return self.vision_model(patches, grid_thw, output_hidden_states=output_hidden_states)
+        """Run the vision tower on any input convention and keep its output **packed** (for losses, decoders).
+
+        Returns:
+            :class:`~kornia_siglip2.outputs.VisionOutput` with packed ``last_hidden_state`` :math:`(N, D)` and
+            ``cu_seqlens``.
+        """
+        if isinstance(grid_thw, ImageLayout):  # a prebuilt layout (compile path): skip the host read
+            return self.vision_model(patches, grid_thw, output_hidden_states, output_attentions=output_attentions)
+        packed = self.pack_images(
+            pixel_values, pixel_attention_mask, spatial_shapes, patches=patches, grid_thw=grid_thw
+        )
+        return self.vision_model(packed, None, output_hidden_states, output_attentions=output_attentions)
 
     def get_image_features(
         self,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: ImageInput = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         *,
         patches: torch.Tensor | None = None,
-        grid_thw: torch.Tensor | PackedGrid | None = None,
-    ) -> torch.Tensor:
-        """Pooled (not normalized) image features, one row per image frame.
+        grid_thw: torch.Tensor | ImageLayout | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VisionOutput | tuple:
+        """The vision tower's output, as transformers 5 (``.pooler_output`` is the pooled feature).
 
         Args:
-            pixel_values: :math:`(B, C, H, W)` images, or padded NaFlex patches :math:`(B, L, p^2 C)`.
+            pixel_values: :math:`(B, C, H, W)` images, padded NaFlex patches :math:`(B, L, p^2 C)`, or a
+                :class:`~kornia_siglip2.packing.PackedImages`.
             pixel_attention_mask: :math:`(B, L)` valid-patch mask for padded NaFlex input.
             spatial_shapes: :math:`(B, 2)` patch grids for padded NaFlex input.
             patches: packed patches :math:`(N, p^2 C)` (instead of ``pixel_values``).
             grid_thw: :math:`(n, 3)` grid of each packed image.
+            output_hidden_states: also return every layer's tokens.
+            output_attentions: also return every layer's attention weights.
+            interpolate_pos_encoding: accepted for transformers' code (tables are always resized).
+            return_dict: ``False`` returns a tuple, as transformers.
 
         Returns:
-            :math:`(\\sum t, D)` pooled features.
+            :class:`~kornia_siglip2.outputs.VisionOutput`: ``pooler_output`` :math:`(\\sum t, D)` (not normalized)
+            and ``last_hidden_state`` in the layout of the input. For a tensor, use :meth:`encode_image`.
         """
-        output = self.encode_images(
-            pixel_values, pixel_attention_mask, spatial_shapes, patches=patches, grid_thw=grid_thw
+        output = self.vision_model(
+            pixel_values,
+            grid_thw,
+            output_hidden_states,
+            output_attentions=output_attentions,
+            patches=patches,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        if output.pooler_output is None:
-            raise ValueError("This vision tower has no MAP head (vision_use_head=False): use last_hidden_state.")
-        return output.pooler_output
+        return output.to_tuple() if return_dict is False else output
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled (not normalized) text features :math:`(B, P)` from ids :math:`(B, L)`."""
-        return self.text_model(input_ids, attention_mask).pooler_output
+    def encode_image(
+        self,
+        pixel_values: ImageInput = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        *,
+        patches: torch.Tensor | None = None,
+        grid_thw: torch.Tensor | ImageLayout | None = None,
+        normalize: bool = False,
+    ) -> torch.Tensor:
+        """Pooled image features as a tensor (open_clip's ``encode_image``), one row per frame.
 
+        Args:
+            pixel_values: as :meth:`get_image_features`.
+            pixel_attention_mask: as :meth:`get_image_features`.
+            spatial_shapes: as :meth:`get_image_features`.
+            patches: as :meth:`get_image_features`.
+            grid_thw: as :meth:`get_image_features`.
+            normalize: L2-normalize the rows (the embeddings the logits are computed from).
+
+        Returns:
+            :math:`(\\sum t, D)` features.
+
+        Raises:
+            ValueCheckError: the vision tower has no MAP head.
+        """
+        pooled = self.encode_images(
+            pixel_values, pixel_attention_mask, spatial_shapes, patches=patches, grid_thw=grid_thw
+        ).pooler_output
+        check(pooled is not None, "This vision tower has no MAP head (vision_use_head=False): use last_hidden_state.")
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    # ------------------------------------------------------------------ texts
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        return_dict: bool | None = None,
+    ) -> TextOutput | tuple:
+        """The text tower's output, as transformers 5 (``.pooler_output`` :math:`(B, P)` is the pooled feature).
+
+        For a tensor, use :meth:`encode_text`.
+        """
+        return self.text_model(
+            input_ids, attention_mask, output_hidden_states, position_ids, output_attentions, return_dict
+        )
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, normalize: bool = False
+    ) -> torch.Tensor:
+        """Pooled text features :math:`(B, P)` as a tensor (open_clip's ``encode_text``); ``normalize`` as images."""
+        pooled = self.text_model(input_ids, attention_mask).pooler_output
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    # ------------------------------------------------------------------ scores
     def logits(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """``logits_per_text`` :math:`(n_{txt}, n_{img})` from normalized embeddings (no clamp on the scale)."""
         return text_embeds @ image_embeds.t() * self.logit_scale.exp() + self.logit_bias
@@ -178,17 +295,21 @@ class SigLip2(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
+        pixel_values: ImageInput = None,
         attention_mask: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         return_loss: bool = False,
         *,
         patches: torch.Tensor | None = None,
-        grid_thw: torch.Tensor | PackedGrid | None = None,
+        grid_thw: torch.Tensor | ImageLayout | None = None,
+        position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> SigLip2Output:
-        """Score every image against every text.
+        output_attentions: bool = False,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> SigLip2Output | tuple:
+        """Score every image against every text (transformers' ``SiglipModel`` / ``Siglip2Model`` forward).
 
         Args:
             input_ids: :math:`(n_{txt}, L)` token ids.
@@ -199,32 +320,36 @@ class SigLip2(nn.Module):
             return_loss: also compute the sigmoid loss; needs ``n_img == n_txt`` (pairs on the diagonal).
             patches: packed patches (instead of ``pixel_values``).
             grid_thw: grid of each packed image.
+            position_ids: optional text positions.
             output_hidden_states: keep the hidden states of both towers in the sub-outputs.
+            output_attentions: keep the attention weights of both towers in the sub-outputs.
+            interpolate_pos_encoding: accepted for transformers' code (tables are always resized).
+            return_dict: ``False`` returns a tuple, as transformers.
 
         Returns:
-            :class:`SigLip2Output`.
+            :class:`~kornia_siglip2.outputs.SigLip2Output`.
+
+        Raises:
+            ValueCheckError: no ``input_ids``, no MAP head, or (with ``return_loss``) unequal batch sizes.
         """
-        if input_ids is None:
-            raise ValueError("input_ids is required.")
-        vision_output = self.encode_images(
+        check(input_ids is not None, "input_ids is required.")
+        vision_output = self.vision_model(
             pixel_values,
-            pixel_attention_mask,
-            spatial_shapes,
+            grid_thw,
+            output_hidden_states,
+            output_attentions=output_attentions,
             patches=patches,
-            grid_thw=grid_thw,
-            output_hidden_states=output_hidden_states,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
-        text_output = self.text_model(input_ids, attention_mask, output_hidden_states)
-        if vision_output.pooler_output is None:
-            raise ValueError("This vision tower has no MAP head (vision_use_head=False).")
+        text_output = self.text_model(input_ids, attention_mask, output_hidden_states, position_ids, output_attentions)
+        check(vision_output.pooler_output is not None, "This vision tower has no MAP head (vision_use_head=False).")
         image_embeds = F.normalize(vision_output.pooler_output, dim=-1)
         text_embeds = F.normalize(text_output.pooler_output, dim=-1)
         logits_per_text = self.logits(image_embeds, text_embeds)
-        loss = None
-        if return_loss:
-            loss = sigmoid_loss(image_embeds, text_embeds, self.logit_scale, self.logit_bias)
-        return SigLip2Output(
-            loss=loss,
+        output = SigLip2Output(
+            loss=_pairwise_sigmoid_loss(logits_per_text) if return_loss else None,
             logits_per_image=logits_per_text.t(),
             logits_per_text=logits_per_text,
             text_embeds=text_embeds,
@@ -232,49 +357,70 @@ class SigLip2(nn.Module):
             text_model_output=text_output,
             vision_model_output=vision_output,
         )
+        return output.to_tuple() if return_dict is False else output
 
+    # ------------------------------------------------------------------ I/O
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | Path,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-    ) -> SigLip2:
+    def from_pretrained(cls, name_or_path: str | Path, **kwargs: Any) -> SigLip2:
         """Load any Hugging Face SigLIP / SigLIP 2 checkpoint (hub id or local folder, safetensors only).
 
         Args:
             name_or_path: hub id such as ``google/siglip2-base-patch16-naflex``, or a folder with
                 ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``).
-            device: device of the returned model.
-            dtype: floating dtype of the returned model; float32 by default, as transformers.
-            revision: hub revision (branch, tag or commit).
-            cache_dir: Hugging Face cache folder (defaults to huggingface_hub's).
-            local_files_only: never reach the network (``HF_HUB_OFFLINE=1`` does the same).
+            kwargs: ``device``, ``dtype`` (float32 by default, as transformers), ``revision``,
+                ``cache_dir``, ``local_files_only`` (see :func:`kornia_siglip2.hub.load_pretrained`).
 
         Returns:
             the model in eval mode.
 
         Raises:
             FileNotFoundError: no checkpoint at ``name_or_path``.
-            ValueError: unknown ``model_type``, or missing / unexpected / mis-shaped weights (named).
+            ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped weights (named).
         """
-        from kornia_siglip2.hub import load_pretrained
+        model = load_pretrained(cls, name_or_path, **kwargs)
+        model.name_or_path = str(name_or_path)
+        return model
 
-        return load_pretrained(
-            name_or_path,
-            device=device,
-            dtype=dtype,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-        )
+    @classmethod
+    def from_transformers(cls, hf_model: nn.Module) -> SigLip2:
+        """Build from an in-memory transformers ``SiglipModel`` / ``Siglip2Model`` (no save / load round trip).
+
+        The weights are shared where the layouts agree (every tensor but a Conv2d patch embedding), in the
+        model's dtype and on its device.
+
+        Args:
+            hf_model: a transformers dual-tower SigLIP / SigLIP 2 model.
+
+        Returns:
+            the model, in the training mode of ``hf_model``.
+        """
+        config = SigLip2Config.from_hf_dict(hf_model.config.to_dict())
+        reference = next(hf_model.parameters())
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(from_hf_state_dict(hf_model.state_dict()), strict=True, assign=True)
+        model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
+        return model.to(device=reference.device).train(hf_model.training)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write ``config.json`` + ``model.safetensors`` in the Hugging Face layout (transformers loads it)."""
-        from kornia_siglip2.hub import save_pretrained
-
         save_pretrained(self, folder)
+
+
+def _pairwise_sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
+    """The SigLIP loss of a square logit matrix whose diagonal holds the pairs (SigLIP paper, Algorithm 1).
+
+    ``-sum(log_sigmoid(labels * logits)) / n`` with ``labels = 2 I - 1``, accumulated in float32 or wider;
+    :class:`kornia_siglip2.losses.SigmoidLoss` is the training loss (chunked and distributed variants).
+    """
+    num_pairs = logits_per_text.shape[0]
+    check(
+        logits_per_text.shape == (num_pairs, num_pairs),
+        lambda: (
+            f"return_loss needs as many images as texts (pairs on the diagonal), got logits of shape "
+            f"{tuple(logits_per_text.shape)}."
+        ),
+    )
+    logits = logits_per_text.float() if logits_per_text.dtype in (torch.float16, torch.bfloat16) else logits_per_text
+    labels = 2 * torch.eye(num_pairs, device=logits.device, dtype=logits.dtype) - 1
+    return (-F.logsigmoid(labels * logits).sum() / num_pairs).to(logits_per_text.dtype)

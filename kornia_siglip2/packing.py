@@ -3,17 +3,34 @@
 A packed batch is ``patches [N, p*p*C]`` plus ``grid_thw [n, 3]``: row ``(t, h, w)`` is ``t`` frames of
 ``h x w`` patches, stored frame after frame, patches row-major, each patch flattened in ``(py, px, c)``
 order (the order of transformers' ``Siglip2ImageProcessor``). Each frame is one attention block.
+
+This module holds the package's one packed-batch type, :class:`PackedImages`, and the host-side layouts
+derived from it once per batch: :class:`VarlenLayout` (which tokens attend to which, as flash-attention's
+``cu_seqlens``) and :class:`ImageLayout` (the layouts of a packed image batch: per-frame self-attention and
+per-frame MAP-head pooling).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
+
+from kornia_siglip2.errors import check, check_shape, check_type
 
 __all__ = [
+    "ImageLayout",
+    "PackedImages",
+    "VarlenLayout",
+    "check_cu_seqlens",
     "check_grid_thw",
     "grid_thw_to_cu_seqlens",
     "grid_thw_to_seqlens",
+    "pack_inputs",
     "packed_to_padded",
     "padded_to_packed",
     "patchify",
@@ -41,7 +58,7 @@ def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch
         >>> patches.shape, grid_thw.tolist()
         (torch.Size([12, 768]), [[1, 2, 3], [1, 2, 3]])
     """
-    KORNIA_CHECK_SHAPE(images, ["B", "C", "H", "W"])
+    check_shape(images, ["B", "C", "H", "W"])
     batch, channels, height, width = images.shape
     if height % patch_size or width % patch_size:
         raise ValueError(
@@ -155,10 +172,10 @@ def padded_to_packed(
         >>> patches.shape, grid_thw.tolist()
         (torch.Size([8, 12]), [[1, 2, 3], [1, 1, 2]])
     """
-    KORNIA_CHECK_SHAPE(pixel_values, ["B", "L", "P"])
-    KORNIA_CHECK_SHAPE(pixel_attention_mask, ["B", "L"])
-    KORNIA_CHECK_SHAPE(spatial_shapes, ["B", "2"])
-    KORNIA_CHECK(
+    check_shape(pixel_values, ["B", "L", "P"])
+    check_shape(pixel_attention_mask, ["B", "L"])
+    check_shape(spatial_shapes, ["B", "2"])
+    check(
         pixel_values.shape[:2] == pixel_attention_mask.shape and spatial_shapes.shape[0] == pixel_values.shape[0],
         f"pixel_values {tuple(pixel_values.shape)}, pixel_attention_mask "
         f"{tuple(pixel_attention_mask.shape)} and spatial_shapes {tuple(spatial_shapes.shape)} disagree "
@@ -197,15 +214,410 @@ def packed_to_padded(
         >>> padded[..., 0].tolist(), mask.tolist()
         ([[0.0, 1.0, 2.0], [3.0, 4.0, 0.0]], [[True, True, True], [True, True, False]])
     """
-    KORNIA_CHECK(
+    check(
         int(seqlens.sum()) == tokens.shape[0],
         f"seqlens sum to {int(seqlens.sum())} but tokens has {tokens.shape[0]} rows.",
     )
     longest = int(seqlens.max()) if seqlens.numel() else 0
     max_length = longest if max_length is None else max_length
-    KORNIA_CHECK(max_length >= longest, f"max_length {max_length} is shorter than a sequence ({longest}).")
+    check(max_length >= longest, f"max_length {max_length} is shorter than a sequence ({longest}).")
     positions = torch.arange(max_length, device=tokens.device)
     mask = positions[None, :] < seqlens.to(tokens.device)[:, None]
     padded = tokens.new_full((seqlens.shape[0], max_length, *tokens.shape[1:]), padding_value)
     padded = padded.masked_scatter(mask.reshape(*mask.shape, *([1] * (tokens.ndim - 1))), tokens)
     return padded, mask
+
+
+@dataclass(frozen=True)
+class VarlenLayout:
+    """Which tokens of a packed sequence attend to which: one block per sequence, computed once per batch.
+
+    Sequence ``i`` has ``seqlens_q[i]`` query tokens and ``seqlens_k[i]`` key tokens; its queries attend to its
+    keys only (bidirectionally, or causally when ``causal[i]``). Every attention backend reads the same layout,
+    so it is built once per forward (reading lengths on the host once) and shared by all layers.
+
+    Attributes:
+        cu_seqlens_q: int32 :math:`(n + 1,)` query boundaries.
+        cu_seqlens_k: int32 :math:`(n + 1,)` key boundaries (after ``key_index``).
+        seqlens_q: query length of each sequence (Python ints).
+        seqlens_k: key length of each sequence (Python ints).
+        causal: per sequence, whether query ``j`` sees only keys ``0 .. j`` of its block (top-left aligned,
+            as ``scaled_dot_product_attention(is_causal=True)``).
+        groups: ``(num_sequences, len_q, len_k, causal)`` per group of sequences sharing lengths and mask, in
+            the order their tokens appear after ``gather_q`` / ``gather_k``.
+        gather_q: :math:`(N_q,)` token order that makes each group contiguous, or ``None`` if the tokens are
+            already in that order (no copy is made then).
+        gather_k: the same for keys and values.
+        scatter_q: inverse of ``gather_q`` (``None`` when ``gather_q`` is).
+        key_index: :math:`(N_k,)` positions of the keys that take part, or ``None`` for all; keys left out
+            (padding) are attended by nobody.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    seqlens_q: tuple[int, ...]
+    seqlens_k: tuple[int, ...]
+    causal: tuple[bool, ...]
+    groups: tuple[tuple[int, int, int, bool], ...]
+    gather_q: torch.Tensor | None
+    gather_k: torch.Tensor | None
+    scatter_q: torch.Tensor | None
+    key_index: torch.Tensor | None = None
+
+    @property
+    def max_seqlen_q(self) -> int:
+        """Longest query sequence."""
+        return max(self.seqlens_q, default=0)
+
+    @property
+    def max_seqlen_k(self) -> int:
+        """Longest key sequence."""
+        return max(self.seqlens_k, default=0)
+
+    @property
+    def num_tokens_q(self) -> int:
+        """Total number of query tokens."""
+        return sum(self.seqlens_q)
+
+    @property
+    def num_tokens_k(self) -> int:
+        """Total number of key tokens taking part (``len(key_index)`` when keys are selected)."""
+        return sum(self.seqlens_k)
+
+    @classmethod
+    def from_seqlens(
+        cls,
+        seqlens_q: Sequence[int],
+        seqlens_k: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+        *,
+        causal: bool | Sequence[bool] = False,
+    ) -> VarlenLayout:
+        """Build the layout from per-sequence lengths.
+
+        Args:
+            seqlens_q: query length of each sequence.
+            seqlens_k: key length of each sequence; defaults to ``seqlens_q`` (self-attention).
+            device: device of the index tensors.
+            causal: one flag for all sequences or one per sequence.
+
+        Raises:
+            ValueCheckError: lengths are not positive, or the query and key layouts disagree.
+
+        Example:
+            >>> layout = VarlenLayout.from_seqlens([4, 9, 4])
+            >>> layout.groups, layout.gather_q is None
+            (((2, 4, 4, False), (1, 9, 9, False)), False)
+            >>> VarlenLayout.from_seqlens([16, 16, 16]).groups
+            ((3, 16, 16, False),)
+        """
+        seqlens_q = tuple(int(length) for length in seqlens_q)
+        seqlens_k = seqlens_q if seqlens_k is None else tuple(int(length) for length in seqlens_k)
+        flags = (bool(causal),) * len(seqlens_q) if isinstance(causal, bool) else tuple(bool(c) for c in causal)
+        check(
+            len(seqlens_q) == len(seqlens_k) == len(flags),
+            lambda: (
+                f"Query, key and causal layouts have {len(seqlens_q)}, {len(seqlens_k)} and {len(flags)} "
+                "sequences; they must match."
+            ),
+        )
+        check(
+            all(length > 0 for length in seqlens_q + seqlens_k),
+            lambda: f"Sequence lengths must be positive, got q={seqlens_q}, k={seqlens_k}.",
+        )
+        members: dict[tuple[int, int, bool], list[int]] = {}
+        for index, key in enumerate(zip(seqlens_q, seqlens_k, flags, strict=True)):
+            members.setdefault(key, []).append(index)
+        order = [index for indices in members.values() for index in indices]
+        groups = tuple((len(indices), *key) for key, indices in members.items())
+        cu_q = _cumsum(seqlens_q)
+        cu_k = _cumsum(seqlens_k)
+        gather_q = gather_k = scatter_q = None
+        if order != sorted(order):
+            gather_q = _gather_index(order, cu_q, device)
+            gather_k = _gather_index(order, cu_k, device)
+            scatter_q = torch.argsort(gather_q)
+        return cls(
+            cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+            cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
+            seqlens_q=seqlens_q,
+            seqlens_k=seqlens_k,
+            causal=flags,
+            groups=groups,  # type: ignore[arg-type]
+            gather_q=gather_q,
+            gather_k=gather_k,
+            scatter_q=scatter_q,
+        )
+
+    @classmethod
+    def from_cu_seqlens(
+        cls,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor | None = None,
+        *,
+        causal: bool | Sequence[bool] = False,
+    ) -> VarlenLayout:
+        """Build the layout from flash-attention style boundaries (reads them on the host once).
+
+        Raises:
+            ValueCheckError: the boundaries are not a 1-D integer tensor starting at 0 and increasing strictly.
+        """
+        check_cu_seqlens(cu_seqlens_q, "cu_seqlens")
+        seqlens_q = torch.diff(cu_seqlens_q).tolist()
+        seqlens_k = None
+        if cu_seqlens_k is not None:
+            check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k")
+            seqlens_k = torch.diff(cu_seqlens_k).tolist()
+        return cls.from_seqlens(seqlens_q, seqlens_k, device=cu_seqlens_q.device, causal=causal)
+
+    @classmethod
+    def from_key_padding_mask(cls, key_padding_mask: torch.Tensor) -> VarlenLayout:
+        """Layout of a padded batch :math:`(B, L)` flattened to :math:`B L` tokens, keys limited by a mask.
+
+        Every one of the ``B`` sequences keeps its ``L`` queries (padded positions too, as transformers
+        computes them) and attends only to its keys where ``key_padding_mask`` is True.
+
+        Args:
+            key_padding_mask: bool or 0/1 :math:`(B, L)`, True for keys that may be attended.
+
+        Raises:
+            ValueCheckError: a row has no key to attend to.
+
+        Example:
+            >>> layout = VarlenLayout.from_key_padding_mask(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+            >>> layout.seqlens_q, layout.seqlens_k, layout.key_index.tolist()
+            ((3, 3), (2, 3), [0, 1, 3, 4, 5])
+        """
+        check_shape(key_padding_mask, ["B", "L"])
+        mask = key_padding_mask.bool()
+        counts = mask.sum(-1).tolist()
+        check(all(count > 0 for count in counts), lambda: f"attention_mask rows must keep a token, got {counts}.")
+        batch, length = mask.shape
+        layout = cls.from_seqlens([length] * batch, counts, device=mask.device)
+        return dataclasses.replace(layout, key_index=mask.flatten().nonzero().flatten())
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Host-side layouts of a packed image batch: per-frame self-attention and per-frame MAP pooling.
+
+    Attributes:
+        grids: ``(t, h, w)`` per image as Python ints.
+        attention: self-attention layout, one block of ``h * w`` tokens per frame.
+        pooling: MAP-head layout, one probe query per frame attending to that frame's tokens.
+
+    Example:
+        >>> layout = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [2, 1, 4]]))
+        >>> layout.attention.seqlens_q, layout.pooling.seqlens_q, layout.num_tokens
+        ((6, 4, 4), (1, 1, 1), 14)
+    """
+
+    grids: tuple[tuple[int, int, int], ...]
+    attention: VarlenLayout
+    pooling: VarlenLayout
+
+    @classmethod
+    def from_grid_thw(
+        cls, grid_thw: torch.Tensor | Sequence[Sequence[int]], device: torch.device | str | None = None
+    ) -> ImageLayout:
+        """Read ``grid_thw`` :math:`(n, 3)` once and derive both attention layouts.
+
+        Raises:
+            ValueCheckError: ``grid_thw`` is not an :math:`(n, 3)` grid of positive integers.
+        """
+        if isinstance(grid_thw, torch.Tensor):
+            check_grid_thw(grid_thw)
+            device = grid_thw.device if device is None else device
+            grid_thw = grid_thw.tolist()
+        grids = tuple((int(t), int(h), int(w)) for t, h, w in grid_thw)
+        seqlens = [h * w for t, h, w in grids for _ in range(t)]
+        return cls(
+            grids=grids,
+            attention=VarlenLayout.from_seqlens(seqlens, device=device),
+            pooling=VarlenLayout.from_seqlens([1] * len(seqlens), seqlens, device=device),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        """Total number of patches."""
+        return self.attention.num_tokens_q
+
+    @property
+    def num_frames(self) -> int:
+        """Total number of frames (attention blocks, pooled vectors)."""
+        return len(self.attention.seqlens_q)
+
+
+@dataclass(frozen=True)
+class PackedImages:
+    """A packed image batch, the model's native input: ``patches`` plus ``grid_thw``.
+
+    The preprocessors return it and every image-taking API accepts it (the model, its towers, the losses,
+    the zero-shot classifier and the logit lens). Its host-side :attr:`layout` is computed on first use and
+    cached, so reading ``grid_thw`` from the device happens once per batch however often it is used.
+
+    Attributes:
+        patches: :math:`(N, p \\cdot p \\cdot C)` flattened patches, image after image.
+        grid_thw: :math:`(n, 3)` integer rows ``(t, h, w)`` with :math:`\\sum t h w = N`.
+
+    Example:
+        >>> packed = PackedImages.from_images(torch.rand(2, 3, 8, 12), patch_size=4)
+        >>> packed.patches.shape, packed.grid_thw.tolist(), packed.layout.num_frames
+        (torch.Size([12, 48]), [[1, 2, 3], [1, 2, 3]], 2)
+        >>> patches, grid_thw = packed  # unpacks like a (patches, grid_thw) pair
+    """
+
+    patches: torch.Tensor
+    grid_thw: torch.Tensor
+
+    def __post_init__(self) -> None:
+        check_type(isinstance(self.patches, torch.Tensor), "PackedImages.patches must be a tensor (N, p*p*C).")
+        check(self.patches.ndim == 2, lambda: f"patches must be (N, p*p*C), got {tuple(self.patches.shape)}.")
+        check_grid_thw(self.grid_thw, self.patches.shape[0])
+
+    def __iter__(self):
+        return iter((self.patches, self.grid_thw))
+
+    @cached_property
+    def layout(self) -> ImageLayout:
+        """Attention and pooling layouts, read from ``grid_thw`` once and cached."""
+        return ImageLayout.from_grid_thw(self.grid_thw, self.patches.device)
+
+    @property
+    def num_images(self) -> int:
+        """Number of grid rows :math:`n`."""
+        return self.grid_thw.shape[0]
+
+    def to(self, *args, **kwargs) -> PackedImages:
+        """Move or cast ``patches`` (as ``Tensor.to``); ``grid_thw`` follows the device only."""
+        patches = self.patches.to(*args, **kwargs)
+        return PackedImages(patches, self.grid_thw.to(patches.device))
+
+    @classmethod
+    def from_images(cls, images: torch.Tensor, patch_size: int) -> PackedImages:
+        """Pack a :math:`(B, C, H, W)` batch of equal-size images (see :func:`patchify`)."""
+        return cls(*patchify(images, patch_size))
+
+    @classmethod
+    def from_padded(
+        cls, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> PackedImages:
+        """Pack transformers' padded NaFlex inputs (see :func:`padded_to_packed`)."""
+        return cls(*padded_to_packed(pixel_values, pixel_attention_mask, spatial_shapes))
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, name: str = "cu_seqlens", num_tokens: int | None = None) -> None:
+    """Check flash-attention style boundaries: 1-D integers from 0, strictly increasing, ending at ``num_tokens``.
+
+    Raises:
+        TypeCheckError: not a tensor, or not an integer tensor.
+        ValueCheckError: wrong shape, not starting at 0, not increasing strictly, or a wrong total.
+    """
+    check_type(
+        isinstance(cu_seqlens, torch.Tensor),
+        lambda: (
+            f"{name} must be a 1-D integer tensor (n + 1,) of boundaries, got {type(cu_seqlens).__name__}: "
+            "wrap it with torch.tensor(..., dtype=torch.int32)."
+        ),
+    )
+    check_type(
+        not cu_seqlens.dtype.is_floating_point and not cu_seqlens.dtype.is_complex and cu_seqlens.dtype != torch.bool,
+        lambda: f"{name} must hold integers, got dtype {cu_seqlens.dtype}.",
+    )
+    check(
+        cu_seqlens.ndim == 1 and cu_seqlens.numel() >= 2,
+        lambda: f"{name} must be a 1-D tensor (n + 1,) of boundaries with n >= 1, got shape {tuple(cu_seqlens.shape)}.",
+    )
+    values = cu_seqlens.tolist()
+    check(
+        values[0] == 0 and all(b > a for a, b in itertools.pairwise(values)),
+        lambda: f"{name} must start at 0 and increase strictly, got {values}.",
+    )
+    check(
+        num_tokens is None or values[-1] == num_tokens,
+        lambda: f"{name} ends at {values[-1]} but there are {num_tokens} tokens.",
+    )
+
+
+def _cumsum(lengths: Sequence[int]) -> list[int]:
+    boundaries = [0]
+    for length in lengths:
+        boundaries.append(boundaries[-1] + length)
+    return boundaries
+
+
+def _gather_index(order: list[int], boundaries: list[int], device: torch.device | str | None) -> torch.Tensor:
+    ranges = [torch.arange(boundaries[index], boundaries[index + 1]) for index in order]
+    return torch.cat(ranges).to(device)
+
+
+def pack_inputs(
+    pixel_values: torch.Tensor | PackedImages | None = None,
+    pixel_attention_mask: torch.Tensor | None = None,
+    spatial_shapes: torch.Tensor | None = None,
+    *,
+    patches: torch.Tensor | None = None,
+    grid_thw: torch.Tensor | None = None,
+    patch_size: int,
+) -> PackedImages:
+    """Bring any image input convention to one :class:`PackedImages`: the one place that rule is checked.
+
+    Exactly one of these is given:
+
+    - ``pixel_values`` :math:`(B, C, H, W)` images (fixed resolution; each image one grid),
+    - ``pixel_values`` :math:`(B, L, p \\cdot p \\cdot C)` padded NaFlex patches with ``spatial_shapes``
+      :math:`(B, 2)` (and ``pixel_attention_mask`` :math:`(B, L)`, derived from the shapes when absent),
+    - ``pixel_values`` as a :class:`PackedImages`,
+    - ``patches`` :math:`(N, p \\cdot p \\cdot C)` with ``grid_thw`` :math:`(n, 3)`.
+
+    Args:
+        pixel_values: images, padded patches or a packed batch.
+        pixel_attention_mask: valid-patch mask of padded input.
+        spatial_shapes: patch grid ``(h, w)`` of each padded image.
+        patches: packed patches.
+        grid_thw: grid of each packed image.
+        patch_size: patch side :math:`p`, to cut 4-D images.
+
+    Returns:
+        the packed batch.
+
+    Raises:
+        ValueCheckError: no input, two conventions at once, an input of the wrong rank, or a padded input
+            without ``spatial_shapes``.
+        TypeCheckError: raw integer (e.g. ``uint8``) pixel values: preprocess them first.
+
+    Example:
+        >>> pack_inputs(torch.rand(2, 3, 8, 8), patch_size=4).grid_thw.tolist()
+        [[1, 2, 2], [1, 2, 2]]
+        >>> pack_inputs(patches=torch.rand(6, 48), grid_thw=torch.tensor([[1, 2, 3]]), patch_size=4).num_images
+        1
+    """
+    if patches is not None or grid_thw is not None:
+        check(patches is not None and grid_thw is not None, "The packed path needs both patches and grid_thw.")
+        check(pixel_values is None, "Pass either pixel_values or patches + grid_thw, not both.")
+        return PackedImages(patches, grid_thw)
+    check(pixel_values is not None, "pixel_values is required (or pass patches and grid_thw).")
+    if isinstance(pixel_values, PackedImages):
+        return pixel_values
+    check_type(
+        isinstance(pixel_values, torch.Tensor) and pixel_values.dtype.is_floating_point,
+        lambda: (
+            "pixel_values must be a floating tensor of preprocessed (normalized) images, got "
+            f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)}: run the image processor first."
+        ),
+    )
+    if pixel_values.ndim == 4:
+        return PackedImages.from_images(pixel_values, patch_size)
+    check(
+        pixel_values.ndim == 3,
+        lambda: (
+            "pixel_values must be images (B, C, H, W) or padded NaFlex patches (B, L, p*p*C), "
+            f"got shape {tuple(pixel_values.shape)}."
+        ),
+    )
+    check(spatial_shapes is not None, "Padded NaFlex pixel_values (B, L, p*p*C) need spatial_shapes (B, 2).")
+    if pixel_attention_mask is None:
+        lengths = spatial_shapes.long().prod(-1)
+        positions = torch.arange(pixel_values.shape[1], device=pixel_values.device)
+        pixel_attention_mask = positions[None] < lengths[:, None].to(positions.device)
+    return PackedImages.from_padded(pixel_values, pixel_attention_mask, spatial_shapes)

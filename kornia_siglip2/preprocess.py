@@ -2,7 +2,7 @@
 
 Both preprocessors take float images in :math:`[0, 1]` or ``uint8`` images as one :math:`(B, C, H, W)`
 tensor or a list of :math:`(C, H, W)` tensors of different sizes, and reproduce transformers'
-``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (see REFERENCE 3):
+``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (``image_processing_siglip.py``, ``image_processing_siglip2.py``):
 
 - ``uint8`` images (decoded files) are resized with Pillow's own integer arithmetic
   (:func:`~kornia_siglip2.resample.pil_resize`), so the output equals transformers' PIL backend exactly
@@ -23,10 +23,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_IS_TENSOR, KORNIA_CHECK_SHAPE
 from torch import nn
 
-from kornia_siglip2.packing import check_grid_thw, packed_to_padded, patchify
+from kornia_siglip2.errors import check, check_shape, check_type
+from kornia_siglip2.packing import PackedImages, check_grid_thw, packed_to_padded, patchify
 from kornia_siglip2.resample import pil_resize, pil_resizes_height_first
 
 __all__ = [
@@ -51,13 +51,6 @@ _PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 _PIL_NAMES = {0: "NEAREST", 1: "LANCZOS", 4: "BOX", 5: "HAMMING"}
 
 _Preprocessor = TypeVar("_Preprocessor", bound="SigLip2ImagePreprocessor")
-
-
-class PackedImages(NamedTuple):
-    """Packed NaFlex images: ``patches`` :math:`(N, p \\cdot p \\cdot C)` and ``grid_thw`` :math:`(n, 3)`."""
-
-    patches: torch.Tensor
-    grid_thw: torch.Tensor
 
 
 class PaddedImages(NamedTuple):
@@ -128,7 +121,7 @@ def to_padded(packed: PackedImages, max_num_patches: int) -> PaddedImages:
         - spatial_shapes :math:`(n, 2)` int64 patch grids ``(h, w)``.
 
     Raises:
-        BaseError: a frame count ``t != 1`` or an image with more than ``max_num_patches`` patches.
+        ValueCheckError: a frame count ``t != 1`` or an image with more than ``max_num_patches`` patches.
         ValueError: ``grid_thw`` is malformed or does not describe ``N`` patches.
 
     Example:
@@ -138,9 +131,9 @@ def to_padded(packed: PackedImages, max_num_patches: int) -> PaddedImages:
         (torch.Size([1, 8, 48]), [[1, 1, 1, 1, 0, 0, 0, 0]], [[2, 2]])
     """
     patches, grid_thw = packed
-    KORNIA_CHECK_SHAPE(patches, ["N", "D"], "packed.patches must be (N, p*p*C).")
+    check_shape(patches, ["N", "D"], "packed.patches must be (N, p*p*C).")
     check_grid_thw(grid_thw, patches.shape[0])
-    KORNIA_CHECK(
+    check(
         bool((grid_thw[:, 0] == 1).all()),
         lambda: f"to_padded takes images, i.e. grid_thw rows (1, h, w), got {grid_thw.tolist()}.",
     )
@@ -316,40 +309,40 @@ class SigLip2ImagePreprocessor(nn.Module):
     def _prepare(self, images: ImageInput) -> list[torch.Tensor]:
         """Check the input and return uint8 or float :math:`(B, C, H, W)` groups (one per distinct tensor)."""
         if isinstance(images, torch.Tensor):
-            KORNIA_CHECK_SHAPE(
+            check_shape(
                 images,
                 ["B", str(self.num_channels), "H", "W"],
                 f"images must be a (B, {self.num_channels}, H, W) tensor or a list of "
                 f"({self.num_channels}, H, W) tensors.",
             )
-            KORNIA_CHECK(images.shape[0] > 0, "images must hold at least one image, got an empty batch.")
+            check(images.shape[0] > 0, "images must hold at least one image, got an empty batch.")
             groups = [images]
         else:
-            KORNIA_CHECK(
+            check(
                 isinstance(images, Sequence) and len(images) > 0,
                 "images must be a (B, C, H, W) tensor or a non-empty list of (C, H, W) tensors, "
                 f"got {type(images).__name__}.",
             )
             groups = []
             for index, image in enumerate(images):
-                KORNIA_CHECK_IS_TENSOR(image, f"images[{index}] must be a tensor.")
-                KORNIA_CHECK_SHAPE(
+                check_type(isinstance(image, torch.Tensor), f"images[{index}] must be a tensor.")
+                check_shape(
                     image,
                     [str(self.num_channels), "H", "W"],
                     f"images[{index}] must be a ({self.num_channels}, H, W) tensor.",
                 )
-                KORNIA_CHECK(
+                check(
                     image.dtype == images[0].dtype and image.device == images[0].device,
                     f"images[{index}] is {image.dtype} on {image.device} but images[0] is {images[0].dtype} on "
                     f"{images[0].device}: all images must share dtype and device.",
                 )
                 groups.append(image[None])
         first = groups[0]
-        KORNIA_CHECK(
+        check(
             first.dtype == torch.uint8 or first.is_floating_point(),
             f"images must be uint8 or float in [0, 1], got {first.dtype}.",
         )
-        KORNIA_CHECK(
+        check(
             all(group.shape[-1] > 0 and group.shape[-2] > 0 for group in groups),
             "images must have a positive height and width.",
         )
@@ -394,7 +387,7 @@ class SigLipImagePreprocessor(SigLip2ImagePreprocessor):
     """Fixed-resolution preprocessing of SigLIP v1 and SigLIP 2 (``SiglipImageProcessor``).
 
     Resize to ``image_size`` (bicubic with antialias, as transformers' default), rescale to
-    :math:`[0, 1]`, normalize with mean = std = 0.5 (REFERENCE 3). No crop.
+    :math:`[0, 1]`, normalize with mean = std = 0.5 (transformers' ``SiglipImageProcessor``). No crop.
 
     Args:
         image_size: output side :math:`S`, or ``(height, width)``.
@@ -410,7 +403,7 @@ class SigLipImagePreprocessor(SigLip2ImagePreprocessor):
 
     Raises:
         ValueError: an invalid ``image_size``, ``resample``, ``image_mean`` or ``image_std``.
-        BaseError: from ``forward``: a wrong channel count, an empty batch, or a non-image dtype.
+        ValueCheckError: from ``forward``: a wrong channel count, an empty batch, or a non-image dtype.
 
     Example:
         >>> preprocess = SigLipImagePreprocessor(image_size=32)
@@ -452,7 +445,7 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
 
     Each image is resized (bilinear with antialias, as transformers' default) to
     :func:`naflex_target_size`, normalized with mean = std = 0.5 and cut into patches in
-    transformers' order (REFERENCE 3). :func:`to_padded` gives transformers' padded tensors.
+    transformers' order (``Siglip2ImageProcessor``). :func:`to_padded` gives transformers' padded tensors.
 
     Args:
         patch_size: patch side :math:`p`.
@@ -470,7 +463,7 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
 
     Raises:
         ValueError: a non-positive ``patch_size``/``max_num_patches`` or an invalid ``resample``.
-        BaseError: from ``forward``: a wrong channel count, an empty list, or a non-image dtype.
+        ValueCheckError: from ``forward``: a wrong channel count, an empty list, or a non-image dtype.
 
     Example:
         >>> preprocess = NaFlexImagePreprocessor(patch_size=16, max_num_patches=256)

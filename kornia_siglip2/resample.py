@@ -21,7 +21,8 @@ import math
 from functools import lru_cache
 
 import torch
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
+
+from kornia_siglip2.errors import check, check_shape
 
 __all__ = ["installed_pillow_version", "pil_resize", "pil_resize_coefficients", "pil_resizes_height_first"]
 
@@ -74,8 +75,8 @@ def pil_resize_coefficients(in_size: int, out_size: int, resample: str) -> tuple
         >>> sum(weights[:ksize]) == 2**22  # each row sums to one (up to its rounding)
         True
     """
-    KORNIA_CHECK(resample in _FILTERS, f"resample must be 'bilinear' or 'bicubic', got {resample!r}.")
-    KORNIA_CHECK(in_size > 0 and out_size > 0, f"sizes must be positive, got {in_size} -> {out_size}.")
+    check(resample in _FILTERS, f"resample must be 'bilinear' or 'bicubic', got {resample!r}.")
+    check(in_size > 0 and out_size > 0, f"sizes must be positive, got {in_size} -> {out_size}.")
     filter_fn, filter_support = _FILTERS[resample]
     scale = in_size / out_size
     filter_scale = max(scale, 1.0)
@@ -150,7 +151,7 @@ def _parse_version(version: str | tuple[int, int]) -> tuple[int, int]:
         return version
     major, _, rest = version.partition(".")
     minor = "".join(itertools.takewhile(str.isdigit, rest)) or "0"
-    KORNIA_CHECK(major.isdigit(), f"pillow_version must look like '13.0', got {version!r}.")
+    check(major.isdigit(), f"pillow_version must look like '13.0', got {version!r}.")
     return int(major), int(minor)
 
 
@@ -223,7 +224,7 @@ def pil_resize(
         uint8 :math:`(B, C, H', W')`, identical to Pillow's output.
 
     Raises:
-        BaseError: a non-uint8 or non-4-D input, or a non-positive size.
+        ValueCheckError: a non-uint8 or non-4-D input, or a non-positive size.
 
     Example:
         >>> image = torch.tensor([[[[0, 255, 0, 255]]]], dtype=torch.uint8)
@@ -232,9 +233,9 @@ def pil_resize(
         >>> pil_resize(image, (1, 3), "bicubic").tolist()
         [[[[78, 128, 177]]]]
     """
-    KORNIA_CHECK_SHAPE(images, ["B", "C", "H", "W"], "images must be a (B, C, H, W) uint8 tensor.")
-    KORNIA_CHECK(images.dtype == torch.uint8, f"pil_resize takes uint8 images, got {images.dtype}.")
-    KORNIA_CHECK(len(size) == 2 and min(size) > 0, f"size must be a positive (height, width), got {tuple(size)!r}.")
+    check_shape(images, ["B", "C", "H", "W"], "images must be a (B, C, H, W) uint8 tensor.")
+    check(images.dtype == torch.uint8, f"pil_resize takes uint8 images, got {images.dtype}.")
+    check(len(size) == 2 and min(size) > 0, f"size must be a positive (height, width), got {tuple(size)!r}.")
     height, width = images.shape[-2:]
     new_height, new_width = int(size[0]), int(size[1])
     if (height, width) == (new_height, new_width):

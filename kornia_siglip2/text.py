@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from kornia_siglip2.attention import VarlenLayout
 from kornia_siglip2.config import TextConfig
-from kornia_siglip2.layers import Encoder
+from kornia_siglip2.errors import check
+from kornia_siglip2.layers import Encoder, init_transformer_weights
+from kornia_siglip2.outputs import TextOutput
+from kornia_siglip2.packing import VarlenLayout
 
 __all__ = ["TextEmbeddings", "TextOutput", "TextTransformer"]
-
-
-@dataclass
-class TextOutput:
-    """Output of :class:`TextTransformer`.
-
-    Attributes:
-        last_hidden_state: tokens after the final LayerNorm, :math:`(B, L, D)`.
-        pooler_output: head applied to the last position, :math:`(B, P)`.
-        hidden_states: embeddings and every block's output, each :math:`(B, L, D)`, on request.
-    """
-
-    last_hidden_state: torch.Tensor
-    pooler_output: torch.Tensor
-    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class TextEmbeddings(nn.Module):
@@ -37,10 +22,11 @@ class TextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Embed ids :math:`(B, L)` into :math:`(B, L, D)`."""
-        length = input_ids.shape[-1]
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed ids :math:`(B, L)` into :math:`(B, L, D)` (positions ``0 .. L-1`` unless ``position_ids``)."""
+        if position_ids is None:
+            return self.token_embedding(input_ids) + self.position_embedding.weight[: input_ids.shape[-1]]
+        return self.token_embedding(input_ids) + self.position_embedding(position_ids)
 
 
 class TextTransformer(nn.Module):
@@ -74,13 +60,30 @@ class TextTransformer(nn.Module):
         )
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.projection_size)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialise as big_vision's text transformer.
+
+        Linear kernels xavier-uniform with zero biases and LayerNorms (1, 0) (see
+        :func:`~kornia_siglip2.layers.init_transformer_weights`); token embeddings N(0, 1/sqrt(D)) (flax's
+        ``nn.Embed`` default, ``variance_scaling(1, "fan_in", "normal")`` over the width); the position table
+        N(0, 1/sqrt(D)) (``get_posemb(..., "learn")``).
+        """
+        init_transformer_weights(self)
+        width = self.config.hidden_size
+        nn.init.normal_(self.embeddings.token_embedding.weight, std=width**-0.5)
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=width**-0.5)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
-    ) -> TextOutput:
+        position_ids: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        return_dict: bool | None = None,
+    ) -> TextOutput | tuple:
         """Encode token ids.
 
         Args:
@@ -88,35 +91,59 @@ class TextTransformer(nn.Module):
             attention_mask: optional :math:`(B, L)`, 1 for tokens keys may attend to. SigLIP was trained
                 without one; passing one changes the pooled vector (as in transformers).
             output_hidden_states: also return the embeddings and each block's output.
+            position_ids: optional :math:`(B, L)` or :math:`(1, L)` positions; ``0 .. L-1`` by default.
+            output_attentions: also return every block's attention weights.
+            return_dict: ``False`` returns ``to_tuple()``, as transformers.
 
         Returns:
-            :class:`TextOutput`.
+            :class:`~kornia_siglip2.outputs.TextOutput`.
 
         Raises:
-            ValueError: wrong shape, too long, or ids out of the vocabulary.
+            ValueCheckError: wrong shape, too long, or ids out of the vocabulary.
         """
-        if input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
-            raise ValueError(f"input_ids must be an integer tensor of shape (B, L), got {tuple(input_ids.shape)}.")
+        check(
+            input_ids.ndim == 2 and not input_ids.dtype.is_floating_point,
+            lambda: (
+                f"input_ids must be an integer tensor of shape (B, L), got {tuple(input_ids.shape)} {input_ids.dtype}."
+            ),
+        )
         batch, length = input_ids.shape
-        if length > self.config.max_position_embeddings:
-            raise ValueError(
-                f"input_ids has length {length} > max_position_embeddings {self.config.max_position_embeddings}."
-            )
+        check(
+            length <= self.config.max_position_embeddings,
+            lambda: f"input_ids has length {length} > max_position_embeddings {self.config.max_position_embeddings}.",
+        )
         if not torch.compiler.is_compiling() and input_ids.numel():
             low, high = (int(value) for value in torch.aminmax(input_ids))  # one host sync, not two
-            if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got [{low}, {high}].")
-        key_padding_mask = None
-        if attention_mask is not None:
-            if attention_mask.shape != input_ids.shape:
-                raise ValueError(
+            check(
+                low >= 0 and high < self.config.vocab_size,
+                lambda: f"input_ids must lie in [0, {self.config.vocab_size}), got [{low}, {high}].",
+            )
+        if attention_mask is None:
+            layout = VarlenLayout.from_seqlens([length] * batch, device=input_ids.device)
+        else:
+            check(
+                attention_mask.shape == input_ids.shape,
+                lambda: (
                     f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
-                )
-            key_padding_mask = attention_mask.bool()
-        layout = VarlenLayout.from_seqlens([length] * batch, device=input_ids.device)
-        tokens = self.embeddings(input_ids).reshape(batch * length, -1)
-        tokens, hidden_states = self.encoder(tokens, layout, output_hidden_states, key_padding_mask)
+                ),
+            )
+            layout = VarlenLayout.from_key_padding_mask(attention_mask)
+        tokens = self.embeddings(input_ids, position_ids).reshape(batch * length, -1)
+        tokens, hidden_states, attentions = self.encoder(tokens, layout, output_hidden_states, output_attentions)
         tokens = self.final_layer_norm(tokens).reshape(batch, length, -1)
         if hidden_states is not None:
             hidden_states = tuple(state.reshape(batch, length, -1) for state in hidden_states)
-        return TextOutput(tokens, self.head(tokens[:, -1]), hidden_states)
+        if attentions is not None:
+            attentions = tuple(_pad_key_axis(per_sequence, attention_mask, length) for per_sequence in attentions)
+        output = TextOutput(tokens, self.head(tokens[:, -1]), hidden_states, attentions)
+        return output.to_tuple() if return_dict is False else output
+
+
+def _pad_key_axis(weights: tuple[torch.Tensor, ...], attention_mask: torch.Tensor | None, length: int) -> torch.Tensor:
+    """Stack per-sequence weights :math:`(H, L, k_i)` into :math:`(B, H, L, L)`, zeros at masked keys."""
+    if attention_mask is None:
+        return torch.stack(weights)
+    padded = weights[0].new_zeros(len(weights), weights[0].shape[0], length, length)
+    for row, (mask, weight) in enumerate(zip(attention_mask.bool(), weights, strict=True)):
+        padded[row, :, :, mask] = weight
+    return padded

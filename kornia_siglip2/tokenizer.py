@@ -1,4 +1,6 @@
-"""Text side: transformers' tokenizer of a checkpoint, with the SigLIP / SigLIP 2 rules applied (REFERENCE 3).
+"""Text side: transformers' tokenizer of a checkpoint, with the SigLIP / SigLIP 2 rules applied.
+
+The rules are those of transformers' ``SiglipProcessor`` / ``Siglip2Processor``.
 
 The family is decided by the tokenizer class found in the checkpoint, not by ``model_type``: SigLIP 2
 fixed-resolution checkpoints are ``model_type: siglip`` but ship the Gemma tokenizer.
@@ -76,7 +78,7 @@ class SigLipTokenizer:
 
     Example:
         >>> import tempfile
-        >>> from kornia_siglip2._demo import build_siglip2_tokenizer
+        >>> from kornia_siglip2.demo import build_siglip2_tokenizer
         >>> tokenizer = SigLipTokenizer.from_pretrained(build_siglip2_tokenizer(tempfile.mkdtemp()))
         >>> tokenizer
         SigLipTokenizer(family='siglip2', class=Siglip2Tokenizer, max_length=64)

@@ -2,111 +2,50 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK
 from torch import nn
 
-from kornia_siglip2.attention import VarlenLayout, varlen_attention
+from kornia_siglip2.attention import Attention
 from kornia_siglip2.config import VisionConfig
-from kornia_siglip2.layers import MLP, Encoder
-from kornia_siglip2.packing import check_grid_thw, packed_to_padded
+from kornia_siglip2.errors import check, check_type
+from kornia_siglip2.hub import conv_to_linear_patch_weight, load_vision_pretrained
+from kornia_siglip2.layers import MLP, Encoder, init_transformer_weights, lecun_normal_
+from kornia_siglip2.outputs import VisionOutput
+from kornia_siglip2.packing import ImageLayout, PackedImages, VarlenLayout, pack_inputs, packed_to_padded
 
 __all__ = ["MAPHead", "PackedGrid", "VisionEmbeddings", "VisionOutput", "VisionTransformer"]
 
-
-@dataclass(frozen=True)
-class PackedGrid:
-    """Host-side description of a packed image batch, computed once per forward.
-
-    Attributes:
-        grids: ``(t, h, w)`` per image as Python ints.
-        attention: self-attention layout, one block of ``h * w`` tokens per frame.
-        pooling: MAP-head layout, one probe query per frame attending to that frame's tokens.
-    """
-
-    grids: tuple[tuple[int, int, int], ...]
-    attention: VarlenLayout
-    pooling: VarlenLayout
-
-    @classmethod
-    def from_grid_thw(cls, grid_thw: torch.Tensor | Sequence[Sequence[int]], device: torch.device) -> PackedGrid:
-        """Read ``grid_thw`` :math:`(n, 3)` once and derive both attention layouts."""
-        if isinstance(grid_thw, torch.Tensor):
-            check_grid_thw(grid_thw)
-            grid_thw = grid_thw.tolist()
-        grids = tuple((int(t), int(h), int(w)) for t, h, w in grid_thw)
-        seqlens = [h * w for t, h, w in grids for _ in range(t)]
-        return cls(
-            grids=grids,
-            attention=VarlenLayout.from_seqlens(seqlens, device=device),
-            pooling=VarlenLayout.from_seqlens([1] * len(seqlens), seqlens, device=device),
-        )
-
-    @property
-    def num_tokens(self) -> int:
-        """Total number of patches."""
-        return self.attention.num_tokens_q
-
-
-@dataclass
-class VisionOutput:
-    """Output of :class:`VisionTransformer`.
-
-    Attributes:
-        last_hidden_state: packed tokens after the final LayerNorm, :math:`(N, D)`.
-        pooler_output: one MAP-pooled vector per frame, :math:`(\\sum t, D)` (``None`` without head).
-        hidden_states: embeddings and every block's output, each :math:`(N, D)`, on request.
-        cu_seqlens: int32 :math:`(\\sum t + 1,)` frame boundaries in ``last_hidden_state``.
-    """
-
-    last_hidden_state: torch.Tensor
-    pooler_output: torch.Tensor | None
-    hidden_states: tuple[torch.Tensor, ...] | None
-    cu_seqlens: torch.Tensor
-
-    def to_padded(
-        self, tokens: torch.Tensor | None = None, max_length: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pad packed tokens into a transformers-style batch, one row per frame.
-
-        Args:
-            tokens: packed :math:`(N, D)` tokens of this output (``last_hidden_state`` by default, or one
-                of ``hidden_states``).
-            max_length: padded length (e.g. the processor's ``max_num_patches``); the longest frame by default.
-
-        Returns:
-            padded tokens :math:`(F, L, D)` (zeros at padding) and the bool mask :math:`(F, L)`.
-        """
-        tokens = self.last_hidden_state if tokens is None else tokens
-        return packed_to_padded(tokens, torch.diff(self.cu_seqlens), max_length)
+#: Deprecated name of :class:`~kornia_siglip2.packing.ImageLayout` (releases <= 0.1).
+PackedGrid = ImageLayout
 
 
 class VisionEmbeddings(nn.Module):
     """Linear patch embedding plus a learned position table resized to every image's grid.
 
-    Fixed-resolution checkpoints (``naflex=False``) keep their table as is at the training grid and
+    Fixed-resolution towers (``position_embedding="fixed"``) keep their table as is at the training grid and
     resize it bicubically without antialias at other grids (transformers' ``interpolate_pos_encoding``).
-    NaFlex checkpoints resize the square table to each ``(h, w)`` with bilinear + antialias, in float32
-    on CPU where antialias has no half-precision kernel (REFERENCE 2). A resize is computed once per
-    distinct grid in a batch.
+    NaFlex towers resize the square table to each ``(h, w)`` with bilinear + antialias (transformers'
+    ``Siglip2VisionEmbeddings.resize_positional_embeddings``), in float32 only for half precision on CPU,
+    where antialias has no kernel. A resize is computed once per distinct grid in a batch.
 
     Args:
         config: vision hyper-parameters.
-        naflex: whether this is a SigLIP 2 NaFlex tower.
     """
 
-    def __init__(self, config: VisionConfig, naflex: bool) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.naflex = naflex
+        self.naflex = config.is_naflex
         self.patch_size = config.patch_size
         self.patch_embedding = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size)
-        num_positions = config.num_patches if naflex else (config.image_size // config.patch_size) ** 2
+        num_positions = config.num_positions
         self.position_side = round(num_positions**0.5)
         self.position_embedding = nn.Embedding(num_positions, config.hidden_size)
+        # transformers' SiglipModel has a Conv2d patch embedding: its state dict loads here as it is
+        self._register_load_state_dict_pre_hook(_conv_patch_weight_hook)
 
     def resized_positions(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for an ``height x width`` patch grid, :math:`(h \\cdot w, D)`."""
@@ -149,7 +88,7 @@ class VisionEmbeddings(nn.Module):
         """
         tokens = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
         if mask is not None:
-            KORNIA_CHECK(mask_token is not None, "mask_token is required when mask is given.")
+            check(mask_token is not None, "mask_token is required when mask is given.")
             tokens = torch.where(mask[:, None], mask_token.to(tokens.dtype), tokens)
         resized = {size: self.resized_positions(*size) for size in dict.fromkeys((h, w) for _, h, w in grids)}
         if len(resized) == 1:
@@ -160,34 +99,10 @@ class VisionEmbeddings(nn.Module):
         return tokens + positions
 
 
-class PoolingAttention(nn.Module):
-    """Cross-attention of one probe per frame to that frame's tokens (``nn.MultiheadAttention`` weights).
-
-    Parameter names match ``torch.nn.MultiheadAttention`` (``in_proj_weight``, ``in_proj_bias``,
-    ``out_proj``) so HF checkpoints load without renaming.
-    """
-
-    def __init__(self, width: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, queries: torch.Tensor, tokens: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
-        """Attend ``queries`` :math:`(F, D)` to packed ``tokens`` :math:`(N, D)`; returns :math:`(F, D)`."""
-        width = tokens.shape[-1]
-        head_dim = width // self.num_heads
-        query = F.linear(queries, self.in_proj_weight[:width], self.in_proj_bias[:width])
-        key, value = F.linear(tokens, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, dim=-1)
-        attended = varlen_attention(
-            query.reshape(-1, self.num_heads, head_dim),
-            key.reshape(-1, self.num_heads, head_dim),
-            value.reshape(-1, self.num_heads, head_dim),
-            layout=layout,
-        )
-        return self.out_proj(attended.reshape(-1, width))
+def _conv_patch_weight_hook(state_dict: dict, prefix: str, *args) -> None:
+    key = f"{prefix}patch_embedding.weight"
+    if key in state_dict and state_dict[key].ndim == 4:
+        state_dict[key] = conv_to_linear_patch_weight(state_dict[key])
 
 
 class MAPHead(nn.Module):
@@ -199,8 +114,9 @@ class MAPHead(nn.Module):
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        self.probe = nn.Parameter(torch.randn(1, 1, config.hidden_size))
-        self.attention = PoolingAttention(config.hidden_size, config.num_attention_heads)
+        self.probe = nn.Parameter(torch.empty(1, 1, config.hidden_size))
+        # torch.nn.MultiheadAttention's fused in_proj: the names of the Hugging Face weights
+        self.attention = Attention(config.hidden_size, config.num_attention_heads, fused_in_proj=True)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act)
 
@@ -208,7 +124,7 @@ class MAPHead(nn.Module):
         """Pool packed tokens :math:`(N, D)` into one vector per sequence of ``layout``, :math:`(F, D)`."""
         num_frames = len(layout.seqlens_q)
         probes = self.probe.reshape(1, -1).expand(num_frames, -1)
-        pooled = self.attention(probes, tokens, layout)
+        pooled, _ = self.attention(probes, layout, tokens)
         return pooled + self.mlp(self.layernorm(pooled))
 
 
@@ -216,25 +132,31 @@ class VisionTransformer(nn.Module):
     """SigLIP / SigLIP 2 vision tower over packed patches.
 
     Args:
-        config: vision hyper-parameters.
-        naflex: SigLIP 2 NaFlex position handling (``model_type: siglip2``) instead of a fixed table.
+        config: vision hyper-parameters; ``config.position_embedding`` says fixed or NaFlex.
+        naflex: deprecated override of ``config.position_embedding`` (releases <= 0.1).
 
     Example:
-        >>> from kornia_siglip2.packing import patchify
         >>> config = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        ...                       num_attention_heads=4, patch_size=4, num_patches=16)
-        >>> tower = VisionTransformer(config, naflex=True)
-        >>> patches, grid_thw = patchify(torch.rand(2, 3, 8, 12), patch_size=4)
-        >>> out = tower(patches, grid_thw)
+        ...                       num_attention_heads=4, patch_size=4, num_patches=16, position_embedding="naflex")
+        >>> tower = VisionTransformer(config)
+        >>> packed = PackedImages.from_images(torch.rand(2, 3, 8, 12), patch_size=4)
+        >>> out = tower(packed)
         >>> out.last_hidden_state.shape, out.pooler_output.shape
         (torch.Size([12, 32]), torch.Size([2, 32]))
     """
 
-    def __init__(self, config: VisionConfig, naflex: bool = True) -> None:
+    def __init__(self, config: VisionConfig, naflex: bool | None = None) -> None:
         super().__init__()
+        if naflex is not None:
+            warnings.warn(
+                "VisionTransformer(config, naflex=...) is deprecated: set VisionConfig.position_embedding "
+                "('naflex' or 'fixed') instead.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            config = VisionConfig(**{**config.__dict__, "position_embedding": "naflex" if naflex else "fixed"})
         self.config = config
-        self.naflex = naflex
-        self.embeddings = VisionEmbeddings(config, naflex)
+        self.embeddings = VisionEmbeddings(config)
         self.encoder = Encoder(
             config.num_hidden_layers,
             config.hidden_size,
@@ -245,77 +167,193 @@ class VisionTransformer(nn.Module):
         )
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = MAPHead(config) if config.vision_use_head else None
+        self.init_weights()
+
+    @property
+    def naflex(self) -> bool:
+        """Whether the position table is resized per image (SigLIP 2 NaFlex)."""
+        return self.config.is_naflex
+
+    def init_weights(self) -> None:
+        """Initialise as big_vision's ``models/vit.py``.
+
+        Linear kernels xavier-uniform with zero biases and LayerNorms (1, 0) (see
+        :func:`~kornia_siglip2.layers.init_transformer_weights`); the patch embedding lecun-normal (flax's
+        ``nn.Conv`` default); the position table N(0, 1/sqrt(D)) (``get_posemb(..., "learn")``); the MAP probe
+        xavier-uniform over its ``(1, 1, D)`` shape, i.e. U(-a, a) with a = sqrt(6 / (1 + D)).
+        """
+        init_transformer_weights(self)
+        width = self.config.hidden_size
+        lecun_normal_(self.embeddings.patch_embedding.weight)
+        nn.init.normal_(self.embeddings.position_embedding.weight, std=width**-0.5)
+        if self.head is not None:
+            bound = (6.0 / (1 + width)) ** 0.5
+            nn.init.uniform_(self.head.probe, -bound, bound)
 
     def forward(
         self,
-        patches: torch.Tensor,
-        grid_thw: torch.Tensor | PackedGrid,
+        pixel_values: torch.Tensor | PackedImages | None = None,
+        grid_thw: torch.Tensor | ImageLayout | None = None,
         output_hidden_states: bool = False,
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
-    ) -> VisionOutput:
-        """Encode a packed batch.
+        output_attentions: bool = False,
+        *,
+        patches: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> VisionOutput | tuple:
+        """Encode images given in any convention; the output's layout follows the input's.
+
+        - packed: a :class:`~kornia_siglip2.packing.PackedImages`, or patches :math:`(N, p \\cdot p \\cdot C)`
+          (first argument or ``patches=``) with ``grid_thw`` :math:`(n, 3)`: tokens :math:`(N, D)`.
+        - transformers' padded NaFlex input: ``pixel_values`` :math:`(B, L, p \\cdot p \\cdot C)` with
+          ``spatial_shapes`` :math:`(B, 2)` (and ``pixel_attention_mask``): tokens :math:`(B, L, D)`, zeros at
+          padding.
+        - images :math:`(B, C, H, W)`: tokens :math:`(B, h w, D)`.
+
+        Inside, every convention is the same packed batch: no padding is computed.
 
         Args:
-            patches: :math:`(N, p \\cdot p \\cdot C)` flattened patches (see :func:`~kornia_siglip2.patchify`).
-            grid_thw: :math:`(n, 3)` rows ``(t, h, w)`` with :math:`\\sum t h w = N`, or a prebuilt
-                :class:`PackedGrid` (saves the host read of ``grid_thw``; lets ``torch.compile`` trace
-                the whole forward).
+            pixel_values: images, padded patches, packed patches or a packed batch (see above).
+            grid_thw: grid of packed patches, or a prebuilt :class:`~kornia_siglip2.packing.ImageLayout`
+                (saves the host read of ``grid_thw``; lets ``torch.compile`` trace the whole forward).
             output_hidden_states: also return the embeddings and each block's output.
-            mask: optional bool :math:`(N,)` positions whose patch embedding is replaced by ``mask_token``.
+            mask: optional bool :math:`(N,)` packed positions whose patch embedding is replaced by
+                ``mask_token`` (packed input only).
             mask_token: :math:`(D,)` learned mask embedding.
+            output_attentions: also return every block's attention weights.
+            patches: packed patches, as the first argument.
+            pixel_attention_mask: :math:`(B, L)` valid-patch mask of padded input.
+            spatial_shapes: :math:`(B, 2)` patch grids of padded input.
+            interpolate_pos_encoding: accepted for transformers' code; position tables are always resized
+                to each image's grid.
+            return_dict: ``False`` returns ``to_tuple()``, as transformers.
 
         Returns:
-            :class:`VisionOutput` with ``last_hidden_state`` :math:`(N, D)` and ``pooler_output``
+            :class:`~kornia_siglip2.outputs.VisionOutput` with ``last_hidden_state`` and ``pooler_output``
             :math:`(\\sum t, D)`.
 
         Raises:
-            ValueError: ``patches`` is not 2-D with ``p * p * C`` columns, or ``grid_thw`` does not
-                describe exactly ``N`` patches.
+            ValueCheckError: patches of the wrong width, a ``grid_thw`` that does not describe them, an input
+                of the wrong rank, or two inputs at once.
+            TypeCheckError: the pixels are not a floating tensor.
         """
+        del interpolate_pos_encoding  # the position table is resized to every grid anyway
+        patch_size = self.config.patch_size
+        if (
+            patches is not None
+            or isinstance(pixel_values, PackedImages)
+            or (isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 2)
+        ):
+            input_layout = "packed"
+            if patches is None and isinstance(pixel_values, torch.Tensor):
+                patches, pixel_values = pixel_values, None
+            if isinstance(grid_thw, ImageLayout):
+                check(pixel_values is None and patches is not None, "An ImageLayout goes with patches only.")
+                packed_patches, layout = patches, grid_thw
+            else:
+                packed = pack_inputs(pixel_values, patches=patches, grid_thw=grid_thw, patch_size=patch_size)
+                packed_patches, layout = packed.patches, packed.layout
+        else:
+            check(mask is None, "mask (masked prediction) takes packed input: pass patches and grid_thw.")
+            packed = pack_inputs(pixel_values, pixel_attention_mask, spatial_shapes, patch_size=patch_size)
+            input_layout = "images" if pixel_values.ndim == 4 else "padded"
+            packed_patches, layout = packed.patches, packed.layout
+        output = self._forward_packed(packed_patches, layout, output_hidden_states, output_attentions, mask, mask_token)
+        if input_layout != "packed":
+            output = _to_input_layout(output, layout, pixel_values.shape[0], pixel_values.shape[1], input_layout)
+        return output.to_tuple() if return_dict is False else output
+
+    def _forward_packed(
+        self,
+        patches: torch.Tensor,
+        layout: ImageLayout,
+        output_hidden_states: bool,
+        output_attentions: bool,
+        mask: torch.Tensor | None,
+        mask_token: torch.Tensor | None,
+    ) -> VisionOutput:
         patch_dim = self.embeddings.patch_embedding.in_features
-        if patches.ndim != 2 or patches.shape[-1] != patch_dim:
-            raise ValueError(
+        check(
+            patches.ndim == 2 and patches.shape[-1] == patch_dim,
+            lambda: (
                 f"patches must have shape (num_patches, {patch_dim}) = (N, patch_size*patch_size*channels), "
                 f"got {tuple(patches.shape)}."
-            )
-        # validated and read on the host once (PackedGrid.from_grid_thw), then shared by every layer
-        packed = grid_thw if isinstance(grid_thw, PackedGrid) else PackedGrid.from_grid_thw(grid_thw, patches.device)
-        if packed.num_tokens != patches.shape[0]:
-            raise ValueError(
-                f"grid_thw describes {packed.num_tokens} patches (sum of t*h*w) but patches has "
+            ),
+        )
+        check_type(
+            patches.dtype.is_floating_point,
+            lambda: (
+                f"patches must be a floating tensor of normalized pixels, got {patches.dtype}: preprocess "
+                "images first (NaFlexImagePreprocessor / SigLipImagePreprocessor)."
+            ),
+        )
+        check(
+            layout.num_tokens == patches.shape[0],
+            lambda: (
+                f"grid_thw describes {layout.num_tokens} patches (sum of t*h*w) but patches has "
                 f"{patches.shape[0]} rows."
-            )
-        if mask is not None and mask.shape != patches.shape[:1]:
-            raise ValueError(f"mask must have shape ({patches.shape[0]},), got {tuple(mask.shape)}.")
-        tokens = self.embeddings(patches, packed.grids, mask, mask_token)
-        tokens, hidden_states = self.encoder(tokens, packed.attention, output_hidden_states)
+            ),
+        )
+        check(
+            mask is None or tuple(mask.shape) == (patches.shape[0],),
+            lambda: f"mask must have shape ({patches.shape[0]},), got {tuple(mask.shape)}.",
+        )
+        tokens = self.embeddings(patches, layout.grids, mask, mask_token)
+        tokens, hidden_states, attentions = self.encoder(
+            tokens, layout.attention, output_hidden_states, output_attentions
+        )
         tokens = self.post_layernorm(tokens)
-        pooled = self.head(tokens, packed.pooling) if self.head is not None else None
-        return VisionOutput(tokens, pooled, hidden_states, packed.attention.cu_seqlens_q)
+        pooled = self.head(tokens, layout.pooling) if self.head is not None else None
+        return VisionOutput(
+            last_hidden_state=tokens,
+            pooler_output=pooled,
+            hidden_states=hidden_states,
+            attentions=attentions,
+            cu_seqlens=layout.attention.cu_seqlens_q,
+        )
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        local_files_only: bool = False,
-    ) -> VisionTransformer:
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> VisionTransformer:
         """Load the vision tower of a SigLIP / SigLIP 2 checkpoint, vision-only or dual-tower.
 
-        See :func:`kornia_siglip2.hub.load_vision_pretrained`.
-        """
-        from kornia_siglip2.hub import load_vision_pretrained
+        Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
+        transformers' ``SiglipVisionModel``) have no ``vision_model.`` prefix; dual-tower ones do, and their
+        text weights are skipped. Keyword arguments as :meth:`kornia_siglip2.SigLip2.from_pretrained`.
 
-        return load_vision_pretrained(
-            name_or_path,
-            device=device,
-            dtype=dtype,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-        )
+        Raises:
+            ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
+        """
+        return load_vision_pretrained(cls, name_or_path, **kwargs)
+
+
+def _to_input_layout(
+    output: VisionOutput, layout: ImageLayout, batch: int, length: int, input_layout: str
+) -> VisionOutput:
+    """Packed tokens back to the caller's layout: ``(B, h w, D)`` for images, ``(B, L, D)`` for padded input."""
+    seqlens = torch.tensor(layout.attention.seqlens_q, device=output.last_hidden_state.device)
+    max_length = int(seqlens.max()) if input_layout == "images" else length
+
+    def tokens(packed: torch.Tensor) -> torch.Tensor:
+        if input_layout == "images":  # equal grids: a view, no copy
+            return packed.view(batch, -1, packed.shape[-1])
+        return packed_to_padded(packed, seqlens, max_length)[0]
+
+    def weights(per_frame: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if input_layout == "images":
+            return torch.stack(per_frame)
+        padded = per_frame[0].new_zeros(len(per_frame), per_frame[0].shape[0], max_length, max_length)
+        for row, frame in enumerate(per_frame):
+            padded[row, :, : frame.shape[-2], : frame.shape[-1]] = frame
+        return padded
+
+    return VisionOutput(
+        last_hidden_state=tokens(output.last_hidden_state),
+        pooler_output=output.pooler_output,
+        hidden_states=None if output.hidden_states is None else tuple(map(tokens, output.hidden_states)),
+        attentions=None if output.attentions is None else tuple(map(weights, output.attentions)),
+        cu_seqlens=output.cu_seqlens,
+    )

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kornia_siglip2.model import SigLip2
@@ -113,7 +112,7 @@ class ZeroShotClassifier(nn.Module):
 
     Example:
         >>> import tempfile
-        >>> from kornia_siglip2._demo import build_tiny_checkpoint
+        >>> from kornia_siglip2.demo import build_tiny_checkpoint
         >>> classifier = ZeroShotClassifier.from_pretrained(build_tiny_checkpoint(tempfile.mkdtemp()))
         >>> images = [torch.rand(3, 64, 96), torch.rand(3, 200, 50)]  # any sizes
         >>> probabilities = classifier(images, ["red circle", "blue square", "a dog"])
@@ -356,11 +355,7 @@ def _image_embeddings(model: SigLip2, preprocessed: Any) -> torch.Tensor:
         >>> _image_embeddings(classifier.model, classifier.preprocessor([torch.rand(3, 32, 48)])).shape
         torch.Size([1, 64])
     """
-    if model.config.is_naflex:
-        features = model.get_image_features(patches=preprocessed.patches, grid_thw=preprocessed.grid_thw)
-    else:
-        features = model.get_image_features(preprocessed)
-    return F.normalize(_pooled(features), dim=-1)
+    return model.encode_image(preprocessed, normalize=True)
 
 
 def _text_embeddings(model: SigLip2, input_ids: torch.Tensor) -> torch.Tensor:
@@ -373,12 +368,7 @@ def _text_embeddings(model: SigLip2, input_ids: torch.Tensor) -> torch.Tensor:
     Returns:
         :math:`(T, D)` unit-norm embeddings.
     """
-    return F.normalize(_pooled(model.get_text_features(input_ids)), dim=-1)
-
-
-def _pooled(features: Any) -> torch.Tensor:
-    """The pooled tensor of a ``get_*_features`` result (a tensor, or an output with ``pooler_output``)."""
-    return features if isinstance(features, torch.Tensor) else features.pooler_output
+    return model.encode_text(input_ids, normalize=True)
 
 
 def _requires_grad(inputs: Any) -> bool:

@@ -192,7 +192,7 @@ def compare(source: str | Path | None = None, workdir: str | Path | None = None)
     with torch.no_grad():
         expected_text = hf_fixed.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
         theirs_text = kornia_model.get_text_features(input_ids, attention_mask=attention_mask, normalize=False)
-        mine_text = ours.get_text_features(input_ids, attention_mask)
+        mine_text = ours.encode_text(input_ids, attention_mask)
     d_kornia, d_ours = _diff(theirs_text, expected_text), _diff(mine_text, expected_text)
     rows.append(
         Row(
@@ -218,7 +218,7 @@ def compare(source: str | Path | None = None, workdir: str | Path | None = None)
         )
     )
 
-    # closed form (REFERENCE 5): every image orthogonal to every text, t = 10, b = -10, n = 4
+    # closed form of the SigLIP loss: every image orthogonal to every text, t = 10, b = -10, n = 4
     basis = torch.eye(8, dtype=torch.float64)
     image_basis, text_basis = basis[:4], basis[4:]
     closed_form = F.softplus(torch.tensor(10.0, dtype=torch.float64)) + 3 * F.softplus(
@@ -239,7 +239,7 @@ def compare(source: str | Path | None = None, workdir: str | Path | None = None)
         )
     )
 
-    # a released So400m learned exp(t') = 109.9 (REFERENCE 2): no clamp in transformers
+    # a released So400m learned exp(t') = 109.9: no clamp in transformers
     hf_big = _hf_models()[0]
     with torch.no_grad():
         hf_big.logit_scale.fill_(math.log(109.9))
@@ -284,7 +284,7 @@ def compare(source: str | Path | None = None, workdir: str | Path | None = None)
             pixel_attention_mask=torch.ones(1, 15, dtype=torch.long),
             spatial_shapes=grid[:, 1:],
         ).pooler_output
-        d_ours = _diff(ours_naflex.get_image_features(patches=naflex_pixels, grid_thw=grid), reference_pooled)
+        d_ours = _diff(ours_naflex.encode_image(patches=naflex_pixels, grid_thw=grid), reference_pooled)
     rows.append(
         Row(
             "load a SigLIP 2 NaFlex checkpoint (model_type siglip2) and run a 3x5-patch image",
@@ -307,7 +307,7 @@ def compare(source: str | Path | None = None, workdir: str | Path | None = None)
 
     with torch.no_grad():
         expected = hf_fixed.vision_model(other, interpolate_pos_encoding=True).pooler_output
-        d_ours = _diff(ours.get_image_features(other), expected)
+        d_ours = _diff(ours.encode_image(other), expected)
     rows.append(
         Row(
             "fixed checkpoint at 24x32 (transformers: interpolate_pos_encoding=True)",

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tolerance
 
-from kornia_siglip2.attention import VarlenLayout, varlen_attention
+from kornia_siglip2.attention import VarlenLayout, varlen_attention, varlen_attention_weights
+from kornia_siglip2.errors import TypeCheckError, ValueCheckError
 
 MIXED = [5, 9, 5, 3, 9, 5]  # repeated lengths that are not adjacent: exercises the gather path
 
@@ -18,19 +19,25 @@ def _cu(lengths, device):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
-def _per_sequence_reference(q, k, v, lengths_q, lengths_k):
-    """Each sequence alone through plain SDPA, the definition of block-diagonal attention."""
+def _per_sequence_reference(q, k, v, lengths_q, lengths_k, causal=None):
+    """Each sequence alone through a hand-written softmax(q k^T / sqrt(d)) v: block-diagonal attention by definition."""
     outs = []
-    for qs, ks, vs in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k), strict=True):
-        out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
-        outs.append(out.transpose(0, 1))
+    causal = causal or [False] * len(lengths_q)
+    for qs, ks, vs, is_causal in zip(q.split(lengths_q), k.split(lengths_k), v.split(lengths_k), causal, strict=True):
+        scores = torch.einsum("qhd,khd->hqk", qs.double(), ks.double()) / qs.shape[-1] ** 0.5
+        if is_causal:
+            keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            scores = scores.masked_fill(~keep, float("-inf"))
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+        weights = weights / weights.sum(-1, keepdim=True)
+        outs.append(torch.einsum("hqk,khd->qhd", weights, vs.double()).to(qs.dtype))
     return torch.cat(outs)
 
 
 class TestVarlenLayout:
     def test_groups(self):
         layout = VarlenLayout.from_seqlens(MIXED)
-        assert layout.groups == ((3, 5, 5), (2, 9, 9), (1, 3, 3))
+        assert layout.groups == ((3, 5, 5, False), (2, 9, 9, False), (1, 3, 3, False))
         assert layout.gather_q is not None
         # gather then scatter restores the order
         order = torch.arange(sum(MIXED))
@@ -38,17 +45,29 @@ class TestVarlenLayout:
 
     def test_equal_lengths_need_no_gather(self):
         layout = VarlenLayout.from_seqlens([16] * 4)
-        assert layout.groups == ((4, 16, 16),) and layout.gather_q is None and layout.scatter_q is None
+        assert layout.groups == ((4, 16, 16, False),) and layout.gather_q is None and layout.scatter_q is None
+
+    def test_causal_flags_split_groups(self):
+        layout = VarlenLayout.from_seqlens([4, 4, 4], causal=[True, False, True])
+        assert layout.groups == ((2, 4, 4, True), (1, 4, 4, False))
+
+    def test_key_padding_mask(self):
+        mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 1, 1, 0]])
+        layout = VarlenLayout.from_key_padding_mask(mask)
+        assert layout.seqlens_q == (4, 4, 4) and layout.seqlens_k == (2, 4, 2)
+        assert layout.key_index.tolist() == [0, 1, 4, 5, 6, 7, 9, 10]
 
     def test_exception(self):
         with pytest.raises(ValueError, match="positive"):
             VarlenLayout.from_seqlens([3, 0])
-        with pytest.raises(ValueError, match="2 and 1 sequences"):
+        with pytest.raises(ValueCheckError, match="have 2, 1 and 2 sequences"):
             VarlenLayout.from_seqlens([3, 2], [4])
-        with pytest.raises(ValueError, match="start at 0"):
+        with pytest.raises(ValueCheckError, match="start at 0"):
             VarlenLayout.from_cu_seqlens(torch.tensor([1, 3]))
-        with pytest.raises(ValueError, match="1-D integer"):
+        with pytest.raises(TypeCheckError, match="must hold integers"):
             VarlenLayout.from_cu_seqlens(torch.tensor([0.0, 3.0]))
+        with pytest.raises(ValueCheckError, match="rows must keep a token"):
+            VarlenLayout.from_key_padding_mask(torch.tensor([[1, 0], [0, 0]]))
 
 
 class TestVarlenAttention:
@@ -69,6 +88,36 @@ class TestVarlenAttention:
         _, k, v = _qkv(sum(lengths_k), device, dtype, seed=2)
         out = varlen_attention(q, k, v, _cu([1] * 4, device), cu_seqlens_k=_cu(lengths_k, device), backend=backend)
         torch.testing.assert_close(out, _per_sequence_reference(q, k, v, [1] * 4, lengths_k), **tolerance(dtype))
+
+    @pytest.mark.parametrize("backend", ["grouped", "dense", "loop", "eager"])
+    def test_causal_per_sequence(self, backend, device):
+        """Causal and full blocks in one packed batch (LocCa mixes teacher forcing and parallel prediction)."""
+        lengths, causal = [4, 6, 4, 6], [True, False, False, True]
+        q, k, v = _qkv(sum(lengths), device, torch.float64)
+        layout = VarlenLayout.from_seqlens(lengths, device=device, causal=causal)
+        out = varlen_attention(q, k, v, layout=layout, backend=backend)
+        expected = _per_sequence_reference(q, k, v, lengths, lengths, causal)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+    @pytest.mark.parametrize("backend", ["grouped", "dense", "loop", "eager"])
+    def test_key_padding_mask_equals_dropping_the_keys(self, backend, device):
+        """A (B, L) key mask == each sequence attending to its kept keys only (transformers' text mask)."""
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.bool, device=device)
+        q, k, v = _qkv(mask.numel(), device, torch.float64)
+        out = varlen_attention(q, k, v, layout=VarlenLayout.from_key_padding_mask(mask), backend=backend)
+        kept = mask.flatten()
+        expected = _per_sequence_reference(q, k[kept], v[kept], [5, 5, 5], mask.sum(-1).tolist())
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+    def test_eager_weights_are_the_softmax(self, device):
+        lengths = [3, 5]
+        q, k, v = _qkv(sum(lengths), device, torch.float64)
+        out, weights = varlen_attention_weights(q, k, v, VarlenLayout.from_seqlens(lengths, device=device))
+        assert [tuple(w.shape) for w in weights] == [(2, 3, 3), (2, 5, 5)]
+        for w, qs, ks in zip(weights, q.split(lengths), k.split(lengths), strict=True):
+            expected = torch.softmax(torch.einsum("qhd,khd->hqk", qs, ks) / 2.0, -1)  # head_dim 4: scale 1/2
+            torch.testing.assert_close(w, expected, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(out, _per_sequence_reference(q, k, v, lengths, lengths), atol=1e-12, rtol=1e-12)
 
     @pytest.mark.parametrize("backend", ["grouped", "dense"])
     def test_gradients_match_per_sequence(self, backend, device):
@@ -121,13 +170,13 @@ class TestVarlenAttention:
 
     def test_exception(self):
         q, k, v = _qkv(10, "cpu", torch.float32)
-        with pytest.raises(ValueError, match="Unknown attention backend"):
+        with pytest.raises(ValueCheckError, match="Unknown attention backend"):
             varlen_attention(q, k, v, _cu([10], "cpu"), backend="magic")
-        with pytest.raises(Exception, match="describe 9 query"):
+        with pytest.raises(ValueCheckError, match="ends at 9 but there are 10 tokens"):
             varlen_attention(q, k, v, _cu([4, 5], "cpu"))
-        with pytest.raises(Exception, match=r"\(tokens, heads, head_dim\)"):
+        with pytest.raises(ValueCheckError, match=r"\(tokens, heads, head_dim\)"):
             varlen_attention(q[:, 0], k, v, _cu([10], "cpu"))
-        with pytest.raises(Exception, match="needs cu_seqlens"):
+        with pytest.raises(ValueCheckError, match="needs cu_seqlens"):
             varlen_attention(q, k, v)
 
     @pytest.mark.parametrize("backend", ["grouped", "dense"])

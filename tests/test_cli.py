@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kornia_siglip2._demo import DEMO_LABELS
 from kornia_siglip2.cli import main
+from kornia_siglip2.demo import DEMO_LABELS
 from kornia_siglip2.zero_shot import ZeroShotClassifier
 
 

@@ -81,8 +81,8 @@ class TestVisionFlops:
         model = _model(naflex).eval().requires_grad_(False)
         patches, grid_thw, seqlens = _packed_batch()
         expected = flops.vision_tower_flops(seqlens, WIDTH, MLP_WIDTH, LAYERS, 3 * PATCH**2)
-        assert _math_count(lambda: model.get_image_features(patches=patches, grid_thw=grid_thw)) == expected
-        assert flops.count_flops(lambda: model.get_image_features(patches=patches, grid_thw=grid_thw)) == expected
+        assert _math_count(lambda: model.encode_image(patches=patches, grid_thw=grid_thw)) == expected
+        assert flops.count_flops(lambda: model.encode_image(patches=patches, grid_thw=grid_thw)) == expected
 
     def test_training_step(self):
         model = _model(naflex=True).train()
@@ -91,7 +91,7 @@ class TestVisionFlops:
         expected = flops.training_flops(forward, 2 * sum(seqlens) * 3 * PATCH**2 * WIDTH)
 
         def step():
-            model.get_image_features(patches=patches, grid_thw=grid_thw).square().mean().backward()
+            model.encode_image(patches=patches, grid_thw=grid_thw).square().mean().backward()
 
         assert _math_count(step) == expected
         assert flops.count_flops(step) == expected
@@ -112,8 +112,8 @@ class TestTextFlops:
         model = _model(naflex=True).eval().requires_grad_(False)
         input_ids = torch.randint(0, 100, (3, 16))
         expected = flops.text_tower_flops(3, 16, TEXT_WIDTH, TEXT_MLP, LAYERS, PROJECTION)
-        assert _math_count(lambda: model.get_text_features(input_ids)) == expected
-        assert flops.count_flops(lambda: model.get_text_features(input_ids)) == expected
+        assert _math_count(lambda: model.encode_text(input_ids)) == expected
+        assert flops.count_flops(lambda: model.encode_text(input_ids)) == expected
 
     def test_vit_b_example(self):
         # ViT-B/16 at 224 px: ~35.4 GFLOPs per image, the figure the ViT literature quotes (17.6 GMACs)

@@ -181,10 +181,10 @@ def test_minimal_hub_config_gets_transformers_defaults(siglip_checkpoint, tmp_pa
 
 
 def test_conv_patch_embedding_becomes_linear_over_py_px_c(hf_siglip):
-    """REFERENCE 1: W_lin = W_conv.permute(0, 2, 3, 1).reshape(D, -1) equals the conv on (py, px, c) patches."""
+    """W_lin = W_conv.permute(0, 2, 3, 1).reshape(D, -1) equals the conv on (py, px, c) patches."""
     ours = from_hf_state_dict(hf_siglip.state_dict())
     weight = ours["vision_model.embeddings.patch_embedding.weight"]
-    assert weight.shape == (32, 4 * 4 * 3) and "vision_model.encoder.layers.0.self_attn.qkv.weight" in ours
+    assert weight.shape == (32, 4 * 4 * 3) and "vision_model.encoder.layers.0.self_attn.q_proj.weight" in ours
     conv = hf_siglip.vision_model.embeddings.patch_embedding
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -203,6 +203,6 @@ def test_vision_only_checkpoints(family, tmp_path, request):
     patches, grid_thw = patchify(torch.rand(2, 3, 16, 16, dtype=torch.float64), 4)
     expected = SigLip2.from_pretrained(request.getfixturevalue(f"{family}_checkpoint"), dtype=torch.float64)
     with torch.no_grad():
-        reference = expected.get_image_features(patches=patches, grid_thw=grid_thw)
+        reference = expected.encode_image(patches=patches, grid_thw=grid_thw)
         torch.testing.assert_close(tower(patches, grid_thw).pooler_output, reference, atol=0, rtol=0)
         torch.testing.assert_close(from_full(patches, grid_thw).pooler_output, reference, atol=0, rtol=0)

@@ -1,4 +1,4 @@
-"""Real-weight expected values (REFERENCE 4, from transformers' integration tests).
+"""Real-weight expected values (from transformers' integration tests, tests/models/siglip*/test_modeling_siglip*.py).
 
 They need the checkpoints in the local Hugging Face cache; without them they are skipped with the reason.
 """

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import naflex_tolerance, tolerance
-from kornia.core.exceptions import BaseError
 
 from kornia_siglip2 import SigLip2, SigLip2Config, patchify
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.lens import layer_image_features, logit_lens
 from kornia_siglip2.packing import packed_to_padded
 from kornia_siglip2.vision import PackedGrid
@@ -103,7 +103,7 @@ class TestLogitLens:
     def test_text_embeds_equal_input_ids(self, siglip2_model):
         patches, grid_thw = packed_images()
         with torch.no_grad():
-            text_embeds = siglip2_model.get_text_features(text_ids())
+            text_embeds = siglip2_model.encode_text(text_ids())
             from_ids = logit_lens(siglip2_model, text_ids(), patches=patches, grid_thw=grid_thw)
             from_embeds = logit_lens(siglip2_model, text_embeds=text_embeds, patches=patches, grid_thw=grid_thw)
         assert torch.equal(from_ids, from_embeds)
@@ -175,13 +175,13 @@ class TestLayerImageFeatures:
         patches, grid_thw = packed_images()
         with torch.no_grad():
             output = siglip2_model.vision_model(patches, grid_thw, output_hidden_states=True)
-        with pytest.raises(BaseError, match="output_hidden_states"):
+        with pytest.raises(ValueCheckError, match="output_hidden_states"):
             layer_image_features(siglip2_model.vision_model, (), grid_thw)
-        with pytest.raises(BaseError, match="tokens"):
+        with pytest.raises(ValueCheckError, match="tokens"):
             layer_image_features(siglip2_model.vision_model, [state[:-1] for state in output.hidden_states], grid_thw)
         headless = copy.deepcopy(siglip2_model.vision_model)
         headless.head = None
-        with pytest.raises(BaseError, match="MAP head"):
+        with pytest.raises(ValueCheckError, match="MAP head"):
             layer_image_features(headless, output.hidden_states, grid_thw)
 
 
@@ -192,7 +192,7 @@ class TestException:
             logit_lens(siglip2_model, patches=patches, grid_thw=grid_thw)
         with pytest.raises(ValueError, match="exactly one"):
             logit_lens(siglip2_model, text_ids(), patches=patches, grid_thw=grid_thw, text_embeds=torch.randn(2, 32))
-        with pytest.raises(BaseError, match="text_embeds"):
+        with pytest.raises(ValueCheckError, match="text_embeds"):
             logit_lens(siglip2_model, patches=patches, grid_thw=grid_thw, text_embeds=torch.randn(32))
 
     def test_images(self, siglip2_model):

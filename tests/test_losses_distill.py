@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TEXT, VISION, tolerance
-from kornia.core.exceptions import BaseError
 from torch import nn
 
-from kornia_siglip2 import SigLip2, SigLip2Config, VisionConfig, VisionTransformer
+from kornia_siglip2 import SigLip2, SigLip2Config, VisionConfig, VisionTransformer, patchify
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.losses.distill import (
     DINOHead,
     DistillationBranch,
@@ -24,7 +24,7 @@ from kornia_siglip2.losses.distill import (
     random_patch_mask,
     teacher_probabilities,
 )
-from kornia_siglip2.packing import grid_thw_to_seqlens, patchify
+from kornia_siglip2.packing import grid_thw_to_seqlens
 
 HEADS = dict(hidden_dim=16, bottleneck_dim=8, num_prototypes=32)
 PATCH = VISION["patch_size"]
@@ -34,8 +34,11 @@ NAFLEX_SIZES = ((16, 16), (12, 12), (8, 12))
 
 def make_tower(naflex: bool, device=None, dtype=torch.float32, seed: int = 0, **overrides) -> VisionTransformer:
     torch.manual_seed(seed)
-    config = VisionConfig(**dict(VISION, image_size=16, num_patches=16, **overrides))
-    return VisionTransformer(config, naflex=naflex).to(device=device, dtype=dtype)
+    position_embedding = "naflex" if naflex else "fixed"
+    config = VisionConfig(
+        **dict(VISION, image_size=16, num_patches=16, position_embedding=position_embedding, **overrides)
+    )
+    return VisionTransformer(config).to(device=device, dtype=dtype)
 
 
 def make_loss(tower: nn.Module, device=None, dtype=torch.float32, **options) -> SelfDistillationLoss:
@@ -86,9 +89,9 @@ class TestDINOHead:
         torch.testing.assert_close(head(features), expected)
 
     def test_exception(self):
-        with pytest.raises(BaseError, match=r"features must have shape \(\*, 32\)"):
+        with pytest.raises(ValueCheckError, match=r"features must have shape \(\*, 32\)"):
             DINOHead(32, **HEADS)(torch.randn(4, 31))
-        with pytest.raises(BaseError, match="num_layers"):
+        with pytest.raises(ValueCheckError, match="num_layers"):
             DINOHead(32, num_layers=0)
 
     def test_gradcheck(self, device):
@@ -150,11 +153,11 @@ class TestDistillationCrossEntropy:
         assert student.grad is not None and teacher.grad is None
 
     def test_exception(self):
-        with pytest.raises(BaseError, match="same shape"):
+        with pytest.raises(ValueCheckError, match="same shape"):
             distillation_cross_entropy(torch.randn(3, 8), torch.randn(3, 9))
-        with pytest.raises(BaseError, match="student_temperature must be positive"):
+        with pytest.raises(ValueCheckError, match="student_temperature must be positive"):
             distillation_cross_entropy(torch.randn(3, 8), torch.randn(3, 8), student_temperature=0.0)
-        with pytest.raises(BaseError, match=r"center must have shape \(8,\)"):
+        with pytest.raises(ValueCheckError, match=r"center must have shape \(8,\)"):
             distillation_cross_entropy(torch.randn(3, 8), torch.randn(3, 8), center=torch.zeros(7))
         with pytest.raises(ValueError, match="Shape"):
             distillation_cross_entropy(torch.randn(8), torch.randn(8))
@@ -232,7 +235,7 @@ class TestEMATeacher:
         assert torch.equal(teacher(torch.ones(100)), torch.ones(100))
 
     def test_exception(self):
-        with pytest.raises(BaseError, match=r"momentum must be in \[0, 1\]"):
+        with pytest.raises(ValueCheckError, match=r"momentum must be in \[0, 1\]"):
             EMATeacher(nn.Linear(3, 2), momentum=1.5)
         teacher = EMATeacher(nn.Linear(3, 2))
         with pytest.raises(ValueError, match="Shape of 'weight' differs"):
@@ -265,7 +268,7 @@ class TestRandomPatchMask:
         torch.testing.assert_close(frequency[6:], torch.full((5,), 0.4, dtype=torch.float64), atol=0.1, rtol=0)
 
     def test_exception(self):
-        with pytest.raises(BaseError, match="mask_ratio"):
+        with pytest.raises(ValueCheckError, match="mask_ratio"):
             random_patch_mask([4], mask_ratio=1.5)
         with pytest.raises(ValueError, match="Shape"):
             random_patch_mask(torch.ones(2, 2, dtype=torch.long))
@@ -303,7 +306,7 @@ class TestViews:
     def test_exception(self):
         with pytest.raises(ValueError, match="Shape"):
             LocalViews(8)([torch.rand(16, 16)])
-        with pytest.raises(BaseError, match="positive"):
+        with pytest.raises(ValueCheckError, match="positive"):
             LocalViews(8, num_views=0)
 
 
@@ -353,21 +356,21 @@ class TestSelfDistillationLoss:
         loss = make_loss(tower, device)
         images = fixed_batch(device)
         patches, grid_thw = patchify(images, PATCH)
-        with pytest.raises(BaseError, match="either images"):
+        with pytest.raises(ValueCheckError, match="either images"):
             loss(tower)
-        with pytest.raises(BaseError, match="either images"):
+        with pytest.raises(ValueCheckError, match="either images"):
             loss(tower, images, patches=patches, grid_thw=grid_thw)
-        with pytest.raises(BaseError, match="either images"):
+        with pytest.raises(ValueCheckError, match="either images"):
             loss(tower, patches=patches)
-        with pytest.raises(BaseError, match=r"mask must be a bool tensor of shape \(32,\)"):
+        with pytest.raises(ValueCheckError, match=r"mask must be a bool tensor of shape \(32,\)"):
             loss(tower, images, mask=torch.zeros(31, dtype=torch.bool, device=device))
-        with pytest.raises(BaseError, match="not a positive multiple of the 2 frames"):
+        with pytest.raises(ValueCheckError, match="not a positive multiple of the 2 frames"):
             loss(tower, images, local_views=torch.rand(3, 3, 8, 8, device=device))
-        with pytest.raises(BaseError, match="student must be a VisionTransformer"):
+        with pytest.raises(ValueCheckError, match="student must be a VisionTransformer"):
             loss(nn.Linear(2, 2), images)
-        with pytest.raises(BaseError, match="multiple of the patch size"):
+        with pytest.raises(ValueCheckError, match="multiple of the patch size"):
             make_loss(tower, local_size=6)
-        with pytest.raises(BaseError, match="vision_use_head"):
+        with pytest.raises(ValueCheckError, match="vision_use_head"):
             make_loss(make_tower(naflex=True, vision_use_head=False))
 
     def test_teacher_equals_student_at_switch_on(self, device):
@@ -489,3 +492,63 @@ class TestSelfDistillationLoss:
         (grad,) = torch.autograd.grad(actual.masked_loss, loss.mask_token)
         (expected_grad,) = torch.autograd.grad(expected.masked_loss, loss.mask_token)
         torch.testing.assert_close(grad, expected_grad, **tolerance(dtype))
+
+
+class TestSelfDistillationValues:
+    """Both terms against an independent float64 computation: every view through the tower alone, the DINO
+    cross-entropy written out with exp/log, iBOT's mean over each frame's masked patches."""
+
+    @staticmethod
+    def _cross_entropy(student, teacher, tau_s, tau_t, center):
+        teacher = (teacher - center) / tau_t
+        p_t = torch.exp(teacher - teacher.amax(-1, keepdim=True))
+        p_t = p_t / p_t.sum(-1, keepdim=True)
+        shifted = student / tau_s - (student / tau_s).amax(-1, keepdim=True)
+        log_p_s = shifted - torch.log(torch.exp(shifted).sum(-1, keepdim=True))
+        return -(p_t * log_p_s).sum(-1)
+
+    def test_matches_independent_float64(self):
+        tower = make_tower(naflex=True, dtype=torch.float64, seed=3)
+        loss = make_loss(tower, dtype=torch.float64, num_local_views=2)
+        with torch.no_grad():  # teacher != student and non-zero centers, so neither can hide a mistake
+            for parameter in loss.teacher.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+            loss.global_center.normal_(0, 0.1)
+            loss.patch_center.normal_(0, 0.1)
+            loss.mask_token.normal_()
+        images = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        local_views = torch.rand(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        mask = torch.zeros(32, dtype=torch.bool)
+        mask[[0, 3, 5, 6, 9, 17, 20, 31]] = True  # 6 patches of image 0, 2 of image 1
+        loss.eval()  # no center update inside the call
+        out = loss(tower, images, local_views=local_views, mask=mask)
+
+        teacher_tower, teacher_global_head, teacher_patch_head = (
+            loss.teacher.module.vision,
+            loss.teacher.module.global_head,
+            loss.teacher.module.patch_head,
+        )
+        tau_s, tau_t = loss.student_temperature, loss.teacher_temperature
+        consistency, masked = [], []
+        for index in range(2):
+            patches, grid = patchify(images[index : index + 1], PATCH)
+            teacher = teacher_tower(patches, grid)
+            teacher_global = teacher_global_head(teacher.pooler_output)
+            for view in local_views[2 * index : 2 * index + 2]:
+                student = tower(*patchify(view[None], PATCH))
+                student_global = loss.global_head(student.pooler_output)
+                consistency.append(
+                    self._cross_entropy(student_global, teacher_global, tau_s, tau_t, loss.global_center)
+                )
+            frame_mask = mask[16 * index : 16 * index + 16]
+            student = tower(patches, grid, mask=frame_mask, mask_token=loss.mask_token)
+            per_patch = self._cross_entropy(
+                loss.patch_head(student.last_hidden_state[frame_mask]),
+                teacher_patch_head(teacher.last_hidden_state[frame_mask]),
+                tau_s,
+                tau_t,
+                loss.patch_center,
+            )
+            masked.append(per_patch.mean())
+        torch.testing.assert_close(out.consistency_loss, torch.cat(consistency).mean(), atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(out.masked_loss, torch.stack(masked).mean(), atol=1e-12, rtol=1e-12)

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tolerance
-from kornia.core.exceptions import BaseError
 
 from kornia_siglip2 import SigLip2Config, TextConfig, VisionConfig, VisionTransformer, patchify
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.losses.locca import (
     TASKS,
     LocCaDecoder,
@@ -127,11 +127,11 @@ class TestLocCaVocabulary:
 
     def test_exception(self):
         vocabulary = _vocabulary()
-        with pytest.raises(BaseError, match=r"normalized to \[0, 1\]"):
+        with pytest.raises(ValueCheckError, match=r"normalized to \[0, 1\]"):
             vocabulary.boxes_to_tokens(torch.tensor([[0.0, 0.0, 1.5, 1.0]]))
         with pytest.raises(ValueError):
             vocabulary.boxes_to_tokens(torch.rand(2, 3))
-        with pytest.raises(BaseError, match="box tokens must lie"):
+        with pytest.raises(ValueCheckError, match="box tokens must lie"):
             vocabulary.tokens_to_boxes(torch.tensor([[5, 30, 31, 32]]))
         with pytest.raises(ValueError, match="eos_token_id"):
             LocCaVocabulary(text_vocab_size=10, eos_token_id=10)
@@ -211,13 +211,13 @@ class TestLocCaTargets:
     def test_exception(self):
         vocabulary = _vocabulary()
         boxes = torch.rand(2, 4)
-        with pytest.raises(BaseError, match="Expected 2 captions"):
+        with pytest.raises(ValueCheckError, match="Expected 2 captions"):
             LocCaTargets.build([[5]], [[5], [6]], boxes, vocabulary, LENGTH)
-        with pytest.raises(BaseError, match="max_length must be at least 6"):
+        with pytest.raises(ValueCheckError, match="max_length must be at least 6"):
             LocCaTargets.build([[5]] * 2, [[5]] * 2, boxes, vocabulary, 5)
-        with pytest.raises(BaseError, match="text ids"):
+        with pytest.raises(ValueCheckError, match="text ids"):
             LocCaTargets.build([[5], [30]], [[5]] * 2, boxes, vocabulary, LENGTH)
-        with pytest.raises(BaseError, match="parallel_probability"):
+        with pytest.raises(ValueCheckError, match="parallel_probability"):
             LocCaTargets.build([[5]] * 2, [[5]] * 2, boxes, vocabulary, LENGTH, parallel_probability=1.5)
         with pytest.raises(ValueError):
             LocCaTargets.build([[5]] * 2, [[5]] * 2, boxes[:, :3], vocabulary, LENGTH)
@@ -253,7 +253,7 @@ class TestLocCaDecoder:
         assert len(decoder.layers) == expected
         assert decoder.vocab_size == 257000 and decoder.token_embedding.weight.shape == (257001, width)
         assert decoder.layers[0].mlp.fc1.out_features == mlp and decoder.layers[0].self_attn.num_heads == heads
-        assert decoder.layers[0].cross_attn.key_value.in_features == 1152
+        assert decoder.layers[0].cross_attn.k_proj.in_features == 1152
         assert decoder.max_length == 64
 
     def test_causal(self, device, dtype):
@@ -304,17 +304,17 @@ class TestLocCaDecoder:
         decoder = _decoder()
         tokens, cu_seqlens = _image_tokens("cpu", torch.float32)
         input_ids = torch.randint(0, 41, (3, LENGTH))
-        with pytest.raises(BaseError, match=r"image_tokens must be \(N, 24\)"):
+        with pytest.raises(ValueCheckError, match=r"image_tokens must be \(N, 24\)"):
             decoder(input_ids, tokens[:, :16], cu_seqlens)
-        with pytest.raises(BaseError, match="exceeds max_length"):
+        with pytest.raises(ValueCheckError, match="exceeds max_length"):
             decoder(torch.randint(0, 41, (3, LENGTH + 1)), tokens, cu_seqlens)
-        with pytest.raises(BaseError, match="causal must have shape"):
+        with pytest.raises(ValueCheckError, match="causal must have shape"):
             decoder(input_ids, tokens, cu_seqlens, torch.ones(3, 2, dtype=torch.bool))
-        with pytest.raises(BaseError, match="2 images but the vision tokens 3"):
+        with pytest.raises(ValueCheckError, match="2 images but the vision tokens 3"):
             decoder(input_ids[:2], tokens, cu_seqlens)
-        with pytest.raises(BaseError, match="input_ids must be"):
+        with pytest.raises(ValueCheckError, match="input_ids must be"):
             decoder(input_ids[0], tokens, cu_seqlens)
-        with pytest.raises(BaseError, match="needs cu_seqlens or a layout"):
+        with pytest.raises(ValueCheckError, match="needs cu_seqlens or a layout"):
             decoder(input_ids, tokens)
         with pytest.raises(ValueError, match="divisible"):
             LocCaDecoder(10, width=10, num_heads=3, mlp_width=8, num_layers=1, max_length=4)
@@ -375,11 +375,11 @@ class TestChunkedCrossEntropy:
 
     def test_exception(self):
         hidden, weight, labels = torch.randn(5, 4), torch.randn(9, 4), torch.zeros(5, dtype=torch.long)
-        with pytest.raises(BaseError, match="disagree"):
+        with pytest.raises(ValueCheckError, match="disagree"):
             chunked_cross_entropy(hidden[:, :3], weight, None, labels)
-        with pytest.raises(BaseError, match="bias must be"):
+        with pytest.raises(ValueCheckError, match="bias must be"):
             chunked_cross_entropy(hidden, weight, torch.zeros(8), labels)
-        with pytest.raises(BaseError, match="chunk_size must be positive"):
+        with pytest.raises(ValueCheckError, match="chunk_size must be positive"):
             chunked_cross_entropy(hidden, weight, None, labels, 0)
         with pytest.raises(ValueError):
             chunked_cross_entropy(hidden[None], weight, None, labels)
@@ -497,12 +497,12 @@ class TestLocCaLoss:
 
     def test_exception(self):
         decoder = _decoder()
-        with pytest.raises(BaseError, match="task_weights needs 3"):
+        with pytest.raises(ValueCheckError, match="task_weights needs 3"):
             LocCaLoss(decoder, task_weights=(1.0, 1.0))
         tokens, cu_seqlens = _image_tokens("cpu", torch.float32)
         targets = _targets(_vocabulary(text_vocab_size=30, num_bins=10))
         targets.input_ids = targets.input_ids[:, :2]
-        with pytest.raises(BaseError, match=r"targets must be \(B, 3, L\)"):
+        with pytest.raises(ValueCheckError, match=r"targets must be \(B, 3, L\)"):
             LocCaLoss(decoder)(tokens, cu_seqlens, targets)
 
 
@@ -536,9 +536,9 @@ class TestGenerate:
     def test_exception(self):
         decoder = _decoder()
         tokens, cu_seqlens = _image_tokens("cpu", torch.float32)
-        with pytest.raises(BaseError, match="shorter than max_length"):
+        with pytest.raises(ValueCheckError, match="shorter than max_length"):
             generate(decoder, tokens, cu_seqlens, [[2] * LENGTH, [], []], 2, start_token_id=0)
-        with pytest.raises(BaseError, match="Expected 3 cu_seqlens"):
+        with pytest.raises(ValueCheckError, match="Expected 3 cu_seqlens"):
             generate(decoder, tokens, cu_seqlens, [[], []], 2, start_token_id=0)
 
 

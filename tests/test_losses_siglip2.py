@@ -10,10 +10,10 @@ from unittest import mock
 import pytest
 import torch
 from conftest import TEXT, VISION, tolerance
-from kornia.core.exceptions import BaseError
 from torch import nn
 
 from kornia_siglip2 import SigLip2, SigLip2Config
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.losses.distill import DistillationBranch, SelfDistillationLoss, random_patch_mask
 from kornia_siglip2.losses.locca import LocCaDecoder, LocCaLoss, LocCaTargets, LocCaVocabulary
 from kornia_siglip2.losses.siglip2 import (
@@ -162,7 +162,7 @@ class TestSigLip2LossSchedule:
     def test_exception(self):
         schedule = SigLip2LossSchedule()
         for progress in (-0.01, 1.01, math.nan):
-            with pytest.raises(BaseError, match="progress must be in"):
+            with pytest.raises(ValueCheckError, match="progress must be in"):
                 schedule.loss_weights(progress)
         with pytest.raises(ValueError, match="distill_start"):
             SigLip2LossSchedule(distill_start=1.5)
@@ -334,19 +334,19 @@ class TestSigLip2Loss:
         model = make_model()
         loss_fn = make_loss(model)
         batch = make_batch()
-        with pytest.raises(BaseError, match="progress must be in"):
+        with pytest.raises(ValueCheckError, match="progress must be in"):
             loss_fn(model, **batch, progress=1.5)
         images = batch.pop("images")
-        with pytest.raises(BaseError, match="Pass either images"):
+        with pytest.raises(ValueCheckError, match="Pass either images"):
             loss_fn(model, **batch, progress=0.5)
         patches, grid_thw = patchify(images, 4)
-        with pytest.raises(BaseError, match="Pass either images"):
+        with pytest.raises(ValueCheckError, match="Pass either images"):
             loss_fn(model, **batch, images=images, patches=patches, grid_thw=grid_thw, progress=0.5)
-        with pytest.raises(BaseError, match="Pass either images"):
+        with pytest.raises(ValueCheckError, match="Pass either images"):
             loss_fn(model, **batch, patches=patches, progress=0.5)
-        with pytest.raises(BaseError, match="one caption and one LocCa target per image"):
+        with pytest.raises(ValueCheckError, match="one caption and one LocCa target per image"):
             loss_fn(model, make_batch(3)["input_ids"], batch["locca_targets"], progress=0.5, images=images)
-        with pytest.raises(BaseError, match="input_ids must be"):
+        with pytest.raises(ValueCheckError, match="input_ids must be"):
             loss_fn(
                 model,
                 input_ids=batch["input_ids"][0],

@@ -14,12 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import tolerance
-from kornia.core.exceptions import BaseError, ShapeError
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.losses import DISTRIBUTED_MODES, SigmoidLoss, sigmoid_loss
 
 LOG_TEN = math.log(10.0)
@@ -48,7 +48,7 @@ def _loss_and_grads(inputs, **options):
 
 
 def _orthogonal_pairs(n: int, device, dtype):
-    """Every image orthogonal to every text: all logits equal b, the closed form of REFERENCE 5."""
+    """Every image orthogonal to every text: all logits equal b, the closed form of the SigLIP loss."""
     basis = torch.eye(2 * n, device=device, dtype=dtype)
     return basis[:n], basis[n:]
 
@@ -116,26 +116,26 @@ class TestSigmoidLoss:
 
     def test_exception(self, device, dtype):
         image, text, logit_scale, logit_bias = _inputs(device=device, dtype=dtype)
-        with pytest.raises(ShapeError, match="image_embeds must be"):
+        with pytest.raises(ValueCheckError, match="image_embeds must be"):
             sigmoid_loss(image[None], text, logit_scale, logit_bias)
-        with pytest.raises(ShapeError, match="text_embeds must be"):
+        with pytest.raises(ValueCheckError, match="text_embeds must be"):
             sigmoid_loss(image, text[0], logit_scale, logit_bias)
-        with pytest.raises(ShapeError, match="text_embeds must have the shape of image_embeds"):
+        with pytest.raises(ValueCheckError, match="text_embeds must have the shape of image_embeds"):
             sigmoid_loss(image, text[:-1], logit_scale, logit_bias)
-        with pytest.raises(ShapeError, match="text_embeds must have the shape of image_embeds"):
+        with pytest.raises(ValueCheckError, match="text_embeds must have the shape of image_embeds"):
             sigmoid_loss(image, text[:, :-1], logit_scale, logit_bias)
-        with pytest.raises(BaseError, match="at least one"):
+        with pytest.raises(ValueCheckError, match="at least one"):
             sigmoid_loss(image[:0], text[:0], logit_scale, logit_bias)
-        with pytest.raises(BaseError, match="logit_scale must be a scalar"):
+        with pytest.raises(ValueCheckError, match="logit_scale must be a scalar"):
             sigmoid_loss(image, text, torch.zeros(2), logit_bias)
-        with pytest.raises(BaseError, match="logit_bias must be a scalar"):
+        with pytest.raises(ValueCheckError, match="logit_bias must be a scalar"):
             sigmoid_loss(image, text, logit_scale, torch.zeros(1, 2))
-        with pytest.raises(BaseError, match="chunk_size must be a positive int"):
+        with pytest.raises(ValueCheckError, match="chunk_size must be a positive int"):
             sigmoid_loss(image, text, logit_scale, logit_bias, chunk_size=0)
-        with pytest.raises(BaseError, match="distributed must be None or one of"):
+        with pytest.raises(ValueCheckError, match="distributed must be None or one of"):
             sigmoid_loss(image, text, logit_scale, logit_bias, distributed="ring_allreduce")
         if not dist.is_initialized():
-            with pytest.raises(BaseError, match=r"initialized torch\.distributed process group"):
+            with pytest.raises(ValueCheckError, match=r"initialized torch\.distributed process group"):
                 sigmoid_loss(image, text, logit_scale, logit_bias, distributed="ring")
 
     @pytest.mark.parametrize("chunk_size", [None, 3])
@@ -198,9 +198,9 @@ class TestChunkedSigmoidLoss:
         torch.testing.assert_close(loss_fn(image, text), SigmoidLoss().to(device, dtype)(image, text))
 
     def test_exception(self):
-        with pytest.raises(BaseError, match="chunk_size must be a positive int"):
+        with pytest.raises(ValueCheckError, match="chunk_size must be a positive int"):
             SigmoidLoss(chunk_size=-2)
-        with pytest.raises(BaseError, match="chunk_size must be a positive int"):
+        with pytest.raises(ValueCheckError, match="chunk_size must be a positive int"):
             sigmoid_loss(*_inputs(), chunk_size=2.5)
 
     @pytest.mark.parametrize("n", [1, 7])
@@ -239,11 +239,11 @@ class TestSigmoidLossModule:
 
     def test_exception(self):
         image, text, logit_scale, _ = _inputs()
-        with pytest.raises(BaseError, match="logit_scale is required"):
+        with pytest.raises(ValueCheckError, match="logit_scale is required"):
             SigmoidLoss(None, -10.0)(image, text)
-        with pytest.raises(BaseError, match="logit_bias is required"):
+        with pytest.raises(ValueCheckError, match="logit_bias is required"):
             SigmoidLoss(LOG_TEN, None)(image, text, logit_scale)
-        with pytest.raises(BaseError, match="distributed must be None or one of"):
+        with pytest.raises(ValueCheckError, match="distributed must be None or one of"):
             SigmoidLoss(distributed="ALL_GATHER")
 
     def test_gradcheck(self, device):
@@ -334,7 +334,7 @@ def _sgd_step(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> di
 def _error_message(function) -> str:
     try:
         function()
-    except BaseError as error:
+    except ValueCheckError as error:
         return str(error)
     return "no error"
 

@@ -1,13 +1,14 @@
 """SigLip2 against transformers on the same tiny checkpoints, and packed == one by one == padded."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import SIGLIP_IMAGE_SIZE, naflex_tolerance, tolerance
+from conftest import SIGLIP_IMAGE_SIZE, TEXT, VISION, naflex_tolerance, tolerance
 
-from kornia_siglip2 import SigLip2, patchify
+from kornia_siglip2 import SigLip2, SigLip2Config, patchify
 from kornia_siglip2.packing import grid_thw_to_seqlens, packed_to_padded
 
 IMAGE_SIZES = [(20, 36), (52, 12), (16, 16), (33, 47)]  # different sizes and aspect ratios
@@ -63,8 +64,12 @@ class TestParitySiglip:
         with torch.no_grad():
             expected_image = reference.get_image_features(pixel_values=pixel_values).pooler_output
             expected_text = reference.get_text_features(input_ids=input_ids).pooler_output
-            torch.testing.assert_close(ours.get_image_features(pixel_values), expected_image, **tolerance(dtype))
-            torch.testing.assert_close(ours.get_text_features(input_ids), expected_text, **tolerance(dtype))
+            torch.testing.assert_close(
+                ours.get_image_features(pixel_values).pooler_output, expected_image, **tolerance(dtype)
+            )
+            torch.testing.assert_close(
+                ours.get_text_features(input_ids).pooler_output, expected_text, **tolerance(dtype)
+            )
 
     def test_other_resolution(self, hf_siglip, siglip_checkpoint):
         """At a grid other than the training one the table is resized like `interpolate_pos_encoding=True`."""
@@ -95,8 +100,8 @@ class TestParitySiglip:
         attention_mask[1, 10:] = 0
         with torch.no_grad():
             expected = reference.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-            unmasked = ours.get_text_features(input_ids)
-            out = ours.get_text_features(input_ids, attention_mask)
+            unmasked = ours.encode_text(input_ids)
+            out = ours.encode_text(input_ids, attention_mask)
         torch.testing.assert_close(out, expected, **tolerance(torch.float64))
         assert not torch.allclose(out, unmasked)  # the mask does change the pooled vector
 
@@ -122,7 +127,7 @@ class TestParitySiglip2NaFlex:
         with torch.no_grad():
             expected = reference.vision_model(**inputs)
             out = ours.encode_images(**inputs)
-            features = ours.get_image_features(**inputs)
+            features = ours.encode_image(**inputs)
         valid = inputs["pixel_attention_mask"].bool()
         tol = naflex_tolerance(dtype)  # float32 positions in transformers (conftest.py)
         torch.testing.assert_close(out.last_hidden_state, expected.last_hidden_state[valid], **tol)
@@ -211,9 +216,12 @@ class TestParitySiglip2NaFlex:
         hf_grads = dict(reference.named_parameters())
         for name in ("logit_scale", "logit_bias", "vision_model.head.probe", "text_model.head.weight"):
             torch.testing.assert_close(dict(ours.named_parameters())[name].grad, hf_grads[name].grad, **tol)
-        fused = ours.vision_model.encoder.layers[0].self_attn.qkv.weight.grad
-        hf_q = hf_grads["vision_model.encoder.layers.0.self_attn.q_proj.weight"].grad
-        torch.testing.assert_close(fused[:32], hf_q, **tol)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            ours_grad = ours.vision_model.encoder.layers[0].self_attn.get_submodule(name).weight.grad
+            hf_grad = hf_grads[f"vision_model.encoder.layers.0.self_attn.{name}.weight"].grad
+            torch.testing.assert_close(ours_grad, hf_grad, **tol)
+        ours_in_proj = ours.vision_model.head.attention.in_proj_weight.grad
+        torch.testing.assert_close(ours_in_proj, hf_grads["vision_model.head.attention.in_proj_weight"].grad, **tol)
 
     def test_loss_and_gradients(self, hf_siglip2, siglip2_checkpoint, naflex_inputs):
         """Agreement with transformers as it is: its float32 NaFlex positions bound float64 to float32 accuracy."""
@@ -230,7 +238,7 @@ class TestSigLip2Module:
     def test_smoke_packed_api(self, siglip2_checkpoint, device, dtype):
         model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
         patches, grid_thw = patchify(torch.rand(2, 3, 8, 12, device=device, dtype=dtype), 4)
-        features = model.get_image_features(patches=patches, grid_thw=grid_thw)
+        features = model.encode_image(patches=patches, grid_thw=grid_thw)
         assert features.shape == (2, 32) and features.dtype == dtype
 
     def test_cardinality(self, siglip2_checkpoint):
@@ -269,7 +277,7 @@ class TestSigLip2Module:
         model = SigLip2.from_pretrained(siglip2_checkpoint, dtype=torch.float64)
         patches = torch.rand(6, 48, dtype=torch.float64, requires_grad=True)
         grid_thw = torch.tensor([[1, 1, 2], [1, 2, 2]])
-        assert torch.autograd.gradcheck(lambda x: model.get_image_features(patches=x, grid_thw=grid_thw), (patches,))
+        assert torch.autograd.gradcheck(lambda x: model.encode_image(patches=x, grid_thw=grid_thw), (patches,))
 
     def test_dynamo(self, siglip2_checkpoint, device, dtype):
         model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
@@ -290,3 +298,68 @@ class TestSigLip2Module:
         torch.testing.assert_close(
             compiled(patches), model.vision_model(patches, grid).pooler_output, **tolerance(dtype)
         )
+
+
+class TestInitWeights:
+    """big_vision's initialisers, checked by their statistics on a model wide enough to measure them."""
+
+    def test_initial_statistics(self):
+        torch.manual_seed(0)
+        config = SigLip2Config(
+            model_type="siglip2",
+            vision_config=dict(
+                hidden_size=256,
+                intermediate_size=512,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                patch_size=8,
+                num_patches=256,
+            ),
+            text_config=dict(
+                vocab_size=1000,
+                hidden_size=192,
+                intermediate_size=384,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                projection_size=256,
+            ),
+        )
+        model = SigLip2(config)
+        vision, text = model.vision_model, model.text_model
+        width = 256
+
+        def close(value, expected, tolerance=0.05):
+            assert abs(value - expected) <= tolerance * abs(expected), (value, expected)
+
+        # xavier-uniform kernels: std sqrt(2 / (fan_in + fan_out)); zero biases; LayerNorm (1, 0)
+        fc1 = vision.encoder.layers[0].mlp.fc1
+        close(fc1.weight.std().item(), (2 / (256 + 512)) ** 0.5)
+        q_proj = vision.encoder.layers[0].self_attn.q_proj
+        close(q_proj.weight.std().item(), (2 / (256 + 256)) ** 0.5)
+        assert all(bool((m.bias == 0).all()) for m in model.modules() if isinstance(m, torch.nn.Linear))
+        assert bool((vision.post_layernorm.weight == 1).all()) and bool((vision.post_layernorm.bias == 0).all())
+        # lecun-normal patch embedding: std 1 / sqrt(fan_in), truncated at 2 std
+        patch = vision.embeddings.patch_embedding.weight
+        close(patch.std().item(), (1 / (8 * 8 * 3)) ** 0.5)
+        assert patch.abs().max().item() <= 2 * (1 / 192) ** 0.5 / 0.87962566103423978 + 1e-6
+        # position tables and token embeddings N(0, 1/sqrt(D))
+        close(vision.embeddings.position_embedding.weight.std().item(), width**-0.5)
+        close(text.embeddings.token_embedding.weight.std().item(), 192**-0.5)
+        close(text.embeddings.position_embedding.weight.std().item(), 192**-0.5, 0.1)
+        # xavier-uniform probe over (1, 1, D): U(-a, a), a = sqrt(6 / (1 + D)), std a / sqrt(3)
+        bound = (6 / (1 + width)) ** 0.5
+        assert vision.head.probe.abs().max().item() <= bound
+        close(vision.head.probe.std().item(), bound / 3**0.5, 0.15)
+        # SigLIP paper section 3.2
+        assert model.logit_scale.item() == pytest.approx(math.log(10)) and model.logit_bias.item() == -10
+
+    def test_init_weights_resets(self):
+        torch.manual_seed(0)
+        model = SigLip2(
+            SigLip2Config(model_type="siglip2", vision_config=dict(VISION, num_patches=16), text_config=dict(TEXT))
+        )
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.fill_(7.0)
+        model.init_weights()
+        assert not any(bool((parameter == 7.0).all()) for parameter in model.parameters())

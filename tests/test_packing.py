@@ -24,7 +24,7 @@ class TestPatchify:
         assert grid_thw.shape == (5, 3) and grid_thw.dtype == torch.int64
 
     def test_order_matches_reference_formula(self, device):
-        # REFERENCE 3: x.reshape(C, h, p, w, p).permute(1, 3, 2, 4, 0).reshape(h*w, p*p*C), per image
+        # Siglip2ImageProcessor: x.reshape(C, h, p, w, p).permute(1, 3, 2, 4, 0).reshape(h*w, p*p*C), per image
         images = torch.rand(2, 3, 8, 12, device=device)
         patches, _ = patchify(images, 4)
         expected = torch.cat([x.reshape(3, 2, 4, 3, 4).permute(1, 3, 2, 4, 0).reshape(6, 48) for x in images])

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from kornia.core.exceptions import BaseError
 
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.packing import patchify
 from kornia_siglip2.preprocess import (
     PREPROCESSOR_CONFIG_NAME,
@@ -72,7 +72,7 @@ PARITY_SIZES = [(1, 1), (2, 3), (300, 1), (5, 400), (400, 5), (17, 31), (64, 64)
 
 
 def hf_naflex(images, patch_size, max_num_patches):
-    # without torchvision transformers' Siglip2ImageProcessor *is* this PIL backend (REFERENCE 3)
+    # without torchvision transformers' Siglip2ImageProcessor *is* this PIL backend
     module = pytest.importorskip("transformers.models.siglip2.image_processing_pil_siglip2")
     processor = module.Siglip2ImageProcessorPil(patch_size=patch_size, max_num_patches=max_num_patches)
     return processor(images, return_tensors="pt", input_data_format="channels_first")
@@ -86,7 +86,7 @@ def hf_fixed(images, image_size, resample):
 
 class TestNaFlexTargetSize:
     def test_reference_examples(self):
-        # REFERENCE 3, p = 16
+        # transformers' get_image_size_for_max_num_patches, p = 16
         assert naflex_target_size(480, 640, 16, 256) == (224, 288)
         assert naflex_target_size(224, 224, 16, 256) == (256, 256)
         assert naflex_target_size(1000, 100, 16, 256) == (800, 80)
@@ -167,23 +167,23 @@ class TestNaFlexImagePreprocessor:
 
     def test_exception(self):
         preprocess = NaFlexImagePreprocessor(patch_size=4, max_num_patches=9)
-        with pytest.raises(BaseError, match=r"\(B, 3, H, W\)"):
+        with pytest.raises(ValueCheckError, match=r"\(B, 3, H, W\)"):
             preprocess(torch.rand(2, 4, 8, 8))  # 4 channels
-        with pytest.raises(BaseError, match=r"\(B, 3, H, W\)"):
+        with pytest.raises(ValueCheckError, match=r"\(B, 3, H, W\)"):
             preprocess(torch.rand(3, 8, 8))  # a single image without its batch dimension
-        with pytest.raises(BaseError, match=r"images\[1\] must be a \(3, H, W\)"):
+        with pytest.raises(ValueCheckError, match=r"images\[1\] must be a \(3, H, W\)"):
             preprocess([torch.rand(3, 8, 8), torch.rand(1, 8, 8)])
-        with pytest.raises(BaseError, match="non-empty list"):
+        with pytest.raises(ValueCheckError, match="non-empty list"):
             preprocess([])
-        with pytest.raises(BaseError, match="empty batch"):
+        with pytest.raises(ValueCheckError, match="empty batch"):
             preprocess(torch.rand(0, 3, 8, 8))
-        with pytest.raises(BaseError, match="uint8 or float"):
+        with pytest.raises(ValueCheckError, match="uint8 or float"):
             preprocess(torch.ones(1, 3, 8, 8, dtype=torch.int32))
-        with pytest.raises(BaseError, match="share dtype and device"):
+        with pytest.raises(ValueCheckError, match="share dtype and device"):
             preprocess([torch.rand(3, 8, 8), torch.rand(3, 8, 8, dtype=torch.float64)])
-        with pytest.raises(BaseError, match=r"images\[0\] must be a tensor"):
+        with pytest.raises(ValueCheckError, match=r"images\[0\] must be a tensor"):
             preprocess([np.zeros((3, 8, 8))])
-        with pytest.raises(BaseError, match="positive height and width"):
+        with pytest.raises(ValueCheckError, match="positive height and width"):
             preprocess(torch.rand(1, 3, 0, 8))
         with pytest.raises(ValueError, match="must be positive"):
             NaFlexImagePreprocessor(max_num_patches=0)
@@ -237,9 +237,9 @@ class TestToPadded:
 
     def test_exception(self):
         packed = PackedImages(torch.rand(6, 12), torch.tensor([[1, 2, 3]]))
-        with pytest.raises(BaseError, match="shorter than a sequence"):
+        with pytest.raises(ValueCheckError, match="shorter than a sequence"):
             to_padded(packed, max_num_patches=5)
-        with pytest.raises(BaseError, match=r"rows \(1, h, w\)"):
+        with pytest.raises(ValueCheckError, match=r"rows \(1, h, w\)"):
             to_padded(PackedImages(torch.rand(12, 12), torch.tensor([[2, 2, 3]])), max_num_patches=6)
         with pytest.raises(ValueError, match="sum of t"):
             to_padded(PackedImages(torch.rand(5, 12), torch.tensor([[1, 2, 3]])), max_num_patches=6)
@@ -266,9 +266,9 @@ class TestSigLipImagePreprocessor:
 
     def test_exception(self):
         preprocess = SigLipImagePreprocessor(image_size=8)
-        with pytest.raises(BaseError, match=r"\(B, 3, H, W\)"):
+        with pytest.raises(ValueCheckError, match=r"\(B, 3, H, W\)"):
             preprocess(torch.rand(2, 1, 8, 8))
-        with pytest.raises(BaseError, match="non-empty list"):
+        with pytest.raises(ValueCheckError, match="non-empty list"):
             preprocess(())
         with pytest.raises(ValueError, match="image_size"):
             SigLipImagePreprocessor(image_size=(8, 8, 8))

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from kornia.core.exceptions import BaseError
 
 import kornia_siglip2.resample as resample_module
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.resample import (
     installed_pillow_version,
     pil_resize,
@@ -136,7 +136,7 @@ class TestPilResize:
         image = make_image(1000, 100, 3, "edges", np.random.default_rng(0))[None]
         newer, older = (pil_resize(image, (224, 224), "bicubic", version) for version in ("13.0", "12.1"))
         assert (newer.int() - older.int()).abs().max() > 5
-        with pytest.raises(BaseError, match="pillow_version"):
+        with pytest.raises(ValueCheckError, match="pillow_version"):
             pil_resizes_height_first(10, 10, 5, 5, "thirteen")
 
     def test_layouts(self):
@@ -160,13 +160,13 @@ class TestPilResize:
         assert pil_resize_coefficients(7, 3, "bicubic") is pil_resize_coefficients(7, 3, "bicubic")  # cached
 
     def test_exception(self):
-        with pytest.raises(BaseError, match="uint8"):
+        with pytest.raises(ValueCheckError, match="uint8"):
             pil_resize(torch.rand(1, 3, 4, 4), (2, 2))
-        with pytest.raises(BaseError, match=r"\(B, C, H, W\)"):
+        with pytest.raises(ValueCheckError, match=r"\(B, C, H, W\)"):
             pil_resize(torch.zeros(3, 4, 4, dtype=torch.uint8), (2, 2))
-        with pytest.raises(BaseError, match="positive"):
+        with pytest.raises(ValueCheckError, match="positive"):
             pil_resize(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), (0, 2))
-        with pytest.raises(BaseError, match="'bilinear' or 'bicubic'"):
+        with pytest.raises(ValueCheckError, match="'bilinear' or 'bicubic'"):
             pil_resize(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), (2, 2), "lanczos")
 
     def test_dynamo(self, device):

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from kornia_siglip2._demo import build_siglip2_tokenizer, build_siglip_tokenizer
+from kornia_siglip2.demo import build_siglip2_tokenizer, build_siglip_tokenizer
 from kornia_siglip2.tokenizer import SigLipTokenizer, tokenizer_family
 
 # upper case, punctuation, repeated whitespace, accents, an empty string and texts longer than 64 tokens

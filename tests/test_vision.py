@@ -11,8 +11,11 @@ NAFLEX_GRIDS = [(3, 5), (8, 2), (4, 4), (1, 1), (7, 9)]
 
 def _tower(naflex, device="cpu", dtype=torch.float32, **overrides):
     torch.manual_seed(0)
-    config = VisionConfig(**dict(VISION, num_patches=16, image_size=16, **overrides))
-    return VisionTransformer(config, naflex=naflex).to(device, dtype).eval()
+    position_embedding = "naflex" if naflex else "fixed"
+    config = VisionConfig(
+        **dict(VISION, num_patches=16, image_size=16, position_embedding=position_embedding, **overrides)
+    )
+    return VisionTransformer(config).to(device, dtype).eval()
 
 
 class TestVisionTransformer:

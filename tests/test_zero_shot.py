@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from kornia.core.exceptions import BaseError
 
-from kornia_siglip2._demo import DEMO_LABELS, build_tiny_checkpoint, write_shape_images
+from kornia_siglip2.demo import DEMO_LABELS, build_tiny_checkpoint, write_shape_images
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.preprocess import NaFlexImagePreprocessor, SigLipImagePreprocessor, to_padded
 from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, load_image
 
@@ -249,7 +249,7 @@ class TestException:
             naflex_classifier([], ["cat"])
         with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
             naflex_classifier(torch.rand(1, 1, 3, 8, 8), ["cat"])
-        with pytest.raises(BaseError):
+        with pytest.raises(ValueCheckError):
             naflex_classifier(torch.rand(2, 4, 8, 8), ["cat"])  # 4 channels
 
     def test_batch_size(self, naflex_classifier):

@@ -1,6 +1,6 @@
 """The full SigLIP 2 training objective: sigmoid + LocCa, then SILC + TIPS self-distillation late in training.
 
-SigLIP 2 (Tschannen et al. 2025, sections 2.1-2.3; REFERENCE 5-7) trains with
+SigLIP 2 (Tschannen et al. 2025, sections 2.1-2.3) trains with
 
 .. math::
     \\mathcal{L} = \\mathcal{L}_{sigmoid} + \\mathcal{L}_{LocCa}
@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 from torch import nn
 
+from kornia_siglip2.errors import check, check_shape
 from kornia_siglip2.losses.distill import SelfDistillationLoss
 from kornia_siglip2.losses.locca import LocCaDecoder, LocCaLoss, LocCaTargets, LocCaVocabulary
 from kornia_siglip2.losses.sigmoid import SigmoidLoss
-from kornia_siglip2.packing import patchify
+from kornia_siglip2.packing import pack_inputs
 
 if TYPE_CHECKING:  # the model imports the sigmoid loss; importing it here at run time would be circular
     from kornia_siglip2.model import SigLip2
@@ -171,7 +171,7 @@ class SigLip2LossSchedule:
             ``{"sigmoid": ..., "locca": ..., "consistency": ..., "masked": ...}`` (:data:`LOSS_TERMS` order).
 
         Raises:
-            BaseError: ``progress`` outside :math:`[0, 1]`.
+            ValueCheckError: ``progress`` outside :math:`[0, 1]`.
         """
         factor = self.size_factor if self.distillation_active(progress) else 0.0
         return {
@@ -357,24 +357,17 @@ class SigLip2Loss(nn.Module):
             :class:`SigLip2LossOutput` with the total, each term and the weights used.
 
         Raises:
-            BaseError: ``progress`` outside :math:`[0, 1]`, images missing or given twice, or batch sizes that
+            ValueCheckError: ``progress`` outside :math:`[0, 1]`, images missing or given twice, or batch sizes that
                 disagree.
         """
         weights = self.schedule.loss_weights(progress)
-        KORNIA_CHECK(
-            (images is None) != (patches is None and grid_thw is None) and (patches is None) == (grid_thw is None),
-            "Pass either images (n, C, H, W) or patches (N, p*p*C) with grid_thw (n, 3).",
-        )
-        KORNIA_CHECK_SHAPE(input_ids, ["n", "L"], "input_ids must be (n, L) text ids")
-        if images is not None:
-            KORNIA_CHECK_SHAPE(images, ["n", "C", "H", "W"], "images must be (n, C, H, W)")
-            packed_patches, packed_grid = patchify(images, model.patch_size)
-        else:
-            packed_patches, packed_grid = patches, grid_thw
-        vision_output = model.encode_images(patches=packed_patches, grid_thw=packed_grid)
-        KORNIA_CHECK(vision_output.pooler_output is not None, "SigLip2Loss needs the MAP head: vision_use_head=True.")
+        check_shape(input_ids, ["n", "L"], "input_ids must be (n, L) text ids")
+        check(images is None or images.ndim == 4, "images must be (n, C, H, W); pass packed images as patches.")
+        packed = pack_inputs(images, patches=patches, grid_thw=grid_thw, patch_size=model.patch_size)
+        vision_output = model.encode_images(packed)
+        check(vision_output.pooler_output is not None, "SigLip2Loss needs the MAP head: vision_use_head=True.")
         num_images, num_texts = vision_output.pooler_output.shape[0], input_ids.shape[0]
-        KORNIA_CHECK(
+        check(
             num_images == num_texts == locca_targets.input_ids.shape[0],
             lambda: (
                 f"Expected one caption and one LocCa target per image: {num_images} images, {num_texts} input_ids "
@@ -382,7 +375,7 @@ class SigLip2Loss(nn.Module):
             ),
         )
         image_embeds = F.normalize(vision_output.pooler_output, dim=-1)
-        text_embeds = F.normalize(model.get_text_features(input_ids, attention_mask), dim=-1)
+        text_embeds = model.encode_text(input_ids, attention_mask, normalize=True)
         sigmoid_loss = self.sigmoid(image_embeds, text_embeds, model.logit_scale, model.logit_bias)
         locca_output = self.locca(vision_output.last_hidden_state, vision_output.cu_seqlens, locca_targets)
 
@@ -441,4 +434,4 @@ class SigLip2Loss(nn.Module):
 
 
 def _check_progress(progress: float) -> None:
-    KORNIA_CHECK(0.0 <= progress <= 1.0, lambda: f"progress must be in [0, 1], got {progress}.")
+    check(0.0 <= progress <= 1.0, lambda: f"progress must be in [0, 1], got {progress}.")

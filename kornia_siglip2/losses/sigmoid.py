@@ -1,7 +1,7 @@
 """Sigmoid (SigLIP) loss over image-text pairs: dense, chunked, and distributed.
 
-Every image-text pair of the batch is an independent binary problem (SigLIP paper, Algorithm 1; see
-REFERENCE 5): ``logits = (image_embeds @ text_embeds.T) * exp(t') + b``, labels are :math:`+1` on the
+Every image-text pair of the batch is an independent binary problem (SigLIP paper, Zhai et al. 2023,
+Algorithm 1): ``logits = (image_embeds @ text_embeds.T) * exp(t') + b``, labels are :math:`+1` on the
 diagonal and :math:`-1` elsewhere, and the loss is ``-sum(logsigmoid(labels * logits)) / n``.
 
 Three ways to compute the same number and the same gradients:
@@ -27,9 +27,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SAME_SIZE, KORNIA_CHECK_SHAPE
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from kornia_siglip2.errors import check, check_shape
 
 __all__ = ["DISTRIBUTED_MODES", "SigmoidLoss", "sigmoid_loss"]
 
@@ -54,7 +55,7 @@ def sigmoid_loss(
         \mathcal{L} = -\frac{1}{n} \sum_{i,j} \log \sigma\big(y_{ij} (e^{t'} \, x_i \cdot z_j + b)\big),
         \quad y_{ij} = 2 \delta_{ij} - 1
 
-    The sum runs over all :math:`n^2` pairs and is divided by :math:`n`, not :math:`n^2` (REFERENCE 5).
+    The sum runs over all :math:`n^2` pairs and is divided by :math:`n`, not :math:`n^2` (SigLIP paper, Algorithm 1).
 
     Args:
         image_embeds: :math:`(n, D)` L2-normalized image embeddings; row ``i`` pairs with text row ``i``.
@@ -73,8 +74,8 @@ def sigmoid_loss(
         The scalar loss, in the dtype of the logits.
 
     Raises:
-        ShapeError: ``image_embeds`` or ``text_embeds`` is not :math:`(n, D)`, or they differ in shape.
-        BaseError: an empty batch, a ``logit_scale``/``logit_bias`` with more than one element, a bad
+        ValueCheckError: ``image_embeds`` or ``text_embeds`` is not :math:`(n, D)`, or they differ in shape.
+        ValueCheckError: an empty batch, a ``logit_scale``/``logit_bias`` with more than one element, a bad
             ``chunk_size`` or ``distributed``, no initialized process group, or ranks whose embedding
             widths differ or that hold no pairs (raised on every rank, so none is left waiting).
 
@@ -86,7 +87,7 @@ def sigmoid_loss(
 
     Example:
         >>> basis = torch.eye(8, dtype=torch.float64)
-        >>> image_embeds, text_embeds = basis[:4], basis[4:]  # all pairs orthogonal: closed form, REFERENCE 5
+        >>> image_embeds, text_embeds = basis[:4], basis[4:]  # all pairs orthogonal: closed form
         >>> loss = sigmoid_loss(image_embeds, text_embeds, torch.tensor(math.log(10.0)), torch.tensor(-10.0))
         >>> round(loss.item(), 6)
         10.000182
@@ -94,17 +95,20 @@ def sigmoid_loss(
         >>> torch.allclose(loss, chunked)
         True
     """
-    KORNIA_CHECK_SHAPE(image_embeds, ["N", "D"], "image_embeds must be (n, D) embeddings")
-    KORNIA_CHECK_SHAPE(text_embeds, ["N", "D"], "text_embeds must be (n, D) embeddings")
-    for dim in (0, 1):
-        KORNIA_CHECK_SAME_SIZE(
-            text_embeds, image_embeds, dim, msg="text_embeds must have the shape of image_embeds (n, D)"
-        )
-    KORNIA_CHECK(
+    check_shape(image_embeds, ["N", "D"], "image_embeds must be (n, D) embeddings")
+    check_shape(text_embeds, ["N", "D"], "text_embeds must be (n, D) embeddings")
+    check(
+        text_embeds.shape == image_embeds.shape,
+        lambda: (
+            f"text_embeds {tuple(text_embeds.shape)} must have the shape of image_embeds "
+            f"{tuple(image_embeds.shape)} (n, D)."
+        ),
+    )
+    check(
         chunk_size is None or (isinstance(chunk_size, int) and chunk_size > 0),
         lambda: f"chunk_size must be a positive int or None, got {chunk_size!r}",
     )
-    KORNIA_CHECK(
+    check(
         distributed is None or distributed in DISTRIBUTED_MODES,
         lambda: f"distributed must be None or one of {DISTRIBUTED_MODES}, got {distributed!r}",
     )
@@ -112,7 +116,7 @@ def sigmoid_loss(
     logit_bias = _as_scalar(logit_bias, image_embeds, "logit_bias")
     if distributed is not None:
         return _distributed_loss(image_embeds, text_embeds, logit_scale, logit_bias, distributed, group, chunk_size)
-    KORNIA_CHECK(image_embeds.shape[0] > 0, "image_embeds must hold at least one image-text pair")
+    check(image_embeds.shape[0] > 0, "image_embeds must hold at least one image-text pair")
     loss_sum = _pair_loss_sum(image_embeds, text_embeds, logit_scale, logit_bias, 0, chunk_size)
     return loss_sum / image_embeds.shape[0]
 
@@ -133,7 +137,7 @@ class SigmoidLoss(nn.Module):
         group: the ``torch.distributed`` process group of the distributed modes (default: the world).
 
     Raises:
-        BaseError: a bad ``chunk_size`` or ``distributed``.
+        ValueCheckError: a bad ``chunk_size`` or ``distributed``.
 
     Example:
         >>> loss_fn = SigmoidLoss()
@@ -159,11 +163,11 @@ class SigmoidLoss(nn.Module):
         group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
-        KORNIA_CHECK(
+        check(
             chunk_size is None or (isinstance(chunk_size, int) and chunk_size > 0),
             lambda: f"chunk_size must be a positive int or None, got {chunk_size!r}",
         )
-        KORNIA_CHECK(
+        check(
             distributed is None or distributed in DISTRIBUTED_MODES,
             lambda: f"distributed must be None or one of {DISTRIBUTED_MODES}, got {distributed!r}",
         )
@@ -192,13 +196,13 @@ class SigmoidLoss(nn.Module):
             The scalar loss.
 
         Raises:
-            BaseError: no ``logit_scale``/``logit_bias`` is given and the module owns none; and the errors
+            ValueCheckError: no ``logit_scale``/``logit_bias`` is given and the module owns none; and the errors
                 of :func:`sigmoid_loss`.
         """
         logit_scale = self.logit_scale if logit_scale is None else logit_scale
         logit_bias = self.logit_bias if logit_bias is None else logit_bias
-        KORNIA_CHECK(logit_scale is not None, "logit_scale is required: this SigmoidLoss was built without one")
-        KORNIA_CHECK(logit_bias is not None, "logit_bias is required: this SigmoidLoss was built without one")
+        check(logit_scale is not None, "logit_scale is required: this SigmoidLoss was built without one")
+        check(logit_bias is not None, "logit_bias is required: this SigmoidLoss was built without one")
         return sigmoid_loss(
             image_embeds,
             text_embeds,
@@ -218,7 +222,7 @@ def _as_scalar(value: torch.Tensor | float, like: torch.Tensor, name: str) -> to
     """A 0-dim tensor from a number or a one-element tensor (HF stores ``logit_scale`` as shape (1,))."""
     if not isinstance(value, torch.Tensor):
         return torch.tensor(float(value), dtype=like.dtype, device=like.device)
-    KORNIA_CHECK(value.numel() == 1, lambda: f"{name} must be a scalar, got shape {tuple(value.shape)}")
+    check(value.numel() == 1, lambda: f"{name} must be a scalar, got shape {tuple(value.shape)}")
     return value.reshape(())
 
 
@@ -315,7 +319,7 @@ def _distributed_loss(
     chunk_size: int | None,
 ) -> torch.Tensor:
     """This rank's loss: its rows against all global columns, divided by its own row count."""
-    KORNIA_CHECK(
+    check(
         dist.is_available() and dist.is_initialized(),
         lambda: f"distributed={mode!r} needs an initialized torch.distributed process group",
     )
@@ -345,11 +349,11 @@ def _exchange_rows(image: torch.Tensor, group: dist.ProcessGroup) -> list[int]:
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     shapes = [tuple(shape.tolist()) for shape in gathered]
-    KORNIA_CHECK(
+    check(
         len({width for _, width in shapes}) == 1,
         lambda: f"the embeddings of all ranks must have the same width D, got (n_local, D) = {shapes}",
     )
-    KORNIA_CHECK(
+    check(
         all(rows > 0 for rows, _ in shapes),
         lambda: f"every rank must hold at least one image-text pair, got (n_local, D) = {shapes}",
     )

@@ -6,8 +6,9 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 from torch import nn
+
+from kornia_siglip2.errors import check, check_shape
 
 __all__ = ["DINOHead", "distillation_cross_entropy", "teacher_probabilities"]
 
@@ -48,7 +49,7 @@ class DINOHead(nn.Module):
         num_layers: int = 3,
     ) -> None:
         super().__init__()
-        KORNIA_CHECK(num_layers >= 1, f"num_layers must be at least 1, got {num_layers}.")
+        check(num_layers >= 1, f"num_layers must be at least 1, got {num_layers}.")
         widths = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for index, (width_in, width_out) in enumerate(itertools.pairwise(widths)):
@@ -79,9 +80,9 @@ class DINOHead(nn.Module):
             :math:`(*, K)` logits, cosines in ``[-1, 1]``.
 
         Raises:
-            BaseError: the last dimension of ``features`` is not ``in_dim`` (kornia check).
+            ValueCheckError: the last dimension of ``features`` is not ``in_dim`` (kornia check).
         """
-        KORNIA_CHECK(
+        check(
             features.ndim >= 1 and features.shape[-1] == self.in_dim,
             f"features must have shape (*, {self.in_dim}), got {tuple(features.shape)}.",
         )
@@ -110,12 +111,12 @@ def teacher_probabilities(
         >>> torch.allclose(probs.sum(-1), torch.ones(3)), probs.requires_grad
         (True, False)
     """
-    KORNIA_CHECK_SHAPE(teacher_logits, ["M", "K"])
-    KORNIA_CHECK(temperature > 0, f"temperature must be positive, got {temperature}.")
+    check_shape(teacher_logits, ["M", "K"])
+    check(temperature > 0, f"temperature must be positive, got {temperature}.")
     logits = teacher_logits.detach()
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if center is not None:
-        KORNIA_CHECK(
+        check(
             center.shape == logits.shape[-1:],
             f"center must have shape ({logits.shape[-1]},), got {tuple(center.shape)}.",
         )
@@ -147,7 +148,7 @@ def distillation_cross_entropy(
         :math:`(M,)` cross-entropies in at least float32; reduce as the loss needs.
 
     Raises:
-        BaseError: shapes differ or a temperature is not positive (kornia check).
+        ValueCheckError: shapes differ or a temperature is not positive (kornia check).
 
     Example:
         >>> student, teacher = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16)
@@ -155,13 +156,13 @@ def distillation_cross_entropy(
         >>> loss.shape, bool((loss >= 0).all())
         (torch.Size([4]), True)
     """
-    KORNIA_CHECK_SHAPE(student_logits, ["M", "K"])
-    KORNIA_CHECK(
+    check_shape(student_logits, ["M", "K"])
+    check(
         student_logits.shape == teacher_logits.shape,
         f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
         "must have the same shape (M, K).",
     )
-    KORNIA_CHECK(student_temperature > 0, f"student_temperature must be positive, got {student_temperature}.")
+    check(student_temperature > 0, f"student_temperature must be positive, got {student_temperature}.")
     targets = teacher_probabilities(teacher_logits, teacher_temperature, center)
     log_probs = F.log_softmax(student_logits.to(targets.dtype) / student_temperature, dim=-1)
     return -(targets * log_probs).sum(-1)

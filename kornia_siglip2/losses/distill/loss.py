@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 from torch import nn
 
+from kornia_siglip2.errors import check, check_shape
 from kornia_siglip2.losses.distill.heads import DINOHead, distillation_cross_entropy
-from kornia_siglip2.losses.distill.teacher import EMATeacher
-from kornia_siglip2.losses.distill.views import LOCAL_CROP_SCALE, LocalViews, local_view_size, random_patch_mask
-from kornia_siglip2.packing import grid_thw_to_seqlens, patchify, unpatchify
+from kornia_siglip2.packing import grid_thw_to_seqlens, pack_inputs, patchify, unpatchify
+from kornia_siglip2.training.ema import EMATeacher
+from kornia_siglip2.training.views import LOCAL_CROP_SCALE, LocalViews, local_view_size, random_patch_mask
 from kornia_siglip2.vision import VisionTransformer
 
 __all__ = ["DistillationBranch", "SelfDistillationLoss", "SelfDistillationOutput"]
@@ -43,12 +43,12 @@ class DistillationBranch(nn.Module):
         patch_head: head on per-patch features.
 
     Raises:
-        BaseError: ``vision`` has no MAP head (kornia check).
+        ValueCheckError: ``vision`` has no MAP head (kornia check).
     """
 
     def __init__(self, vision: VisionTransformer, global_head: DINOHead, patch_head: DINOHead) -> None:
         super().__init__()
-        KORNIA_CHECK(vision.head is not None, "Self-distillation needs the pooled feature: vision_use_head=True.")
+        check(vision.head is not None, "Self-distillation needs the pooled feature: vision_use_head=True.")
         self.vision = vision
         self.global_head = global_head
         self.patch_head = patch_head
@@ -90,7 +90,7 @@ class SelfDistillationLoss(nn.Module):
 
     Per call, with the batch as the global view (SILC computes the image-text loss on that same view, so
     its 0.4-1 area crop belongs in the data pipeline, see
-    :func:`~kornia_siglip2.losses.distill.views.global_view_augmentation`):
+    :func:`~kornia_siglip2.training.views.global_view_augmentation`):
 
     - the teacher encodes the global view once, without mask;
     - the student encodes, in one packed batch, the global view with ``floor(mask_ratio * n)`` patches of
@@ -119,13 +119,13 @@ class SelfDistillationLoss(nn.Module):
         teacher_momentum: EMA momentum of the teacher (fixed, as in SILC).
         num_local_views: local views per frame (SILC / SigLIP 2: 8).
         local_size: local view side in pixels, a multiple of the patch size; defaults to
-            :func:`~kornia_siglip2.losses.distill.views.local_view_size` of the tower's resolution.
+            :func:`~kornia_siglip2.training.views.local_view_size` of the tower's resolution.
         local_scale: area fraction of the local crops.
         mask_ratio: fraction of each frame's patches masked for the student (TIPS / SigLIP 2: 0.5).
         seed: seed of the module's generator for local crops and masks; give each rank its own.
 
     Raises:
-        BaseError: ``local_size`` is not a multiple of the patch size, or the tower has no MAP head.
+        ValueCheckError: ``local_size`` is not a multiple of the patch size, or the tower has no MAP head.
 
     Example:
         >>> from kornia_siglip2 import VisionConfig, VisionTransformer
@@ -164,14 +164,14 @@ class SelfDistillationLoss(nn.Module):
         config = vision.config
         if local_size is None:
             # the global view's side: the training resolution, or the NaFlex position table's side
-            side = vision.embeddings.position_side * config.patch_size if vision.naflex else config.image_size
+            side = round(config.num_positions**0.5) * config.patch_size if config.is_naflex else config.image_size
             local_size = local_view_size(side, config.patch_size)
-        KORNIA_CHECK(
+        check(
             local_size % config.patch_size == 0,
             f"local_size {local_size} must be a multiple of the patch size {config.patch_size}.",
         )
-        KORNIA_CHECK(0.0 <= mask_ratio <= 1.0, f"mask_ratio must be in [0, 1], got {mask_ratio}.")
-        KORNIA_CHECK(0.0 <= center_momentum <= 1.0, f"center_momentum must be in [0, 1], got {center_momentum}.")
+        check(0.0 <= mask_ratio <= 1.0, f"mask_ratio must be in [0, 1], got {mask_ratio}.")
+        check(0.0 <= center_momentum <= 1.0, f"center_momentum must be in [0, 1], got {center_momentum}.")
         self.patch_size = config.patch_size
         self.student_temperature = student_temperature
         self.teacher_temperature = teacher_temperature
@@ -213,16 +213,11 @@ class SelfDistillationLoss(nn.Module):
             :class:`SelfDistillationOutput` with the two scalar losses and the mask used.
 
         Raises:
-            BaseError: inputs are missing, given twice, or of the wrong shape (kornia check).
+            ValueCheckError: inputs are missing, given twice, or of the wrong shape (kornia check).
         """
         vision = _vision_tower(student)
-        KORNIA_CHECK(
-            (images is None) != (patches is None or grid_thw is None) and (patches is None) == (grid_thw is None),
-            "Pass either images (B, C, H, W) or patches (N, p*p*C) with grid_thw (n, 3).",
-        )
-        if images is not None:
-            KORNIA_CHECK_SHAPE(images, ["B", "C", "H", "W"])
-            patches, grid_thw = patchify(images, self.patch_size)
+        check(images is None or images.ndim == 4, "images must be (B, C, H, W); pass packed images as patches.")
+        patches, grid_thw = pack_inputs(images, patches=patches, grid_thw=grid_thw, patch_size=self.patch_size)
         seqlens = grid_thw_to_seqlens(grid_thw)
         num_frames = seqlens.shape[0]
         if local_views is None:
@@ -230,14 +225,14 @@ class SelfDistillationLoss(nn.Module):
             if frames is None:
                 frames = [frame for video in unpatchify(patches, grid_thw, self.patch_size) for frame in video]
             local_views = self.local_views(frames, self.generator)
-        KORNIA_CHECK_SHAPE(local_views, ["FV", "C", "S", "S"])
-        KORNIA_CHECK(
+        check_shape(local_views, ["FV", "C", "S", "S"])
+        check(
             local_views.shape[0] > 0 and local_views.shape[0] % num_frames == 0,
             f"local_views has {local_views.shape[0]} views, not a positive multiple of the {num_frames} frames.",
         )
         if mask is None:
             mask = random_patch_mask(seqlens, self.mask_ratio, self.generator)
-        KORNIA_CHECK(
+        check(
             mask.shape == patches.shape[:1] and mask.dtype == torch.bool,
             f"mask must be a bool tensor of shape ({patches.shape[0]},), got {mask.dtype} {tuple(mask.shape)}.",
         )
@@ -307,7 +302,7 @@ class SelfDistillationLoss(nn.Module):
 def _vision_tower(student: nn.Module) -> VisionTransformer:
     """The vision tower of ``student`` (a ``SigLip2``) or ``student`` itself."""
     vision = getattr(student, "vision_model", student)
-    KORNIA_CHECK(
+    check(
         isinstance(vision, VisionTransformer),
         f"student must be a VisionTransformer or have a vision_model one, got {type(student).__name__}.",
     )

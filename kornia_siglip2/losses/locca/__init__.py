@@ -1,13 +1,10 @@
-"""LocCa decoder head of SigLIP 2: captioning, referring expressions and grounded captioning.
+"""LocCa loss of SigLIP 2: captioning, referring expressions and grounded captioning.
 
-One module per job:
-
-- :mod:`.vocabulary`: where text ids, box-coordinate bins and the mask token sit; box quantization.
-- :mod:`.targets`: decoder inputs, labels and loss masks of the three tasks, parallel prediction.
-- :mod:`.decoder`: the pre-LN transformer decoder cross-attending to packed vision tokens.
 - :mod:`.cross_entropy`: softmax cross-entropy fused with the output projection, chunked over the vocabulary.
 - :mod:`.loss`: :class:`LocCaLoss`, the three tasks in one decoder pass.
-- :mod:`.generate`: greedy decoding of captions, boxes and region captions.
+
+The decoder, its vocabulary, targets and generation live in :mod:`kornia_siglip2.decoders` and are
+re-exported here for the names of releases <= 0.1.
 
 Example:
     >>> import math
@@ -21,30 +18,35 @@ Example:
     >>> targets = LocCaTargets.build([[5, 6, 7], [8]], [[6], [9, 9]], torch.tensor([[0.1, 0.1, 0.6, 0.9]] * 2),
     ...                              vocabulary, max_length=10, generator=torch.Generator().manual_seed(0))
     >>> loss = LocCaLoss(decoder)(out.last_hidden_state, out.cu_seqlens, targets).loss
-    >>> round(loss.item(), 4), round(3 * math.log(128), 4)  # 3 log(128) at init
+    >>> round(loss.item(), 4), round(3 * math.log(128), 4)  # 3 log(128) at init: zero-init logits
     (14.5561, 14.5561)
 """
 
+import math  # noqa: F401  (doctest namespace)
+
 import torch  # noqa: F401  (doctest namespace)
 
-from kornia_siglip2.losses.locca.cross_entropy import ChunkedCrossEntropy, chunked_cross_entropy, sequence_cross_entropy
-from kornia_siglip2.losses.locca.decoder import CrossAttention, DecoderBlock, DecoderSelfAttention, LocCaDecoder
-from kornia_siglip2.losses.locca.generate import (
+from kornia_siglip2.decoders import (
+    TASKS,
+    DecoderBlock,
+    LocCaDecoder,
+    LocCaTargets,
+    LocCaVocabulary,
     generate,
     generate_boxes,
     generate_captions,
     generate_region_captions,
+    grounded_prefix,
+    referring_prefix,
+    shift_right,
 )
+from kornia_siglip2.losses.locca.cross_entropy import ChunkedCrossEntropy, chunked_cross_entropy, sequence_cross_entropy
 from kornia_siglip2.losses.locca.loss import LocCaLoss, LocCaLossOutput
-from kornia_siglip2.losses.locca.targets import TASKS, LocCaTargets, grounded_prefix, referring_prefix, shift_right
-from kornia_siglip2.losses.locca.vocabulary import LocCaVocabulary
 
 __all__ = [
     "TASKS",
     "ChunkedCrossEntropy",
-    "CrossAttention",
     "DecoderBlock",
-    "DecoderSelfAttention",
     "LocCaDecoder",
     "LocCaLoss",
     "LocCaLossOutput",

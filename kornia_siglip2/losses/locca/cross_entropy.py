@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 from torch.autograd.function import once_differentiable
+
+from kornia_siglip2.errors import check, check_shape
 
 __all__ = ["ChunkedCrossEntropy", "chunked_cross_entropy", "sequence_cross_entropy"]
 
@@ -126,7 +127,7 @@ def chunked_cross_entropy(
 
     Raises:
         ValueError: a tensor has the wrong number of dimensions.
-        BaseError: sizes disagree or ``chunk_size`` is not positive.
+        ValueCheckError: sizes disagree or ``chunk_size`` is not positive.
 
     Example:
         >>> hidden, weight, bias = torch.randn(6, 8), torch.randn(100, 8), torch.randn(100)
@@ -135,17 +136,17 @@ def chunked_cross_entropy(
         >>> torch.allclose(chunked_cross_entropy(hidden, weight, bias, labels, chunk_size=16), full, atol=1e-5)
         True
     """
-    KORNIA_CHECK_SHAPE(hidden, ["T", "D"], "hidden must be (T, D).")
-    KORNIA_CHECK_SHAPE(weight, ["V", "D"], "weight must be (V, D).")
-    KORNIA_CHECK_SHAPE(labels, ["T"], "labels must be (T,).")
-    KORNIA_CHECK(
+    check_shape(hidden, ["T", "D"], "hidden must be (T, D).")
+    check_shape(weight, ["V", "D"], "weight must be (V, D).")
+    check_shape(labels, ["T"], "labels must be (T,).")
+    check(
         hidden.shape[0] == labels.shape[0] and hidden.shape[1] == weight.shape[1],
         lambda: (
             f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and labels {tuple(labels.shape)} disagree."
         ),
     )
-    KORNIA_CHECK(bias is None or bias.shape == weight.shape[:1], "bias must be (V,).")
-    KORNIA_CHECK(chunk_size > 0, lambda: f"chunk_size must be positive, got {chunk_size}.")
+    check(bias is None or bias.shape == weight.shape[:1], "bias must be (V,).")
+    check(chunk_size > 0, lambda: f"chunk_size must be positive, got {chunk_size}.")
     return ChunkedCrossEntropy.apply(hidden, weight, bias, labels, chunk_size)
 
 
@@ -175,7 +176,7 @@ def sequence_cross_entropy(
         :math:`(*)` per-sequence losses.
 
     Raises:
-        BaseError: shapes disagree.
+        ValueCheckError: shapes disagree.
 
     Example:
         >>> import math
@@ -185,7 +186,7 @@ def sequence_cross_entropy(
         >>> [round(value, 4) for value in losses.tolist()], round(math.log(100), 4)
         ([4.6052, 4.6052], 4.6052)
     """
-    KORNIA_CHECK(
+    check(
         labels.shape == hidden.shape[:-1] and loss_mask.shape == labels.shape,
         lambda: (
             f"labels {tuple(labels.shape)} and loss_mask {tuple(loss_mask.shape)} must match hidden "

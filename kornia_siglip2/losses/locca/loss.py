@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from kornia.core.check import KORNIA_CHECK
 from torch import nn
 
 from kornia_siglip2.attention import VarlenLayout
+from kornia_siglip2.decoders.locca import LocCaDecoder
+from kornia_siglip2.decoders.targets import TASKS, LocCaTargets
+from kornia_siglip2.errors import check
 from kornia_siglip2.losses.locca.cross_entropy import DEFAULT_CHUNK_SIZE, sequence_cross_entropy
-from kornia_siglip2.losses.locca.decoder import LocCaDecoder
-from kornia_siglip2.losses.locca.targets import TASKS, LocCaTargets
 
 __all__ = ["LocCaLoss", "LocCaLossOutput"]
 
@@ -41,7 +41,7 @@ class LocCaLoss(nn.Module):
     the batch (big_vision ``weighted_softmax_xent(normalize=True)``); the loss is
     :math:`\\sum_t w_t \\, \\mathcal{L}_t`. The default weights are 1 each: the SigLIP 2 paper gives no
     per-task weights, so each task counts as much as one captioning loss (and the whole LocCa loss then adds
-    to the SigLIP loss with weight 1, REFERENCE 6). The output projection runs in vocabulary chunks
+    to the SigLIP loss with weight 1, SigLIP 2 paper section 2.2). The output projection runs in vocabulary chunks
     (:func:`~kornia_siglip2.losses.locca.sequence_cross_entropy`): the :math:`(B, 3, L, V)` logits never exist.
 
     Args:
@@ -69,9 +69,7 @@ class LocCaLoss(nn.Module):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
-        KORNIA_CHECK(
-            len(task_weights) == len(TASKS), lambda: f"task_weights needs {len(TASKS)} values, got {task_weights}."
-        )
+        check(len(task_weights) == len(TASKS), lambda: f"task_weights needs {len(TASKS)} values, got {task_weights}.")
         self.decoder = decoder
         self.chunk_size = chunk_size
         self.register_buffer("task_weights", torch.tensor(task_weights, dtype=torch.float32), persistent=False)
@@ -98,9 +96,9 @@ class LocCaLoss(nn.Module):
             :class:`LocCaLossOutput` with the scalar loss and the per-task losses.
 
         Raises:
-            BaseError: shapes disagree.
+            ValueCheckError: shapes disagree.
         """
-        KORNIA_CHECK(
+        check(
             targets.input_ids.ndim == 3 and targets.input_ids.shape[1] == len(TASKS),
             lambda: f"targets must be (B, {len(TASKS)}, L), got {tuple(targets.input_ids.shape)}.",
         )

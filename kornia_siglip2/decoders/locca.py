@@ -5,11 +5,11 @@ token embedding (``vocab_size + 1`` rows, the last the mask token) plus learned 
 ``x + SelfAttn(LN(x))``, ``x + CrossAttn(LN(x), image)``, ``x + MLP(LN(x))``; a final LayerNorm; a zero-init
 logits layer, so every logit is 0 at init and the loss starts at exactly :math:`\\log V`.
 
-Self-attention runs on :math:`(S, H, L, D_h)` with ``F.scaled_dot_product_attention`` and a per-sequence
-mask (causal, or full for parallel prediction): every decoder sequence has the same length :math:`L`.
-Cross-attention goes through :func:`~kornia_siglip2.attention.varlen_attention`: all decoder queries of
-image :math:`i` (its :math:`T` task sequences of :math:`L` tokens) form one query block that attends to
-that image's :math:`N_i` tokens only, whatever the image sizes in the packed batch.
+Both attentions are the package's one :class:`~kornia_siglip2.attention.Attention` module over packed
+tokens. Self-attention: each of the :math:`S` decoder sequences of :math:`L` tokens is one block, causal or
+full (parallel prediction) per sequence. Cross-attention: all decoder queries of image :math:`i` (its
+:math:`T` task sequences of :math:`L` tokens) form one query block that attends to that image's :math:`N_i`
+tokens only, whatever the image sizes in the packed batch.
 """
 
 from __future__ import annotations
@@ -18,75 +18,16 @@ import itertools
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK
 from torch import nn
 
-from kornia_siglip2.attention import VarlenLayout, varlen_attention
+from kornia_siglip2.attention import Attention
 from kornia_siglip2.config import SigLip2Config
-from kornia_siglip2.layers import MLP
-from kornia_siglip2.losses.locca.vocabulary import LocCaVocabulary
+from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
+from kornia_siglip2.errors import check
+from kornia_siglip2.layers import MLP, init_transformer_weights
+from kornia_siglip2.packing import VarlenLayout
 
-__all__ = ["CrossAttention", "DecoderBlock", "DecoderSelfAttention", "LocCaDecoder"]
-
-
-class DecoderSelfAttention(nn.Module):
-    """Multi-head self-attention over equal-length sequences with a fused ``qkv`` projection.
-
-    Args:
-        width: token width :math:`D`.
-        num_heads: heads :math:`H` (``D`` divisible by ``H``).
-    """
-
-    def __init__(self, width: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, hidden_states: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """Attend within each of the :math:`S` sequences.
-
-        Args:
-            hidden_states: :math:`(S, L, D)` tokens.
-            attn_mask: bool :math:`(S, 1, L, L)`, True where a query may attend to a key; ``None`` for a
-                causal mask everywhere.
-
-        Returns:
-            :math:`(S, L, D)` tokens.
-        """
-        sequences, length, width = hidden_states.shape
-        # [S, L, 3D] -> 3 x [S, H, L, Dh]
-        qkv = self.qkv(hidden_states).view(sequences, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(*qkv, attn_mask=attn_mask, is_causal=attn_mask is None)
-        return self.out_proj(attended.transpose(1, 2).reshape(sequences, length, width))
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of packed decoder queries to packed image tokens, block by block.
-
-    Keys and values are projected straight from the vision width to the decoder width (as flax's
-    ``MultiHeadDotProductAttention`` in CapPa does), so the towers may have different widths.
-
-    Args:
-        width: decoder width :math:`D`.
-        num_heads: heads :math:`H`.
-        image_width: vision token width :math:`D_v`.
-    """
-
-    def __init__(self, width: int, num_heads: int, image_width: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(width, width)
-        self.key_value = nn.Linear(image_width, 2 * width)
-        self.out_proj = nn.Linear(width, width)
-
-    def forward(self, queries: torch.Tensor, image_tokens: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
-        """Attend queries :math:`(N_q, D)` to image tokens :math:`(N, D_v)` per ``layout``; returns :math:`(N_q, D)`."""
-        num_queries, width = queries.shape
-        query = self.query(queries).view(num_queries, self.num_heads, -1)  # [N_q, H, Dh]
-        key, value = self.key_value(image_tokens).view(image_tokens.shape[0], 2, self.num_heads, -1).unbind(1)
-        return self.out_proj(varlen_attention(query, key, value, layout=layout).reshape(num_queries, width))
+__all__ = ["DecoderBlock", "LocCaDecoder"]
 
 
 class DecoderBlock(nn.Module):
@@ -112,9 +53,10 @@ class DecoderBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.self_attn = DecoderSelfAttention(width, num_heads)
+        self.self_attn = Attention(width, num_heads)
         self.layer_norm2 = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.cross_attn = CrossAttention(width, num_heads, image_width)
+        # keys and values straight from the vision width (flax's MultiHeadDotProductAttention in CapPa)
+        self.cross_attn = Attention(width, num_heads, key_width=image_width)
         self.layer_norm3 = nn.LayerNorm(width, eps=layer_norm_eps)
         self.mlp = MLP(width, mlp_width, hidden_act)
 
@@ -122,16 +64,20 @@ class DecoderBlock(nn.Module):
         self,
         hidden_states: torch.Tensor,
         image_tokens: torch.Tensor,
-        attn_mask: torch.Tensor | None,
-        layout: VarlenLayout,
+        self_layout: VarlenLayout,
+        cross_layout: VarlenLayout,
     ) -> torch.Tensor:
-        """Transform decoder tokens :math:`(S, L, D)`; see :class:`DecoderSelfAttention` for ``attn_mask``."""
-        shape = hidden_states.shape
-        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), attn_mask)
-        packed = hidden_states.reshape(-1, shape[-1])  # [S * L, D], image-major
-        packed = packed + self.cross_attn(self.layer_norm2(packed), image_tokens, layout)
-        packed = packed + self.mlp(self.layer_norm3(packed))
-        return packed.view(shape)
+        """Transform packed decoder tokens :math:`(S L, D)`, image-major.
+
+        Args:
+            hidden_states: :math:`(S L, D)` decoder tokens, sequence after sequence.
+            image_tokens: :math:`(N, D_v)` packed vision tokens.
+            self_layout: one block per decoder sequence, causal or not.
+            cross_layout: the queries of each image attending to that image's tokens.
+        """
+        hidden_states = hidden_states + self.self_attn(self.layer_norm1(hidden_states), self_layout)[0]
+        hidden_states = hidden_states + self.cross_attn(self.layer_norm2(hidden_states), cross_layout, image_tokens)[0]
+        return hidden_states + self.mlp(self.layer_norm3(hidden_states))
 
 
 class LocCaDecoder(nn.Module):
@@ -173,8 +119,10 @@ class LocCaDecoder(nn.Module):
         hidden_act: str = "gelu_pytorch_tanh",
     ) -> None:
         super().__init__()
-        if width % num_heads:
-            raise ValueError(f"width {width} must be divisible by num_heads {num_heads}.")
+        check(
+            num_heads > 0 and width % num_heads == 0,
+            lambda: f"width {width} must be divisible by num_heads {num_heads}.",
+        )
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.image_width = width if image_width is None else image_width
@@ -195,15 +143,8 @@ class LocCaDecoder(nn.Module):
 
     def reset_parameters(self) -> None:
         """Initialize as big_vision's CapPa: see the comments for each choice."""
-        # xavier_uniform weights and zero biases (big_vision MlpBlock; its biases are N(0, 1e-6)), drawn per
-        # projection where q/k/v or k/v are fused, so the fused layer starts as the separate ones would
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        for block in self.layers:
-            for part in (*block.self_attn.qkv.weight.chunk(3), *block.cross_attn.key_value.weight.chunk(2)):
-                nn.init.xavier_uniform_(part)
+        # xavier_uniform weights and zero biases (big_vision MlpBlock; its biases are N(0, 1e-6))
+        init_transformer_weights(self)
         # CapPa: EmbedTargets normal(stddev=1.0); learned positions normal(stddev=1/sqrt(width)) (vit.get_posemb)
         nn.init.normal_(self.token_embedding.weight, std=1.0)
         nn.init.normal_(self.position_embedding, std=self.position_embedding.shape[-1] ** -0.5)
@@ -293,38 +234,37 @@ class LocCaDecoder(nn.Module):
             :math:`(*, L, D)` states, ``*`` the leading shape of ``input_ids``.
 
         Raises:
-            BaseError: shapes disagree, or :math:`L` exceeds ``max_length``.
+            ValueCheckError: shapes disagree, or :math:`L` exceeds ``max_length``.
         """
-        KORNIA_CHECK(
+        check(
             input_ids.ndim in (2, 3),
             lambda: f"input_ids must be (n, L) or (n, T, L), got {tuple(input_ids.shape)}.",
         )
-        KORNIA_CHECK(
+        check(
             image_tokens.ndim == 2 and image_tokens.shape[-1] == self.image_width,
             lambda: f"image_tokens must be (N, {self.image_width}), got {tuple(image_tokens.shape)}.",
         )
         length = input_ids.shape[-1]
-        KORNIA_CHECK(length <= self.max_length, lambda: f"input length {length} exceeds max_length {self.max_length}.")
-        KORNIA_CHECK(
+        check(length <= self.max_length, lambda: f"input length {length} exceeds max_length {self.max_length}.")
+        check(
             causal is None or causal.shape == input_ids.shape[:-1],
             lambda: f"causal must have shape {tuple(input_ids.shape[:-1])}, got {tuple(causal.shape)}.",
         )
         if layout is None:
-            KORNIA_CHECK(cu_seqlens is not None, "LocCaDecoder needs cu_seqlens or a layout.")
+            check(cu_seqlens is not None, "LocCaDecoder needs cu_seqlens or a layout.")
             layout = self.cross_attention_layout(cu_seqlens, input_ids[0].numel(), device=image_tokens.device)
-        KORNIA_CHECK(
+        check(
             len(layout.seqlens_q) == input_ids.shape[0],
             lambda: f"input_ids has {input_ids.shape[0]} images but the vision tokens {len(layout.seqlens_q)}.",
         )
         hidden_states = self.token_embedding(input_ids.reshape(-1, length)) + self.position_embedding[:length]
-        attn_mask = None
-        if causal is not None:
-            positions = torch.arange(length, device=input_ids.device)
-            lower = positions[:, None] >= positions[None, :]  # [L, L]
-            attn_mask = lower | ~causal.reshape(-1, 1, 1, 1)  # [S, 1, L, L]
+        num_sequences = hidden_states.shape[0]
+        flags = True if causal is None else causal.reshape(-1).tolist()  # one host read per call
+        self_layout = VarlenLayout.from_seqlens([length] * num_sequences, device=input_ids.device, causal=flags)
         image_tokens = image_tokens.to(hidden_states.dtype)
+        hidden_states = hidden_states.reshape(num_sequences * length, -1)  # [S * L, D], image-major
         for block in self.layers:
-            hidden_states = block(hidden_states, image_tokens, attn_mask, layout)
+            hidden_states = block(hidden_states, image_tokens, self_layout, layout)
         return self.layer_norm(hidden_states).view(*input_ids.shape, -1)
 
     def forward(

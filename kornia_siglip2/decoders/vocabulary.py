@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 
 from kornia_siglip2.config import TextConfig
+from kornia_siglip2.errors import check, check_shape
 
 __all__ = ["LocCaVocabulary"]
 
@@ -106,10 +106,10 @@ class LocCaVocabulary:
 
         Raises:
             ValueError: the last dimension is not 4.
-            BaseError: a coordinate is outside :math:`[0, 1]`.
+            ValueCheckError: a coordinate is outside :math:`[0, 1]`.
         """
-        KORNIA_CHECK_SHAPE(boxes, ["*", "4"], "boxes must be (*, 4) normalized xyxy coordinates.")
-        KORNIA_CHECK(
+        check_shape(boxes, ["*", "4"], "boxes must be (*, 4) normalized xyxy coordinates.")
+        check(
             bool(((boxes >= 0) & (boxes <= 1)).all()),
             lambda: f"boxes must be normalized to [0, 1], got values in [{boxes.min()}, {boxes.max()}].",
         )
@@ -127,11 +127,11 @@ class LocCaVocabulary:
 
         Raises:
             ValueError: the last dimension is not 4.
-            BaseError: a token is not a box token.
+            ValueCheckError: a token is not a box token.
         """
-        KORNIA_CHECK_SHAPE(tokens, ["*", "4"], "box tokens must be (*, 4).")
+        check_shape(tokens, ["*", "4"], "box tokens must be (*, 4).")
         bins = tokens.long() - self.box_token_offset
-        KORNIA_CHECK(
+        check(
             bool(((bins >= 0) & (bins < self.num_bins)).all()),
             lambda: f"box tokens must lie in [{self.box_token_offset}, {self.vocab_size}), got {tokens.tolist()}.",
         )

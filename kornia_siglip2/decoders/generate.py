@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 
-from kornia_siglip2.losses.locca.decoder import LocCaDecoder
-from kornia_siglip2.losses.locca.targets import grounded_prefix, referring_prefix, shift_right
-from kornia_siglip2.losses.locca.vocabulary import LocCaVocabulary
+from kornia_siglip2.decoders.locca import LocCaDecoder
+from kornia_siglip2.decoders.targets import grounded_prefix, referring_prefix, shift_right
+from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
+from kornia_siglip2.errors import check, check_shape
 
 __all__ = ["generate", "generate_boxes", "generate_captions", "generate_region_captions"]
 
@@ -50,7 +50,7 @@ def generate(
         :math:`n` lists of generated ids, without the prefix and without EOS.
 
     Raises:
-        BaseError: the number of prefixes does not match the images, or a prefix fills ``max_length``.
+        ValueCheckError: the number of prefixes does not match the images, or a prefix fills ``max_length``.
 
     Example:
         >>> decoder = LocCaDecoder(vocab_size=20, width=8, num_heads=2, mlp_width=16, num_layers=1, max_length=6)
@@ -58,11 +58,11 @@ def generate(
         [[0, 0, 0], [0, 0, 0]]
     """
     num_images, length = len(prefixes), decoder.max_length
-    KORNIA_CHECK(
+    check(
         cu_seqlens.shape == (num_images + 1,),
         lambda: f"Expected {num_images + 1} cu_seqlens for {num_images} prefixes, got {tuple(cu_seqlens.shape)}.",
     )
-    KORNIA_CHECK(
+    check(
         all(len(prefix) < length for prefix in prefixes),
         lambda: f"Every prefix must be shorter than max_length {length}, got {[len(p) for p in prefixes]}.",
     )
@@ -235,7 +235,7 @@ def generate_region_captions(
         >>> generate_region_captions(decoder, vocabulary, torch.randn(7, 8), torch.tensor([0, 3, 7]), boxes)
         [[0, 0, 0], [0, 0, 0]]
     """
-    KORNIA_CHECK_SHAPE(boxes, ["B", "4"], "boxes must be (n, 4) normalized xyxy coordinates.")
+    check_shape(boxes, ["B", "4"], "boxes must be (n, 4) normalized xyxy coordinates.")
     prefixes = [grounded_prefix(tokens) for tokens in vocabulary.boxes_to_tokens(boxes.detach().cpu())]
     return generate(
         decoder,

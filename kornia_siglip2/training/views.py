@@ -8,8 +8,9 @@ from collections.abc import Iterator, Sequence
 
 import kornia.augmentation as K
 import torch
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 from torch import nn
+
+from kornia_siglip2.errors import check, check_shape
 
 __all__ = [
     "GLOBAL_CROP_SCALE",
@@ -87,7 +88,7 @@ class LocalViews(nn.Module):
 
     def __init__(self, size: int, num_views: int = 8, scale: tuple[float, float] = LOCAL_CROP_SCALE) -> None:
         super().__init__()
-        KORNIA_CHECK(size > 0 and num_views > 0, f"size and num_views must be positive, got {size}, {num_views}.")
+        check(size > 0 and num_views > 0, f"size and num_views must be positive, got {size}, {num_views}.")
         self.size = size
         self.num_views = num_views
         self.augment = nn.Sequential(
@@ -108,16 +109,16 @@ class LocalViews(nn.Module):
             :math:`(B \\cdot V, C, S, S)` views, image-major (the views of image 0 first).
 
         Raises:
-            BaseError: an image is not 3-D :math:`(C, H, W)` (kornia check).
+            ValueCheckError: an image is not 3-D :math:`(C, H, W)` (kornia check).
         """
         if isinstance(images, torch.Tensor):
-            KORNIA_CHECK_SHAPE(images, ["B", "C", "H", "W"])
+            check_shape(images, ["B", "C", "H", "W"])
             groups = [(list(range(images.shape[0])), images)]
         else:
-            KORNIA_CHECK(len(images) > 0, "images must not be empty.")
+            check(len(images) > 0, "images must not be empty.")
             by_size: dict[tuple[int, ...], list[int]] = {}
             for index, image in enumerate(images):
-                KORNIA_CHECK_SHAPE(image, ["C", "H", "W"])
+                check_shape(image, ["C", "H", "W"])
                 by_size.setdefault(tuple(image.shape), []).append(index)
             groups = [(indices, torch.stack([images[i] for i in indices])) for indices in by_size.values()]
         with _seeded(generator):
@@ -159,17 +160,17 @@ def random_patch_mask(
         bool :math:`(\\sum n,)` on the device of ``seqlens``, True where the patch is masked.
 
     Raises:
-        BaseError: ``mask_ratio`` outside ``[0, 1]`` or ``seqlens`` not 1-D (kornia check).
+        ValueCheckError: ``mask_ratio`` outside ``[0, 1]`` or ``seqlens`` not 1-D (kornia check).
 
     Example:
         >>> mask = random_patch_mask(torch.tensor([4, 6, 3]), generator=torch.Generator().manual_seed(0))
         >>> [int(chunk.sum()) for chunk in mask.split([4, 6, 3])]
         [2, 3, 1]
     """
-    KORNIA_CHECK(0.0 <= mask_ratio <= 1.0, f"mask_ratio must be in [0, 1], got {mask_ratio}.")
+    check(0.0 <= mask_ratio <= 1.0, f"mask_ratio must be in [0, 1], got {mask_ratio}.")
     device = seqlens.device if isinstance(seqlens, torch.Tensor) else torch.device("cpu")
     lengths = torch.as_tensor(seqlens, dtype=torch.long).cpu()
-    KORNIA_CHECK_SHAPE(lengths, ["F"])
+    check_shape(lengths, ["F"])
     total = int(lengths.sum())
     frame = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
     starts = lengths.cumsum(0) - lengths

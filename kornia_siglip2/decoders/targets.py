@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from kornia.core.check import KORNIA_CHECK, KORNIA_CHECK_SHAPE
 
-from kornia_siglip2.losses.locca.vocabulary import LocCaVocabulary
+from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
+from kornia_siglip2.errors import check, check_shape
 
 __all__ = ["TASKS", "LocCaTargets", "grounded_prefix", "referring_prefix", "shift_right"]
 
@@ -129,7 +129,7 @@ class LocCaTargets:
 
         Raises:
             ValueError: ``boxes`` is not :math:`(B, 4)`.
-            BaseError: batch sizes disagree, an id is not a text id, ``max_length`` is below 6, the
+            ValueCheckError: batch sizes disagree, an id is not a text id, ``max_length`` is below 6, the
                 probability is outside :math:`[0, 1]`, or a box is outside :math:`[0, 1]`.
 
         Example:
@@ -143,17 +143,17 @@ class LocCaTargets:
             >>> targets.input_ids[0, 0].tolist()
             [0, 5, 6, 1, 0, 0, 0, 0]
         """
-        KORNIA_CHECK_SHAPE(boxes, ["B", "4"], "boxes must be (B, 4) normalized xyxy coordinates.")
+        check_shape(boxes, ["B", "4"], "boxes must be (B, 4) normalized xyxy coordinates.")
         batch = boxes.shape[0]
-        KORNIA_CHECK(
+        check(
             len(captions) == batch and len(region_captions) == batch,
             lambda: (
                 f"Expected {batch} captions and region captions (one per box), got {len(captions)} and "
                 f"{len(region_captions)}."
             ),
         )
-        KORNIA_CHECK(max_length >= _MIN_LENGTH, lambda: f"max_length must be at least {_MIN_LENGTH}, got {max_length}.")
-        KORNIA_CHECK(
+        check(max_length >= _MIN_LENGTH, lambda: f"max_length must be at least {_MIN_LENGTH}, got {max_length}.")
+        check(
             0.0 <= parallel_probability <= 1.0,
             lambda: f"parallel_probability must lie in [0, 1], got {parallel_probability}.",
         )
@@ -189,7 +189,7 @@ def _ids(tokens: Sequence[int] | torch.Tensor) -> list[int]:
 
 def _text_ids(tokens: Sequence[int], vocabulary: LocCaVocabulary, name: str) -> list[int]:
     ids = _ids(tokens)
-    KORNIA_CHECK(
+    check(
         all(0 <= token < vocabulary.text_vocab_size for token in ids),
         lambda: f"{name} must hold text ids in [0, {vocabulary.text_vocab_size}), got {ids}.",
     )

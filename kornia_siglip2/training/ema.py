@@ -6,8 +6,9 @@ import copy
 from typing import Any
 
 import torch
-from kornia.core.check import KORNIA_CHECK
 from torch import nn
+
+from kornia_siglip2.errors import check
 
 __all__ = ["EMATeacher"]
 
@@ -26,7 +27,7 @@ class EMATeacher(nn.Module):
         momentum: EMA momentum :math:`m` in ``[0, 1]``.
 
     Raises:
-        BaseError: ``momentum`` is outside ``[0, 1]`` (kornia check).
+        ValueCheckError: ``momentum`` is outside ``[0, 1]`` (kornia check).
 
     Example:
         >>> student = torch.nn.Linear(3, 2)
@@ -42,7 +43,7 @@ class EMATeacher(nn.Module):
 
     def __init__(self, student: nn.Module, momentum: float = 0.996) -> None:
         super().__init__()
-        KORNIA_CHECK(0.0 <= momentum <= 1.0, f"momentum must be in [0, 1], got {momentum}.")
+        check(0.0 <= momentum <= 1.0, f"momentum must be in [0, 1], got {momentum}.")
         self.momentum = momentum
         self.module = copy.deepcopy(student)
         self.module.requires_grad_(False)
