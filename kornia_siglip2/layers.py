@@ -17,10 +17,24 @@ from kornia_siglip2.config import ACTIVATIONS
 from kornia_siglip2.errors import check
 from kornia_siglip2.packing import VarlenLayout
 
-__all__ = ["MLP", "Encoder", "EncoderBlock", "EncoderOutput", "activation", "init_transformer_weights", "lecun_normal_"]
+__all__ = [
+    "SelfAttention",
+    "MLP",
+    "Encoder",
+    "EncoderBlock",
+    "EncoderOutput",
+    "activation",
+    "init_transformer_weights",
+    "lecun_normal_",
+]
 
 #: ``(last tokens, hidden states or None, attention weights per layer or None)``
 EncoderOutput = tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[tuple[torch.Tensor, ...], ...] | None]
+
+
+#: Deprecated name (releases <= 0.1) of :class:`~kornia_siglip2.attention.Attention`, which returns
+#: ``(tokens, attention weights or None)``.
+SelfAttention = Attention
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -40,13 +40,16 @@ from kornia_siglip2.decoders import (
     referring_prefix,
     shift_right,
 )
+from kornia_siglip2.decoders.locca import CrossAttention, DecoderSelfAttention
 from kornia_siglip2.losses.locca.cross_entropy import ChunkedCrossEntropy, chunked_cross_entropy, sequence_cross_entropy
 from kornia_siglip2.losses.locca.loss import LocCaLoss, LocCaLossOutput
 
 __all__ = [
     "TASKS",
     "ChunkedCrossEntropy",
+    "CrossAttention",
     "DecoderBlock",
+    "DecoderSelfAttention",
     "LocCaDecoder",
     "LocCaLoss",
     "LocCaLossOutput",
