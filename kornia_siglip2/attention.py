@@ -166,6 +166,8 @@ def _attend(
     if layout.key_index is not None:
         key = key.index_select(0, layout.key_index)
         value = value.index_select(0, layout.key_index)
+    if layout.causal_flags is not None:  # per-sequence masks held on the device: only the dense mask reads them
+        backend = "dense"
     if backend == "auto":
         backend = "flash" if _flash_available(query) and len(set(layout.causal)) <= 1 else "grouped"
     if backend == "eager":
@@ -265,8 +267,9 @@ def _dense_attention(
     doc_q = torch.searchsorted(cu_seqlens_q[1:].contiguous(), positions_q, right=True)
     doc_k = torch.searchsorted(cu_seqlens_k[1:].contiguous(), positions_k, right=True)
     mask = doc_q[:, None] == doc_k[None, :]  # [N_q, N_k]
-    if layout is not None and any(layout.causal):
-        causal = torch.tensor(layout.causal, device=query.device)[doc_q]  # [N_q]
+    if layout is not None and (layout.causal_flags is not None or any(layout.causal)):
+        flags = layout.causal_flags if layout.causal_flags is not None else torch.tensor(layout.causal)
+        causal = flags.to(query.device, torch.bool)[doc_q]  # [N_q]
         offset_q = positions_q - cu_seqlens_q.to(positions_q.dtype)[doc_q]
         offset_k = positions_k - cu_seqlens_k.to(positions_k.dtype)[doc_k]
         mask = mask & (~causal[:, None] | (offset_k[None, :] <= offset_q[:, None]))

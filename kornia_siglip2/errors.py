@@ -87,7 +87,7 @@ def check_shape(tensor: torch.Tensor, shape: Sequence[str], message: Message | N
         ...     check_shape(torch.rand(2, 8), ["B", "3", "H", "W"], "images must be (B, 3, H, W).")
         ... except ValueError as error:
         ...     print(error)
-        images must be (B, 3, H, W). Expected shape ['B', '3', 'H', 'W'], got (2, 8).
+        images must be (B, 3, H, W). Shape mismatch: expected ['B', '3', 'H', 'W'], got (2, 8).
     """
     check_type(
         isinstance(tensor, torch.Tensor),
@@ -107,4 +107,4 @@ def check_shape(tensor: torch.Tensor, shape: Sequence[str], message: Message | N
         ok = len(actual) == len(dims)
         actual_tail = actual
     ok = ok and all(not dim.isdigit() or int(dim) == size for dim, size in zip(dims, actual_tail, strict=False))
-    check(ok, lambda: f"{_text(message) + ' ' if message else ''}Expected shape {list(shape)}, got {actual}.")
+    check(ok, lambda: f"{_text(message) + ' ' if message else ''}Shape mismatch: expected {list(shape)}, got {actual}.")

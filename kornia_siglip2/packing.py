@@ -251,6 +251,9 @@ class VarlenLayout:
         scatter_q: inverse of ``gather_q`` (``None`` when ``gather_q`` is).
         key_index: :math:`(N_k,)` positions of the keys that take part, or ``None`` for all; keys left out
             (padding) are attended by nobody.
+        causal_flags: optional bool :math:`(n,)` per-sequence causal flags on the device, overriding ``causal``
+            without a host read (``torch.compile`` of a decoder whose mask is data); only the ``"dense"``
+            backend reads them, so :func:`~kornia_siglip2.attention.varlen_attention` uses it then.
     """
 
     cu_seqlens_q: torch.Tensor
@@ -263,6 +266,7 @@ class VarlenLayout:
     gather_k: torch.Tensor | None
     scatter_q: torch.Tensor | None
     key_index: torch.Tensor | None = None
+    causal_flags: torch.Tensor | None = None
 
     @property
     def max_seqlen_q(self) -> int:
@@ -593,10 +597,16 @@ def pack_inputs(
         1
     """
     if patches is not None or grid_thw is not None:
-        check(patches is not None and grid_thw is not None, "The packed path needs both patches and grid_thw.")
-        check(pixel_values is None, "Pass either pixel_values or patches + grid_thw, not both.")
+        check(
+            patches is not None and grid_thw is not None,
+            "Pass either images or patches with grid_thw: the packed path needs both patches and grid_thw.",
+        )
+        check(pixel_values is None, "Pass either images (pixel_values) or patches + grid_thw, not both.")
         return PackedImages(patches, grid_thw)
-    check(pixel_values is not None, "pixel_values is required (or pass patches and grid_thw).")
+    check(
+        pixel_values is not None,
+        "pixel_values is required. Pass either images (pixel_values) or patches (N, p*p*C) with grid_thw (n, 3).",
+    )
     if isinstance(pixel_values, PackedImages):
         return pixel_values
     check_type(

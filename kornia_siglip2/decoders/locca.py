@@ -14,6 +14,7 @@ tokens only, whatever the image sizes in the packed batch.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -264,8 +265,17 @@ class LocCaDecoder(nn.Module):
         )
         hidden_states = self.token_embedding(input_ids.reshape(-1, length)) + self.position_embedding[:length]
         num_sequences = hidden_states.shape[0]
-        flags = True if causal is None else causal.reshape(-1).tolist()  # one host read per call
-        self_layout = VarlenLayout.from_seqlens([length] * num_sequences, device=input_ids.device, causal=flags)
+        if causal is None:
+            self_layout = VarlenLayout.from_seqlens([length] * num_sequences, device=input_ids.device, causal=True)
+        elif torch.compiler.is_compiling():  # the mask is data: keep it on the device (dense attention)
+            self_layout = dataclasses.replace(
+                VarlenLayout.from_seqlens([length] * num_sequences, device=input_ids.device),
+                causal_flags=causal.reshape(-1),
+            )
+        else:  # one host read per call, then equal-length groups per mask kind
+            self_layout = VarlenLayout.from_seqlens(
+                [length] * num_sequences, device=input_ids.device, causal=causal.reshape(-1).tolist()
+            )
         image_tokens = image_tokens.to(hidden_states.dtype)
         hidden_states = hidden_states.reshape(num_sequences * length, -1)  # [S * L, D], image-major
         for block in self.layers:
