@@ -219,8 +219,8 @@ class TestSigLip2Loss:
         # each term is the component it stands for, computed on its own
         reference = model(input_ids=batch["input_ids"], pixel_values=images, return_loss=True)
         torch.testing.assert_close(output.sigmoid_loss, reference.loss, rtol=0, atol=1e-12)
-        vision = reference.vision_model_output
-        locca = loss_fn.locca(vision.last_hidden_state, vision.cu_seqlens, batch["locca_targets"])
+        vision = reference.vision_model_output  # 4-D images in: tokens (B, h*w, D), flattened to the packed layout
+        locca = loss_fn.locca(vision.last_hidden_state.flatten(0, 1), vision.cu_seqlens, batch["locca_targets"])
         torch.testing.assert_close(output.locca_loss, locca.loss, rtol=0, atol=1e-12)
         if progress < 0.8:
             assert output.consistency_loss == 0 and output.masked_loss == 0

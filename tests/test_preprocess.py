@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kornia_siglip2.errors import ValueCheckError
+from kornia_siglip2.errors import TypeCheckError, ValueCheckError
 from kornia_siglip2.packing import patchify
 from kornia_siglip2.preprocess import (
     PREPROCESSOR_CONFIG_NAME,
@@ -181,7 +181,7 @@ class TestNaFlexImagePreprocessor:
             preprocess(torch.ones(1, 3, 8, 8, dtype=torch.int32))
         with pytest.raises(ValueCheckError, match="share dtype and device"):
             preprocess([torch.rand(3, 8, 8), torch.rand(3, 8, 8, dtype=torch.float64)])
-        with pytest.raises(ValueCheckError, match=r"images\[0\] must be a tensor"):
+        with pytest.raises(TypeCheckError, match=r"images\[0\] must be a tensor"):
             preprocess([np.zeros((3, 8, 8))])
         with pytest.raises(ValueCheckError, match="positive height and width"):
             preprocess(torch.rand(1, 3, 0, 8))

@@ -100,8 +100,8 @@ def sigmoid_loss(
     check(
         text_embeds.shape == image_embeds.shape,
         lambda: (
-            f"text_embeds {tuple(text_embeds.shape)} must have the shape of image_embeds "
-            f"{tuple(image_embeds.shape)} (n, D)."
+            f"text_embeds must have the shape of image_embeds (n, D): got {tuple(text_embeds.shape)} and "
+            f"{tuple(image_embeds.shape)}."
         ),
     )
     check(
