@@ -50,7 +50,7 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 top = sorted({name.split("/")[0] for name in names})
 stray = [name for name in top if not (name == "kornia_siglip2" or name.endswith(".dist-info"))]
 assert not stray, f"unexpected top-level entries in the wheel: {stray}"
-for required in ("kornia_siglip2/__init__.py", "kornia_siglip2/losses/locca/decoder.py"):
+for required in ("kornia_siglip2/__init__.py", "kornia_siglip2/decoders/locca.py"):
     assert required in names, f"{required} missing from the wheel"
 metadata = next(name for name in names if name.endswith(".dist-info/METADATA"))
 text = zipfile.ZipFile(sys.argv[1]).read(metadata).decode()
