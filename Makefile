@@ -15,7 +15,7 @@ LATEST_VENV ?= .venv-latest
 MIN_VENV ?= .venv-min
 TEST_CMD = HF_HUB_OFFLINE=1 $(1)/bin/python -m pytest tests kornia_siglip2 -q $(PYTEST_ARGS)
 
-.PHONY: install demo test test-all test-latest test-min lint format bench bench-quick docs kornia-patch kornia-prs wheel \
+.PHONY: install demo test test-all test-latest test-min lint format bench bench-full bench-quick gpu-check docs kornia-patch kornia-prs wheel \
 	lock versions clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -83,14 +83,22 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# `make bench`: tiny (fp32/bf16/fp16) + 4-layer ViT-B width (fp32/bf16); bench-full adds the 12-layer ViT-B
 bench: install
+	$(PY) -m pytest benchmarks -q -m "not slow" --benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
+	$(PY) -m benchmarks.report benchmarks/results/latest.json
+
+bench-full: install
 	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/latest.json $(PYTEST_ARGS)
 	$(PY) -m benchmarks.report benchmarks/results/latest.json
 
+# under a minute on 2 quiet cores: the tiny model in every dtype, one short table, where it wrote its files
 bench-quick: install
-	$(PY) -m pytest benchmarks -q -m "not large and not slow" --benchmark-json=benchmarks/results/quick.json $(PYTEST_ARGS)
-	$(PY) -m benchmarks.report benchmarks/results/quick.json --summary benchmarks/results/quick_summary.json \
-		--markdown benchmarks/results/quick_table.md --plot benchmarks/results/quick_throughput.png
+	$(PY) -m benchmarks.quick $(PYTEST_ARGS)
+
+# on a CUDA machine: flash/cuDNN varlen parity tests + mixed-batch speed, report in benchmarks/results/gpu_check.md
+gpu-check: install
+	PY=$(PY) benchmarks/gpu_check.sh
 
 $(VENV)/.docs-installed: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[docs]" -c $(CONSTRAINTS)

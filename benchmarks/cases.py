@@ -25,6 +25,10 @@ NAFLEX_TABLE = 256  # 16 x 16 position table, as google/siglip2-base-patch16-naf
 
 IMPLEMENTATIONS = ("ours", "transformers", "kornia")
 
+#: benchmark dtype names -> torch dtypes; every implementation of an entry runs at the same dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
 
 @dataclass(frozen=True)
 class ModelSize:
@@ -39,6 +43,8 @@ class ModelSize:
 SIZES = {
     # ViT-B/16: the geometry of google/siglip2-base-patch16-*
     "base": ModelSize(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    # ViT-B/16 width, 4 layers: the tower of the speed issue's targets (fp32 and bf16 in minutes on 2 cores)
+    "vitb4": ModelSize(hidden_size=768, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=12),
     # same patch grids and token counts, a thin model: `make bench-quick`
     "tiny": ModelSize(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
 }
@@ -96,19 +102,23 @@ def write_checkpoint(family: str, size: str, folder: Path, seed: int = 0) -> Pat
     return folder
 
 
-def load_model(implementation: str, folder: Path) -> nn.Module:
-    """Load the checkpoint in ``folder`` with ``implementation`` (``ours``, ``transformers`` or ``kornia``)."""
+def load_model(implementation: str, folder: Path, dtype: str = "float32") -> nn.Module:
+    """Load the checkpoint in ``folder`` with ``implementation`` (``ours``, ``transformers`` or ``kornia``).
+
+    ``dtype`` is a key of :data:`DTYPES`; each library converts the float32 weights in its own way.
+    """
+    torch_dtype = DTYPES[dtype]
     if implementation == "ours":
         from kornia_siglip2 import SigLip2
 
-        return SigLip2.from_pretrained(folder).eval()
+        return SigLip2.from_pretrained(folder, dtype=torch_dtype).eval()
     if implementation == "transformers":
         from transformers import AutoModel
 
         _quiet_transformers()
-        return AutoModel.from_pretrained(folder, attn_implementation="sdpa").eval()
+        return AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch_dtype).eval()
     if implementation == "kornia":
-        return _load_kornia(folder)
+        return _load_kornia(folder).to(torch_dtype)
     raise ValueError(f"Unknown implementation {implementation!r}; expected one of {IMPLEMENTATIONS}.")
 
 
@@ -233,8 +243,17 @@ class Case:
         padded = None if self.padded_length is None else max(self.padded_length, max(h * w for h, w in grids))
         return replace(self, grids=grids, padded_length=padded)
 
-    def inputs(self, implementation: str, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Keyword inputs of ``implementation`` for this case (equal content for every implementation)."""
+    def inputs(self, implementation: str, seed: int = 0, dtype: str = "float32") -> dict[str, torch.Tensor]:
+        """Keyword inputs of ``implementation`` for this case (equal content for every implementation).
+
+        Pixel values and patches are drawn in float32 and then rounded to ``dtype``, so every dtype sees
+        the same images up to that rounding.
+        """
+        torch_dtype = DTYPES[dtype]
+        inputs = self._inputs_float32(implementation, seed)
+        return {name: value.to(torch_dtype) if value.is_floating_point() else value for name, value in inputs.items()}
+
+    def _inputs_float32(self, implementation: str, seed: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
         if self.tower == "text":
             return {"input_ids": torch.randint(0, TEXT_VOCAB, (self.text_batch, TEXT_LENGTH), generator=generator)}
@@ -304,6 +323,8 @@ def _cases() -> dict[str, Case]:
         Case("fixed_b32", "siglip", grids=((14, 14),) * 32, implementations=IMPLEMENTATIONS),
         Case("fixed_b8_train", "siglip", grids=((14, 14),) * 8, train=True, implementations=IMPLEMENTATIONS),
         Case("naflex_default", "siglip2", grids=default, padded_length=256),
+        # 8 equal 14 x 14 grids: no padding anywhere, so packing itself saves nothing
+        Case("naflex_equal", "siglip2", grids=((14, 14),) * 8, packed_input=True),
         Case("naflex_default_train", "siglip2", grids=default, padded_length=256, train=True),
         Case("naflex_native", "siglip2", grids=NATIVE_GRIDS, packed_input=True),
         Case("naflex_native_train", "siglip2", grids=NATIVE_GRIDS, packed_input=True, train=True),

@@ -63,13 +63,13 @@ class MemoryProbe:
         # wait for the launcher's imports: seconds of CPU that would otherwise overlap the first timing
         self._read_line("start of the memory launcher")
 
-    def measure(self, case: str, implementation: str, checkpoint: Path) -> dict:
+    def measure(self, case: str, implementation: str, checkpoint: Path, dtype: str = "float32") -> dict:
         """Measure one pair; returns ``{"baseline_mib", "peak_mib", "delta_mib", "hiwater_reset"}``.
 
         Raises:
             RuntimeError: the measurement failed or timed out (the launcher's stderr shows why).
         """
-        request = {"case": case, "implementation": implementation, "checkpoint": str(checkpoint)}
+        request = {"case": case, "implementation": implementation, "checkpoint": str(checkpoint), "dtype": dtype}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         reply = json.loads(self._read_line(f"memory measurement of {case}/{implementation}") or "null")
@@ -113,7 +113,7 @@ def _reset_hiwater() -> bool:
     return True
 
 
-def _measure(case_name: str, implementation: str, checkpoint: Path) -> dict:
+def _measure(case_name: str, implementation: str, checkpoint: Path, dtype: str = "float32") -> dict:
     """Steps 2-4 of the method (runs in the freshly forked process)."""
     import gc
 
@@ -122,11 +122,11 @@ def _measure(case_name: str, implementation: str, checkpoint: Path) -> dict:
     from benchmarks.cases import CASES, load_model, make_runner
 
     case = CASES[case_name]
-    model = load_model(implementation, checkpoint)
+    model = load_model(implementation, checkpoint, dtype)
     with torch.no_grad():  # page in lazily mapped weights now, not during the step
         for tensor in model.state_dict().values():
             tensor.sum()
-    run = make_runner(case, implementation, model, case.inputs(implementation))
+    run = make_runner(case, implementation, model, case.inputs(implementation, dtype=dtype))
     gc.collect()
     reset = _reset_hiwater()
     baseline = _max_rss_mib()
@@ -141,14 +141,14 @@ def _measure(case_name: str, implementation: str, checkpoint: Path) -> dict:
     }
 
 
-def _in_fresh_process(case_name: str, implementation: str, checkpoint: Path) -> dict:
+def _in_fresh_process(case_name: str, implementation: str, checkpoint: Path, dtype: str = "float32") -> dict:
     """Fork, measure in the child, return its record (or ``{"error": ...}``) to the parent through a pipe."""
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
         os.close(read_end)
         try:
-            record = _measure(case_name, implementation, checkpoint)
+            record = _measure(case_name, implementation, checkpoint, dtype)
         except BaseException as error:  # reported to the parent, never raised across the fork
             import traceback
 
@@ -181,7 +181,9 @@ def _serve() -> None:
     print("ready", flush=True)
     for line in sys.stdin:
         request = json.loads(line)
-        record = _in_fresh_process(request["case"], request["implementation"], Path(request["checkpoint"]))
+        record = _in_fresh_process(
+            request["case"], request["implementation"], Path(request["checkpoint"]), request.get("dtype", "float32")
+        )
         print(json.dumps(record), flush=True)
 
 

@@ -2,7 +2,7 @@
 
 Usage (after ``make bench``, which writes ``benchmarks/results/latest.json``)::
 
-    python -m benchmarks.report benchmarks/results/latest.json
+    python -m benchmarks.report benchmarks/results/latest.json [more.json ...]
 
 writes ``benchmarks/results/summary.json``, ``docs/benchmarks_table.md`` and
 ``docs/_static/bench_throughput.png`` (matplotlib, from the ``docs`` extra). Ratios are recomputed here
@@ -22,6 +22,7 @@ CASE_TITLES = {
     "fixed_b1": "fixed 224, batch 1",
     "fixed_b32": "fixed 224, batch 32",
     "naflex_default": "NaFlex default pipeline (8 images, 256-patch budget)",
+    "naflex_equal": "NaFlex equal grids (8 x 14 x 14)",
     "naflex_native": "NaFlex native, 64...1024 patches (6 images)",
     "text_b256": "text, 256 x 64 tokens",
     "text_b64": "text, 64 x 64 tokens",
@@ -29,68 +30,140 @@ CASE_TITLES = {
     "naflex_default_train": "fwd+bwd, NaFlex default pipeline",
     "naflex_native_train": "fwd+bwd, NaFlex native mixed",
 }
+#: short names for the tables (the titles above are their legend)
+CASE_SHORT = {
+    "fixed_b1": "fixed b1",
+    "fixed_b32": "fixed b32",
+    "naflex_default": "NaFlex default",
+    "naflex_equal": "NaFlex equal",
+    "naflex_native": "NaFlex mixed",
+    "text_b256": "text b256",
+    "text_b64": "text b64",
+    "fixed_b8_train": "train fixed b8",
+    "naflex_default_train": "train NaFlex default",
+    "naflex_native_train": "train NaFlex mixed",
+}
 IMPLEMENTATION_ORDER = ("ours", "transformers", "kornia")
+DTYPE_ORDER = ("float32", "bfloat16", "float16")
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+SIZE_TITLES = {
+    "base": "ViT-B/16 (768 wide, 12 layers)",
+    "vitb4": "ViT-B/16 width, 4 layers (768 wide, MLP 3072, 12 heads)",
+    "tiny": "tiny model (64 wide, 2 layers): quick mode",
+}
+SIZE_ORDER = ("vitb4", "base", "tiny")
+#: the goals are stated for ViT-B widths; the tiny model measures the same code paths, not the same balance
+GOAL_SIZES = ("vitb4", "base")
 
-# (case, reference, metric, comparison, threshold, goal text) -- the issue's goals on CPU, float32, median
+# (case, dtype, reference, metric, comparison, threshold, goal text, source)
 GOALS = (
-    ("naflex_native", "transformers", "speedup", ">=", 2.5, "NaFlex native mixed, packed vs padded throughput"),
-    ("naflex_native", "transformers", "memory_ratio", "<=", 0.6, "NaFlex native mixed, peak memory"),
-    ("naflex_native_train", "transformers", "speedup", ">=", 2.5, "NaFlex native mixed fwd+bwd, throughput"),
-    ("naflex_native_train", "transformers", "memory_ratio", "<=", 0.6, "NaFlex native mixed fwd+bwd, peak memory"),
-    ("naflex_default", "transformers", "speedup", ">=", 1.0, "NaFlex default pipeline, forward"),
-    ("naflex_default_train", "transformers", "speedup", ">=", 1.0, "NaFlex default pipeline, fwd+bwd"),
-    ("fixed_b1", "transformers", "speedup", ">=", 1.0, "fixed 224 batch 1 vs transformers"),
-    ("fixed_b1", "kornia", "speedup", ">=", 1.0, "fixed 224 batch 1 vs Kornia 0.9"),
-    ("fixed_b32", "transformers", "speedup", ">=", 1.0, "fixed 224 batch 32 vs transformers"),
-    ("fixed_b32", "kornia", "speedup", ">=", 1.0, "fixed 224 batch 32 vs Kornia 0.9"),
-    ("fixed_b8_train", "transformers", "speedup", ">=", 1.0, "fixed 224 fwd+bwd vs transformers"),
-    ("fixed_b8_train", "kornia", "speedup", ">=", 1.0, "fixed 224 fwd+bwd vs Kornia 0.9"),
-    ("text", "transformers", "speedup", ">=", 1.0, "text tower vs transformers"),
-    ("fixed_b32", None, "peak_fraction", ">=", 0.6, "fixed 224 batch 32 encoder forward, fraction of matmul peak"),
+    ("fixed_b1", "float32", "transformers", "speedup", ">=", 1.1, "fp32 fixed 224 batch 1", "issue 17"),
+    ("fixed_b32", "float32", "transformers", "speedup", ">=", 1.1, "fp32 fixed 224 batch 32", "issue 17"),
+    (
+        "naflex_native",
+        "float32",
+        "transformers",
+        "speedup",
+        ">=",
+        2.5,
+        "fp32 NaFlex mixed, packed vs padded",
+        "issue 17",
+    ),
+    (
+        "naflex_native",
+        "bfloat16",
+        "transformers",
+        "speedup",
+        ">=",
+        3.0,
+        "bf16 NaFlex mixed, packed vs padded",
+        "issue 17",
+    ),
+    ("fixed_b32", "bfloat16", "transformers", "speedup", ">=", 1.25, "bf16 fixed 224 batch 32", "issue 17"),
+    ("fixed_b32", "bfloat16", None, "peak_fraction", ">=", 0.7, "bf16 fixed 224 batch 32, of bf16 peak", "issue 17"),
+    ("naflex_equal", "bfloat16", "transformers", "speedup", ">=", 1.25, "bf16 NaFlex equal grids", "issue 17"),
+    ("naflex_equal", "bfloat16", None, "peak_fraction", ">=", 0.7, "bf16 NaFlex equal grids, of bf16 peak", "issue 17"),
+    (
+        "naflex_native",
+        "float32",
+        "transformers",
+        "memory_ratio",
+        "<=",
+        0.6,
+        "fp32 NaFlex mixed, peak memory",
+        "earlier",
+    ),
+    ("naflex_native_train", "float32", "transformers", "speedup", ">=", 2.5, "fp32 NaFlex mixed fwd+bwd", "earlier"),
+    (
+        "naflex_native_train",
+        "float32",
+        "transformers",
+        "memory_ratio",
+        "<=",
+        0.6,
+        "fp32 NaFlex mixed fwd+bwd, peak memory",
+        "earlier",
+    ),
+    ("naflex_default", "float32", "transformers", "speedup", ">=", 1.0, "fp32 NaFlex default pipeline", "earlier"),
+    ("naflex_default_train", "float32", "transformers", "speedup", ">=", 1.0, "fp32 NaFlex default fwd+bwd", "earlier"),
+    ("fixed_b1", "float32", "kornia", "speedup", ">=", 1.0, "fp32 fixed 224 batch 1 vs Kornia 0.9", "earlier"),
+    ("fixed_b32", "float32", "kornia", "speedup", ">=", 1.0, "fp32 fixed 224 batch 32 vs Kornia 0.9", "earlier"),
+    ("fixed_b8_train", "float32", "transformers", "speedup", ">=", 1.0, "fp32 fixed 224 fwd+bwd", "earlier"),
+    ("text", "float32", "transformers", "speedup", ">=", 1.0, "fp32 text tower", "earlier"),
+    ("fixed_b32", "float32", None, "peak_fraction", ">=", 0.6, "fp32 fixed 224 batch 32, of fp32 peak", "earlier"),
 )
 
 
-def load_entries(path: Path) -> tuple[list[dict], dict]:
-    """Encoder entries (those with a ``case`` in ``extra_info``) and the machine info of a pytest-benchmark JSON."""
-    data = json.loads(Path(path).read_text())
-    entries = []
-    for bench in data.get("benchmarks", []):
-        info = dict(bench.get("extra_info", {}))
-        if "case" not in info:
-            continue  # another suite's entry (e.g. the sigmoid loss)
-        stats = bench["stats"]
-        info.update(
-            name=bench["name"],
-            median_s=stats["median"],
-            min_s=stats["min"],
-            iqr_s=stats["iqr"],
-            rounds=stats["rounds"],
-        )
-        info["items_per_s"] = info["items"] / info["median_s"]
-        info["tokens_per_s"] = info["tokens"] / info["median_s"]
-        info["achieved_flops"] = info["flops"] / info["median_s"]
-        entries.append(info)
-    # one denominator for the whole run: the best matmul rate measured at any point of the session
-    peak = max((entry["matmul_peak_flops"] for entry in entries), default=0.0)
+def load_entries(paths: list[Path]) -> tuple[list[dict], dict]:
+    """Encoder entries (those with a ``case`` in ``extra_info``) and the machine info of pytest-benchmark JSONs.
+
+    Several files may be given (e.g. a float32 run and a bfloat16 run); ratios are only ever taken between
+    entries of one (size, dtype, case), which one file holds whole.
+    """
+    entries, machine = [], {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        machine = machine or data.get("machine_info", {})
+        for bench in data.get("benchmarks", []):
+            info = dict(bench.get("extra_info", {}))
+            if "case" not in info or bench.get("stats") is None:
+                continue  # another suite's entry (e.g. the sigmoid loss)
+            stats = bench["stats"]
+            info.setdefault("dtype", "float32")
+            info.update(
+                name=bench["name"],
+                median_s=stats["median"],
+                min_s=stats["min"],
+                iqr_s=stats["iqr"],
+                rounds=stats["rounds"],
+            )
+            info["items_per_s"] = info["items"] / info["median_s"]
+            info["tokens_per_s"] = info["tokens"] / info["median_s"]
+            info["achieved_flops"] = info["flops"] / info["median_s"]
+            entries.append(info)
+    # one denominator per dtype: the best matmul rate of that dtype measured at any point of the run
+    peaks: dict[str, float] = {}
     for entry in entries:
-        entry["matmul_peak_flops"] = peak
-        entry["peak_fraction"] = entry["achieved_flops"] / peak
-    return entries, data.get("machine_info", {})
+        peaks[entry["dtype"]] = max(peaks.get(entry["dtype"], 0.0), entry["matmul_peak_flops"])
+    for entry in entries:
+        entry["matmul_peak_flops"] = peaks[entry["dtype"]]
+        entry["peak_fraction"] = entry["achieved_flops"] / peaks[entry["dtype"]]
+    return entries, machine
 
 
 def summarize(entries: list[dict], machine: dict) -> dict:
-    """Group entries by (size, case), add ratios against ours, and evaluate the goals on the largest size."""
-    cases: dict[str, dict[str, dict]] = {}
+    """Group entries by (size, dtype, case), add ratios against ours, and evaluate the goals on ViT-B sizes."""
+    cases: dict[tuple[str, str, str], dict[str, dict]] = {}
     for entry in entries:
-        cases.setdefault(f"{entry['size']}/{entry['case']}", {})[entry["implementation"]] = entry
+        cases.setdefault((entry["size"], entry["dtype"], entry["case"]), {})[entry["implementation"]] = entry
     results = []
-    for key, by_impl in cases.items():
-        size, case = key.split("/")
+    for (size, dtype, case), by_impl in cases.items():
         ours = by_impl.get("ours")
         for name in sorted(by_impl, key=IMPLEMENTATION_ORDER.index):
             entry = by_impl[name]
             row = {
                 "size": size,
+                "dtype": dtype,
                 "case": case,
                 "implementation": name,
                 "train": entry["train"],
@@ -107,6 +180,9 @@ def summarize(entries: list[dict], machine: dict) -> dict:
                 "achieved_gflops_per_s": entry["achieved_flops"] / 1e9,
                 "peak_fraction": entry["peak_fraction"],
                 "peak_memory_mib": entry.get("peak_memory_mib"),
+                "rel_err_vs_fp32": entry.get("rel_err_vs_fp32"),
+                "min_cos_vs_fp32": entry.get("min_cos_vs_fp32"),
+                "load_average": entry.get("load_average"),
             }
             if ours is not None and name != "ours":
                 row["speedup_of_ours"] = entry["median_s"] / ours["median_s"]
@@ -115,45 +191,50 @@ def summarize(entries: list[dict], machine: dict) -> dict:
                 if entry.get("peak_memory_mib") and ours.get("peak_memory_mib"):
                     row["memory_ratio_of_ours"] = ours["peak_memory_mib"] / entry["peak_memory_mib"]
             results.append(row)
-    peaks = [entry["matmul_peak_flops"] for entry in entries]
+    peaks: dict[str, float] = {}
+    for entry in entries:
+        peaks[entry["dtype"]] = entry["matmul_peak_flops"] / 1e9
     sizes = {entry["size"] for entry in entries}
-    goal_size = "base" if "base" in sizes else "tiny"
+    loads = [entry["load_average"] for entry in entries if entry.get("load_average") is not None]
+    cpu = next((entry["cpu"] for entry in entries if entry.get("cpu")), None)
     return {
         "machine": {
-            "cpu": machine.get("cpu", {}).get("brand_raw", platform.processor()),
+            "cpu": cpu or machine.get("cpu", {}).get("brand_raw", platform.processor()),
             "cores": machine.get("cpu", {}).get("count"),
             "python": machine.get("python_version"),
             "threads": entries[0]["threads"] if entries else None,
+            "load_average_min": min(loads) if loads else None,
+            "load_average_max": max(loads) if loads else None,
         },
-        "matmul_peak_gflops_per_s": max(peaks) / 1e9 if peaks else None,
+        "matmul_peak_gflops_per_s": {dtype: peaks[dtype] for dtype in DTYPE_ORDER if dtype in peaks},
         "memory_method": (
             "peak RSS of one step in a fresh forked process (ru_maxrss, high-water mark reset after model load) "
             "minus RSS after load; see benchmarks/memory.py"
         ),
-        "goals_size": goal_size,
-        "goals": evaluate_goals(results, goal_size),
+        "goal_sizes": [size for size in GOAL_SIZES if size in sizes],
+        "goals": [goal for size in GOAL_SIZES if size in sizes for goal in evaluate_goals(results, size)],
         "results": results,
     }
 
 
 def evaluate_goals(results: list[dict], size: str) -> list[dict]:
     """Each goal of :data:`GOALS` with its measured value on model ``size`` (``None`` if not measured)."""
-    index = {(row["case"], row["implementation"]): row for row in results if row["size"] == size}
+    index = {(row["case"], row["dtype"], row["implementation"]): row for row in results if row["size"] == size}
     goals = []
-    for case, reference, metric, comparison, threshold, text in GOALS:
+    for case, dtype, reference, metric, comparison, threshold, text, source in GOALS:
         if case == "text":  # the text batch depends on the model size
             case = "text_b256" if size == "base" else "text_b64"
         if metric == "peak_fraction":
-            row = index.get((case, "ours"))
+            row = index.get((case, dtype, "ours"))
             value = row["peak_fraction"] if row else None
         else:
-            row = index.get((case, reference))
+            row = index.get((case, dtype, reference))
             value = None if row is None else row.get(f"{metric}_of_ours")
         met = None if value is None else (value >= threshold if comparison == ">=" else value <= threshold)
         target = f"{comparison} {threshold}"
         goals.append(
-            {"goal": text, "case": case, "reference": reference, "metric": metric, "target": target}
-            | {"value": value, "met": met}
+            {"goal": text, "size": size, "case": case, "dtype": dtype, "reference": reference, "metric": metric}
+            | {"target": target, "value": value, "met": met, "source": source}
         )
     return goals
 
@@ -162,63 +243,145 @@ def _fmt(value: float | None, pattern: str) -> str:
     return "-" if value is None else format(value, pattern)
 
 
+def _ordered(rows: list[dict]) -> list[dict]:
+    return sorted(
+        rows, key=lambda r: (list(CASE_TITLES).index(r["case"]), IMPLEMENTATION_ORDER.index(r["implementation"]))
+    )
+
+
+def _machine_line(summary: dict) -> str:
+    machine = summary["machine"]
+    line = f"CPU: {machine['cpu']}, {machine['threads']} threads"
+    if machine.get("load_average_max") is not None:
+        line += (
+            f"; 1-minute load average during the entries {machine['load_average_min']:.1f} to "
+            f"{machine['load_average_max']:.1f} (above the core count: other processes shared the cores)"
+        )
+    return line + "."
+
+
+def _peaks_line(summary: dict) -> str:
+    peaks = ", ".join(
+        f"{DTYPE_SHORT[dtype]} **{value:.1f} GFLOP/s**" for dtype, value in summary["matmul_peak_gflops_per_s"].items()
+    )
+    return f"Measured matmul peak (square `F.linear`, `benchmarks/flops.py`): {peaks}."
+
+
 def markdown(summary: dict) -> str:
-    """The summary as markdown: one table per model size, then the goals."""
+    """The summary as markdown: one narrow table per (model size, dtype), then the goals."""
     lines = [
         "# Encoder benchmarks",
         "",
         "Generated by `benchmarks/report.py` from `make bench` (pytest-benchmark); do not edit by hand.",
         "",
-        f"CPU: {summary['machine']['cpu']}, {summary['machine']['threads']} threads, float32. "
-        f"Measured matmul peak (2048^2 `torch.mm`, best of 10): "
-        f"**{_fmt(summary['matmul_peak_gflops_per_s'], '.1f')} GFLOP/s**.",
+        _machine_line(summary),
         "",
-        "Times are medians. *speedup* = reference time / our time (> 1: ours faster), from medians; *(min)* the "
-        "same from the fastest rounds (less sensitive to other load on the machine); *mem ratio* = our peak "
-        "memory / the reference's (< 1: ours smaller). GFLOP/s counts useful FLOPs (real tokens only, "
-        "`benchmarks/flops.py`), so a padded implementation reads lower; *% peak* is that rate over the matmul "
-        f"peak. Memory: {summary['memory_method']}.",
+        _peaks_line(summary),
+        "",
+        "*ms*: median time of one step. *speedup*: reference time / our time (> 1: ours faster), same run, same "
+        "dtype. *GFLOP/s* counts useful FLOPs (real tokens only, `benchmarks/flops.py`), so a padded "
+        "implementation reads lower; *% peak*: that rate over the matmul peak of the same dtype. *MiB*: peak "
+        f"memory of the step ({summary['memory_method']}); *mem*: our MiB / the reference's. *rel err*, *cos*: "
+        "max abs error of the pooled features over their max abs value, and the smallest cosine similarity, "
+        "against our float32 features (first two items of the case; fp32 rows: the other implementation "
+        "against ours).",
+        "",
+        "Cases: " + "; ".join(f"*{CASE_SHORT[case]}*: {title}" for case, title in CASE_TITLES.items()) + ".",
         "",
     ]
-    for size in ("base", "tiny"):
-        rows = [row for row in summary["results"] if row["size"] == size]
-        if not rows:
+    for size in SIZE_ORDER:
+        size_rows = [row for row in summary["results"] if row["size"] == size]
+        if not size_rows:
             continue
-        title = "ViT-B/16 (768 wide, 12 layers)" if size == "base" else "tiny model (64 wide, 2 layers): quick mode"
+        lines += [f"## {SIZE_TITLES.get(size, size)}", ""]
+        for dtype in DTYPE_ORDER:
+            rows = [row for row in size_rows if row["dtype"] == dtype]
+            if not rows:
+                continue
+            peak = summary["matmul_peak_gflops_per_s"][dtype]
+            lines += [
+                f"### {dtype} (peak {peak:.1f} GFLOP/s)",
+                "",
+                "| case | impl | ms | GFLOP/s | % peak | MiB | speedup | mem | rel err | cos |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for row in _ordered(rows):
+                lines.append(
+                    f"| {CASE_SHORT.get(row['case'], row['case'])} | {row['implementation']} "
+                    f"| {row['median_s'] * 1e3:.1f} | {row['achieved_gflops_per_s']:.1f} "
+                    f"| {100 * row['peak_fraction']:.0f} | {_fmt(row['peak_memory_mib'], '.0f')} "
+                    f"| {_fmt(row.get('speedup_of_ours'), '.2f')} | {_fmt(row.get('memory_ratio_of_ours'), '.2f')} "
+                    f"| {_fmt(row.get('rel_err_vs_fp32'), '.1e')} | {_fmt(row.get('min_cos_vs_fp32'), '.5f')} |"
+                )
+            lines.append("")
+    lines += ["## Goals", ""]
+    if not summary["goal_sizes"]:
         lines += [
-            f"## {title}",
+            "The goals are stated for ViT-B widths; this run measured only the tiny model, so none applies "
+            "(`make bench` measures them).",
             "",
-            "| case | impl | median ms | items/s | tokens/s | GFLOP/s | % peak | peak MiB | speedup | (min) "
-            "| mem ratio |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for row in sorted(rows, key=lambda r: (list(CASE_TITLES).index(r["case"]), r["implementation"] != "ours")):
-            lines.append(
-                f"| {CASE_TITLES.get(row['case'], row['case'])} | {row['implementation']} "
-                f"| {row['median_s'] * 1e3:.1f} | {row['items_per_s']:.2f} | {row['tokens_per_s']:.0f} "
-                f"| {row['achieved_gflops_per_s']:.1f} | {100 * row['peak_fraction']:.0f} "
-                f"| {_fmt(row['peak_memory_mib'], '.0f')} | {_fmt(row.get('speedup_of_ours'), '.2f')} "
-                f"| {_fmt(row.get('speedup_of_ours_min'), '.2f')} | {_fmt(row.get('memory_ratio_of_ours'), '.2f')} |"
-            )
-        lines.append("")
-    lines += [f"## Goals ({summary['goals_size']} model)", ""]
-    if summary["goals_size"] != "base":
-        lines += ["The goals are stated for ViT-B (`make bench`); on the tiny model they are indicative only.", ""]
+        return "\n".join(lines)
     lines += [
-        "| goal | target | measured | met |",
-        "|---|---|---:|---|",
+        "Stated for ViT-B widths (`issue 17`: the speed issue's targets; `earlier`: the first benchmark issue's), "
+        "each a ratio measured in one run.",
+        "",
+        "| model | goal | target | measured | met | from |",
+        "|---|---|---|---:|---|---|",
     ]
     for goal in summary["goals"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[goal["met"]]
-        lines.append(f"| {goal['goal']} | {goal['metric']} {goal['target']} | {_fmt(goal['value'], '.2f')} | {met} |")
+        lines.append(
+            f"| {goal['size']} | {goal['goal']} | {goal['metric']} {goal['target']} | {_fmt(goal['value'], '.2f')} "
+            f"| {met} | {goal['source']} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
 
-def plot(summary: dict, path: Path) -> None:
-    """Real tokens/s and % of the matmul peak against real tokens per batch, packed (ours) vs padded references.
+def short_table(summary: dict) -> str:
+    """A terminal table a person can read: one row per (size, case), ours' time and speedup per dtype."""
+    dtypes = [dtype for dtype in DTYPE_ORDER if any(row["dtype"] == dtype for row in summary["results"])]
+    index = {(r["size"], r["dtype"], r["case"], r["implementation"]): r for r in summary["results"]}
+    header = f"{'model':<6}{'case':<21}" + "".join(
+        f"{DTYPE_SHORT[d] + ' ms':>10}{'vs trf':>8}" + (f"{'err':>9}" if d != "float32" else "") for d in dtypes
+    )
+    lines = [_machine_line(summary), _peaks_line(summary).replace("**", ""), "", header, "-" * len(header)]
+    for size in SIZE_ORDER:
+        for case in CASE_TITLES:
+            if not any((size, d, case, "ours") in index for d in dtypes):
+                continue
+            line = f"{size:<6}{CASE_SHORT[case]:<21}"
+            for dtype in dtypes:
+                ours = index.get((size, dtype, case, "ours"))
+                reference = index.get((size, dtype, case, "transformers"))
+                line += f"{_fmt(ours and ours['median_s'] * 1e3, '10.1f'):>10}"
+                speedup = reference.get("speedup_of_ours") if reference else None
+                line += f"{_fmt(speedup, '7.2f') + ('x' if speedup else ''):>8}"
+                if dtype != "float32":
+                    line += f"{_fmt(ours and ours.get('rel_err_vs_fp32'), '9.1e'):>9}"
+            lines.append(line)
+    lines += ["", "vs trf: transformers' time / ours at the same dtype (> 1: ours faster); err: vs our float32."]
+    if summary["goal_sizes"]:
+        counts = {True: 0, False: 0, None: 0}
+        for goal in summary["goals"]:
+            counts[goal["met"]] += 1
+        lines.append(f"goals: {counts[True]} met, {counts[False]} not met, {counts[None]} not measured (see the table)")
+        for goal in summary["goals"]:
+            if goal["met"] is False:
+                lines.append(
+                    f"  not met: {goal['size']} {goal['goal']}: {_fmt(goal['value'], '.2f')} ({goal['target']})"
+                )
+    else:
+        lines.append("goals: stated for ViT-B widths, none applies to the tiny model (`make bench` measures them)")
+    return "\n".join(lines)
 
-    One column for inference, one for forward + backward; a grey line joins the implementations of a case.
+
+def plot(summary: dict, path: Path) -> None:
+    """Real tokens/s against real tokens per batch, packed (ours) vs padded references: one row per dtype.
+
+    Columns: inference, forward + backward; a grey line joins the implementations of a case; the legend
+    sits below the axes so that it covers no point.
     """
     import matplotlib
 
@@ -226,85 +389,112 @@ def plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    size = summary["goals_size"]
+    sizes = [size for size in SIZE_ORDER if any(row["size"] == size for row in summary["results"])]
+    size = sizes[0]
     rows = [row for row in summary["results"] if row["size"] == size]
+    dtypes = [dtype for dtype in DTYPE_ORDER if any(row["dtype"] == dtype for row in rows)]
     styles = {
         "ours": ("tab:blue", "o", "ours (packed)"),
         "transformers": ("tab:orange", "s", "transformers (padded for NaFlex)"),
         "kornia": ("tab:green", "^", "Kornia 0.9 (fixed res only)"),
     }
-    metrics = (("tokens_per_s", "real tokens / s", 1.0), ("peak_fraction", "% of matmul peak (useful FLOPs)", 100.0))
-    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for column, train in enumerate((False, True)):
-        selected = [row for row in rows if row["train"] == train]
-        for line, (metric, label, scale) in enumerate(metrics):
+    figure, axes = plt.subplots(len(dtypes), 2, figsize=(11, 3.6 * len(dtypes) + 0.6), squeeze=False)
+    for line, dtype in enumerate(dtypes):
+        for column, train in enumerate((False, True)):
             axis = axes[line, column]
+            selected = [row for row in rows if row["train"] == train and row["dtype"] == dtype]
+            title = ("forward + backward" if train else "inference") + f", {SIZE_TITLES[size].split(' (')[0]}, {dtype}"
+            axis.set_title(title, fontsize=10)
+            if not selected:
+                axis.text(0.5, 0.5, "not measured", ha="center", va="center", transform=axis.transAxes)
+                axis.set_xticks([])
+                axis.set_yticks([])
+                continue
             for case in {row["case"] for row in selected}:
-                pair = sorted((r["tokens"], r[metric] * scale) for r in selected if r["case"] == case)
+                pair = sorted((r["tokens"], r["tokens_per_s"]) for r in selected if r["case"] == case)
                 axis.plot([p[0] for p in pair], [p[1] for p in pair], color="0.8", zorder=1)
             for name, (color, marker, legend) in styles.items():
                 points = [r for r in selected if r["implementation"] == name]
                 if not points:
                     continue
                 xs = [r["tokens"] for r in points]
-                ys = [r[metric] * scale for r in points]
+                ys = [r["tokens_per_s"] for r in points]
                 axis.scatter(xs, ys, color=color, marker=marker, label=legend, zorder=2)
                 if name == "ours":
                     for row, x, y in zip(points, xs, ys, strict=True):
                         axis.annotate(
-                            row["case"].removesuffix("_train"),
+                            CASE_SHORT[row["case"]].removeprefix("train "),
                             (x, y),
                             fontsize=7,
-                            xytext=(4, -10) if row["case"].startswith("naflex_native") else (4, 4),
+                            xytext=(4, 4),
                             textcoords="offset points",
                         )
             axis.set_xscale("log")
             axis.xaxis.set_major_formatter(ScalarFormatter())
-            # label the minor ticks only when the axis spans less than a decade (else they collide)
             spread = max(r["tokens"] for r in selected) / min(r["tokens"] for r in selected)
             axis.xaxis.set_minor_formatter(ScalarFormatter() if spread < 10 else NullFormatter())
             # headroom above the highest point, so its label stays inside the axes and clear of the title
-            axis.set_ylim(0, 1.18 * max(r[metric] * scale for r in selected))
+            axis.set_ylim(0, 1.18 * max(r["tokens_per_s"] for r in selected))
             axis.margins(x=0.12)
             axis.set_xlabel("real tokens per batch")
-            axis.set_ylabel(label)
+            axis.set_ylabel("real tokens / s")
             axis.grid(alpha=0.3)
-            if line == 0:
-                axis.set_title(("forward + backward" if train else "inference") + f", {size} model, CPU fp32")
-    # one legend for the figure, below the axes: inside an axis it covered data points
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
-    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    handles = [
+        plt.Line2D([], [], color=color, marker=marker, linestyle="", label=legend)
+        for color, marker, legend in styles.values()
+    ]
+    figure.legend(handles=handles, loc="lower center", ncol=3, fontsize=9, frameon=False)
+    figure.suptitle(summary["machine"]["cpu"], fontsize=9)
+    figure.tight_layout(rect=(0, 0.05, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("input", nargs="?", type=Path, default=REPO_ROOT / "benchmarks/results/latest.json")
+    parser.add_argument("inputs", nargs="*", type=Path, default=[REPO_ROOT / "benchmarks/results/latest.json"])
     parser.add_argument("--summary", type=Path, default=REPO_ROOT / "benchmarks/results/summary.json")
     parser.add_argument("--markdown", type=Path, default=REPO_ROOT / "docs/benchmarks_table.md")
     parser.add_argument("--plot", type=Path, default=REPO_ROOT / "docs/_static/bench_throughput.png")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot (no matplotlib)")
     args = parser.parse_args(argv)
-    entries, machine = load_entries(args.input)
+    missing = [str(path) for path in args.inputs if not path.is_file()]
+    if missing:
+        raise SystemExit(f"no benchmark JSON at {', '.join(missing)}: run `make bench` (or pytest benchmarks) first.")
+    entries, machine = load_entries(args.inputs)
     if not entries:
-        raise SystemExit(f"{args.input} holds no encoder benchmark entries.")
+        raise SystemExit(f"{', '.join(map(str, args.inputs))} holds no encoder benchmark entries.")
     summary = summarize(entries, machine)
-    args.summary.parent.mkdir(parents=True, exist_ok=True)
-    args.summary.write_text(json.dumps(summary, indent=2) + "\n")
-    args.markdown.parent.mkdir(parents=True, exist_ok=True)
-    args.markdown.write_text(markdown(summary))
+    _write(args.summary, json.dumps(summary, indent=2) + "\n")
+    _write(args.markdown, markdown(summary))
+    written = [("summary", args.summary), ("table", args.markdown)]
     if not args.no_plot:
         try:
             plot(summary, args.plot)
+            written.append(("plot", args.plot))
         except ImportError:
             print("matplotlib is not installed (pip install -e '.[docs]'): no plot written.")
-    for goal in summary["goals"]:
-        status = {True: "met", False: "MISSED", None: "not measured"}[goal["met"]]
-        print(f"{status:>12}  {goal['goal']}: {_fmt(goal['value'], '.2f')} (target {goal['target']})")
+    print(short_table(summary))
+    print()
+    for what, path in written:
+        print(f"wrote {what}: {_relative(path)}")
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` atomically (a temporary file in the same folder, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,6 @@ def test_default_grids_are_transformers():
 
 
 @pytest.mark.parametrize("implementation", ["ours", "transformers"])
-@pytest.mark.parametrize("case", ["naflex_default", "naflex_native"])
+@pytest.mark.parametrize("case", ["naflex_default", "naflex_equal", "naflex_native"])
 def test_naflex(bench_case, case, implementation):
     bench_case(case, implementation)

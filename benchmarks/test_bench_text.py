@@ -5,4 +5,4 @@ import pytest
 
 @pytest.mark.parametrize("implementation", ["ours", "transformers"])
 def test_text_tower(bench_case, encoder_size, implementation):
-    bench_case("text_b256" if encoder_size == "base" else "text_b64", implementation)
+    bench_case("text_b256" if encoder_size == "base" else "text_b64", implementation)  # 4-layer ViT-B: b64 too
