@@ -280,14 +280,10 @@ class Case:
 def forward_fn(case: Case, implementation: str, model: nn.Module) -> Callable[..., torch.Tensor]:
     """The call that returns pooled features :math:`(n, D)` of ``case`` for ``implementation``."""
     if case.tower == "text":
-        if implementation == "ours":
-            return model.get_text_features
-        if implementation == "transformers":
+        if implementation in ("ours", "transformers"):  # ours has transformers' output type since the redesign
             return lambda **inputs: model.get_text_features(**inputs).pooler_output
         return lambda input_ids: model.get_text_features(input_ids, normalize=False)
-    if implementation == "ours":
-        return model.get_image_features
-    if implementation == "transformers":
+    if implementation in ("ours", "transformers"):
         return lambda **inputs: model.get_image_features(**inputs).pooler_output
     return lambda pixel_values: model.get_image_features(pixel_values, normalize=False)
 

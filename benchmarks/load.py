@@ -96,7 +96,7 @@ def _measure(implementation: str, folder: Path) -> dict:
             return SigLip2.from_pretrained(folder)
 
         def features(model, pixels):
-            return model.get_image_features(pixel_values=pixels)
+            return model.get_image_features(pixel_values=pixels).pooler_output
 
     else:
         from transformers import AutoModel
