@@ -58,7 +58,7 @@ def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch
         >>> patches.shape, grid_thw.tolist()
         (torch.Size([12, 768]), [[1, 2, 3], [1, 2, 3]])
     """
-    check_shape(images, ["B", "C", "H", "W"])
+    check_shape(images, ["B", "C", "H", "W"], "images must have shape (B, C, H, W); add a batch dimension with images[None].")
     batch, channels, height, width = images.shape
     if height % patch_size or width % patch_size:
         raise ValueError(
@@ -172,9 +172,9 @@ def padded_to_packed(
         >>> patches.shape, grid_thw.tolist()
         (torch.Size([8, 12]), [[1, 2, 3], [1, 1, 2]])
     """
-    check_shape(pixel_values, ["B", "L", "P"])
-    check_shape(pixel_attention_mask, ["B", "L"])
-    check_shape(spatial_shapes, ["B", "2"])
+    check_shape(pixel_values, ["B", "L", "P"], "pixel_values must have shape (B, L, patch_size**2 * C).")
+    check_shape(pixel_attention_mask, ["B", "L"], "pixel_attention_mask must have shape (B, L).")
+    check_shape(spatial_shapes, ["B", "2"], "spatial_shapes must have shape (B, 2) (rows, columns of patches).")
     check(
         pixel_values.shape[:2] == pixel_attention_mask.shape and spatial_shapes.shape[0] == pixel_values.shape[0],
         f"pixel_values {tuple(pixel_values.shape)}, pixel_attention_mask "
@@ -392,7 +392,7 @@ class VarlenLayout:
             >>> layout.seqlens_q, layout.seqlens_k, layout.key_index.tolist()
             ((3, 3), (2, 3), [0, 1, 3, 4, 5])
         """
-        check_shape(key_padding_mask, ["B", "L"])
+        check_shape(key_padding_mask, ["B", "L"], "key_padding_mask must have shape (B, L).")
         mask = key_padding_mask.bool()
         counts = mask.sum(-1).tolist()
         check(all(count > 0 for count in counts), lambda: f"attention_mask rows must keep a token, got {counts}.")
