@@ -20,6 +20,13 @@ for the MAP head, ``torch.nn.MultiheadAttention``'s fused ``in_proj_weight`` / `
 its Hugging Face weights, which peft's ``q_proj`` / ``v_proj`` targets do not touch, as in transformers);
 self- or cross-attention; its backend fixed at construction or by
 :meth:`~kornia_siglip2.SigLip2.set_attention_backend`.
+
+Inference fast path on CPU: when no gradient is needed, :func:`fused_linear` runs the projections through
+oneDNN's ``mkldnn._linear_pointwise`` (the kernel ``torch.compile`` uses on CPU), with the activation or
+the residual add fused into the matmul, and :class:`Attention` projects q, k and v with one matmul of the
+three kernels concatenated (cached, rebuilt when a kernel changes). Training, ``torch.compile``, other
+devices, wrapped projections (peft's LoRA layers, forward hooks) and dtypes oneDNN cannot run on the CPU
+at hand take the plain ``torch.nn.functional`` path; :data:`FUSED_CPU_KERNELS` switches the fast path off.
 """
 
 from __future__ import annotations
@@ -34,7 +41,10 @@ from kornia_siglip2.packing import VarlenLayout, check_cu_seqlens
 __all__ = [
     "ATTENTION_BACKENDS",
     "BACKENDS",
+    "FUSED_CPU_KERNELS",
     "Attention",
+    "fused_linear",
+    "fused_linear_available",
     "VarlenLayout",
     "varlen_attention",
     "varlen_attention_weights",
@@ -43,6 +53,104 @@ __all__ = [
 #: Names accepted by :func:`varlen_attention` and :class:`Attention`.
 ATTENTION_BACKENDS = ("auto", "grouped", "dense", "loop", "flash", "eager")
 BACKENDS = ATTENTION_BACKENDS  # the name of releases <= 0.1
+
+#: Use oneDNN's fused linear kernels for inference on CPU (see :func:`fused_linear`); set to ``False`` to
+#: run every projection through ``torch.nn.functional.linear`` (e.g. to measure the difference).
+FUSED_CPU_KERNELS = True
+
+#: oneDNN post-ops of :func:`fused_linear`: ``activation`` -> ``(attr, algorithm)``
+_POST_OPS = {"none": ("none", ""), "gelu_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
+_ONEDNN: dict[torch.dtype, bool] = {}
+
+
+def _onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether ``mkldnn._linear_pointwise`` exists in this build and runs ``dtype`` on this CPU (cached)."""
+    if dtype not in _ONEDNN:
+        supported = False
+        try:
+            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+                if dtype == torch.float32:
+                    supported = True
+                elif dtype == torch.bfloat16:  # AVX-512 BF16 / AMX, or oneDNN's emulation where it has one
+                    supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+                elif dtype == torch.float16:
+                    supported = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        except (AttributeError, RuntimeError):
+            supported = False
+        _ONEDNN[dtype] = supported
+    return _ONEDNN[dtype]
+
+
+def fused_linear_available(*tensors: torch.Tensor) -> bool:
+    """Whether :func:`fused_linear` takes its oneDNN path for these tensors (input first, then the weights).
+
+    True on CPU, outside ``torch.compile`` (which fuses on its own), when no gradient is needed, when all
+    floating tensors share a dtype that oneDNN supports on this CPU, and :data:`FUSED_CPU_KERNELS` is set.
+
+    Example:
+        >>> x, w = torch.rand(4, 8), torch.rand(16, 8, requires_grad=True)
+        >>> fused_linear_available(x, w)  # w needs a gradient
+        False
+    """
+    if not FUSED_CPU_KERNELS or torch.compiler.is_compiling():
+        return False
+    first = tensors[0]
+    if first.device.type != "cpu" or first.ndim != 2:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if any(t.device.type != "cpu" or t.dtype != first.dtype for t in tensors):
+        return False
+    return _onednn_supports(first.dtype)
+
+
+def fused_linear(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str = "none",
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + act(hidden_states @ weight.T + bias)`` with the activation or the add inside the matmul.
+
+    On CPU without gradients (:func:`fused_linear_available`) this is one oneDNN call
+    (``torch.ops.mkldnn._linear_pointwise``, the kernel ``torch.compile`` picks for a CPU linear); elsewhere
+    the same value from ``torch.nn.functional``. The fused result differs from the unfused one by rounding
+    only: the activation / add reads the float32 accumulator instead of the rounded product.
+
+    Args:
+        hidden_states: :math:`(N, D_{in})` input.
+        weight: :math:`(D_{out}, D_{in})` kernel.
+        bias: :math:`(D_{out},)` or ``None``.
+        activation: ``"none"``, ``"gelu_tanh"`` (``F.gelu(approximate="tanh")``) or ``"gelu"``.
+        residual: :math:`(N, D_{out})` added to the result (with ``activation="none"`` only).
+
+    Returns:
+        :math:`(N, D_{out})`.
+
+    Example:
+        >>> x, w, b, r = torch.rand(4, 8), torch.rand(16, 8), torch.rand(16), torch.rand(4, 16)
+        >>> reference = r + F.linear(x, w, b)
+        >>> torch.allclose(fused_linear(x, w, b, residual=r), reference, atol=1e-5)
+        True
+        >>> torch.allclose(fused_linear(x, w, b, "gelu_tanh"), F.gelu(F.linear(x, w, b), approximate="tanh"), atol=1e-5)
+        True
+    """
+    check(activation in _POST_OPS, lambda: f"Unknown activation {activation!r}; expected one of {tuple(_POST_OPS)}.")
+    check(residual is None or activation == "none", "fused_linear adds a residual only without an activation.")
+    tensors = [hidden_states, weight] + [t for t in (bias, residual) if t is not None]
+    fits = residual is None or residual.shape == (hidden_states.shape[0], weight.shape[0])
+    if fits and fused_linear_available(*tensors) and all(t.is_contiguous() for t in tensors):
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(hidden_states, residual, weight, bias, "add")
+        attr, algorithm = _POST_OPS[activation]
+        return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, attr, [], algorithm)
+    output = F.linear(hidden_states, weight, bias)
+    if activation == "gelu_tanh":
+        output = F.gelu(output, approximate="tanh")
+    elif activation == "gelu":
+        output = F.gelu(output)
+    return output if residual is None else residual + output
 
 
 def varlen_attention(
@@ -386,6 +494,8 @@ class Attention(nn.Module):
         layout: VarlenLayout,
         key_states: torch.Tensor | None = None,
         output_attentions: bool = False,
+        *,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Attend within each sequence of ``layout``.
 
@@ -394,9 +504,12 @@ class Attention(nn.Module):
             layout: which queries attend to which keys.
             key_states: packed tokens :math:`(N_k, D_k)` for cross-attention; ``hidden_states`` by default.
             output_attentions: also return the attention weights (computed with the ``"eager"`` backend).
+            residual: :math:`(N_q, D)` tokens added to the output (a pre-LN block's skip connection; fused
+                into the output projection on the CPU fast path).
 
         Returns:
-            :math:`(N_q, D)` tokens and, on request, one :math:`(H, L_q, L_k)` weight tensor per sequence.
+            :math:`(N_q, D)` tokens (plus ``residual``) and, on request, one :math:`(H, L_q, L_k)` weight
+            tensor per sequence.
         """
         key_states = hidden_states if key_states is None else key_states
         query, key, value = self._project(hidden_states, key_states)
@@ -404,18 +517,65 @@ class Attention(nn.Module):
         query, key, value = (tensor.unflatten(-1, (self.num_heads, self.head_dim)) for tensor in (query, key, value))
         backend = "eager" if output_attentions else self.backend
         attended, weights = _attend(query, key, value, None, None, layout, None, backend, output_attentions)
-        return self.out_proj(attended.flatten(1)), weights
+        attended = attended.flatten(1)
+        if _plain_linear(self.out_proj) and fused_linear_available(attended, self.out_proj.weight):
+            return fused_linear(attended, self.out_proj.weight, self.out_proj.bias, residual=residual), weights
+        output = self.out_proj(attended)
+        return (output if residual is None else residual + output), weights
 
     def _project(
         self, hidden_states: torch.Tensor, key_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self.fused_in_proj:
+            projections = (self.q_proj, self.k_proj, self.v_proj)
+            plain = key_states is hidden_states and all(_plain_linear(p) for p in projections)
+            if plain and fused_linear_available(hidden_states, *(p.weight for p in projections)):
+                weight, bias = self._qkv_kernel()
+                if weight is not None:
+                    # one matmul for q, k and v; the three are column views of its output
+                    return fused_linear(hidden_states, weight, bias).chunk(3, -1)
             return self.q_proj(hidden_states), self.k_proj(key_states), self.v_proj(key_states)
         width = self.out_proj.in_features
-        query = F.linear(hidden_states, self.in_proj_weight[:width], self.in_proj_bias[:width])
+        if key_states is hidden_states and fused_linear_available(hidden_states, self.in_proj_weight):
+            return fused_linear(hidden_states, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
+        query = fused_linear(hidden_states, self.in_proj_weight[:width], self.in_proj_bias[:width])
         if key_states is hidden_states:
             key, value = F.linear(key_states, self.in_proj_weight[width:], self.in_proj_bias[width:]).chunk(2, -1)
         else:
-            key = F.linear(key_states, self.in_proj_weight[width : 2 * width], self.in_proj_bias[width : 2 * width])
-            value = F.linear(key_states, self.in_proj_weight[2 * width :], self.in_proj_bias[2 * width :])
+            key = fused_linear(key_states, self.in_proj_weight[width : 2 * width], self.in_proj_bias[width : 2 * width])
+            value = fused_linear(key_states, self.in_proj_weight[2 * width :], self.in_proj_bias[2 * width :])
         return query, key, value
+
+    def _qkv_kernel(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``q_proj`` / ``k_proj`` / ``v_proj`` kernels and biases concatenated, :math:`(3D, D)` and :math:`(3D,)`.
+
+        Built without gradients (only the inference path uses it) and cached until a projection's tensor is
+        replaced, moved, converted or changed in place (its ``_version``); the three Linear layers stay the
+        parameters (state dict, optimizers, peft). ``(None, None)`` when a projection has no bias or its
+        tensor keeps no version counter (an inference tensor): the three matmuls then run one by one.
+        """
+        tensors = []
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            tensors += [projection.weight, projection.bias]
+        if any(t is None or t.is_inference() for t in tensors):
+            return None, None
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        cached = self.__dict__.get("_qkv_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                weight = torch.cat(tensors[0::2])
+                bias = torch.cat(tensors[1::2])
+            cached = (key, weight, bias)
+            self.__dict__["_qkv_cache"] = cached
+        return cached[1], cached[2]
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly ``nn.Linear`` with no hooks, so that its matmul may be fused or regrouped."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and not nn.modules.module._global_forward_hooks
+        and not nn.modules.module._global_forward_pre_hooks
+    )

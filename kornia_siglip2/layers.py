@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kornia_siglip2.attention import Attention
+from kornia_siglip2.attention import Attention, _plain_linear, fused_linear, fused_linear_available
 from kornia_siglip2.config import ACTIVATIONS
 from kornia_siglip2.errors import check
 from kornia_siglip2.packing import VarlenLayout
@@ -90,6 +90,9 @@ def lecun_normal_(weight: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     """Two-layer perceptron ``fc2(act(fc1(x)))``.
 
+    On the CPU inference path (:func:`~kornia_siglip2.attention.fused_linear`) the GELU runs inside the
+    ``fc1`` matmul and a residual inside the ``fc2`` one.
+
     Args:
         width: input and output width :math:`D`.
         hidden_width: inner width.
@@ -105,10 +108,30 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(width, hidden_width)
         self.fc2 = nn.Linear(hidden_width, width)
         self.act = activation(hidden_act)
+        self._act_name = hidden_act
+        self._fused_act = _FUSED_ACTIVATIONS.get(hidden_act)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Apply the MLP to :math:`(*, D)` tokens."""
-        return self.fc2(self.act(self.fc1(hidden_states)))
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the MLP to :math:`(*, D)` tokens, plus ``residual`` (same shape) when given."""
+        fc1, fc2 = self.fc1, self.fc2
+        if (
+            hidden_states.ndim == 2
+            and _plain_linear(fc1)
+            and _plain_linear(fc2)
+            and fused_linear_available(hidden_states, fc1.weight, fc2.weight)
+        ):
+            fused_act = self._fused_act if self.act is ACTIVATIONS.get(self._act_name) else None
+            if fused_act is not None:
+                inner = fused_linear(hidden_states, fc1.weight, fc1.bias, fused_act)
+            else:
+                inner = self.act(fused_linear(hidden_states, fc1.weight, fc1.bias))
+            return fused_linear(inner, fc2.weight, fc2.bias, residual=residual)
+        output = fc2(self.act(fc1(hidden_states)))
+        return output if residual is None else residual + output
+
+
+#: activations that oneDNN fuses into a matmul, by their HF config name
+_FUSED_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
 class EncoderBlock(nn.Module):
@@ -146,9 +169,11 @@ class EncoderBlock(nn.Module):
         self, hidden_states: torch.Tensor, layout: VarlenLayout, output_attentions: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Transform packed tokens :math:`(N, D)`; returns them and, on request, the attention weights."""
-        attended, weights = self.self_attn(self.layer_norm1(hidden_states), layout, None, output_attentions)
-        hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.layer_norm2(hidden_states)), weights
+        # the skip connections go into the projections: fused into their matmuls on the CPU inference path
+        hidden_states, weights = self.self_attn(
+            self.layer_norm1(hidden_states), layout, None, output_attentions, residual=hidden_states
+        )
+        return self.mlp(self.layer_norm2(hidden_states), residual=hidden_states), weights
 
 
 class Encoder(nn.Module):
