@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import tolerance
 
-from kornia_siglip2.attention import Attention
+from kornia_siglip2.attention import Attention, fused_linear, fused_linear_available
 from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.layers import Encoder, EncoderBlock, activation, lecun_normal_
 from kornia_siglip2.packing import VarlenLayout
@@ -117,3 +117,141 @@ def test_lecun_normal_statistics():
     fan_in = 3 * 16 * 16
     assert abs(weight.std().item() - fan_in**-0.5) < 0.02 * fan_in**-0.5
     assert weight.abs().max().item() <= 2 * fan_in**-0.5 / 0.87962566103423978 + 1e-7
+
+
+def _block_reference(block: EncoderBlock, tokens: torch.Tensor, seqlens: tuple[int, ...]) -> torch.Tensor:
+    """The pre-LN block written out in float64 with plain ``torch.nn.functional`` calls, sequence by sequence."""
+    F = torch.nn.functional
+    p = {name: value.detach().double() for name, value in block.state_dict().items()}
+    x = tokens.double()
+    width, heads = x.shape[-1], block.self_attn.num_heads
+    h = F.layer_norm(x, (width,), p["layer_norm1.weight"], p["layer_norm1.bias"], block.layer_norm1.eps)
+    outputs = []
+    for part in h.split(list(seqlens)):
+        q, k, v = (
+            F.linear(part, p[f"self_attn.{n}_proj.weight"], p[f"self_attn.{n}_proj.bias"]).view(len(part), heads, -1)
+            for n in "qkv"
+        )
+        scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+        outputs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(len(part), width))
+    x = x + F.linear(torch.cat(outputs), p["self_attn.out_proj.weight"], p["self_attn.out_proj.bias"])
+    h = F.layer_norm(x, (width,), p["layer_norm2.weight"], p["layer_norm2.bias"], block.layer_norm2.eps)
+    h = F.gelu(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"]), approximate="tanh")
+    return x + F.linear(h, p["mlp.fc2.weight"], p["mlp.fc2.bias"])
+
+
+class TestInferencePath:
+    """The CPU inference path (oneDNN fused linears, one q/k/v matmul) against the block written out."""
+
+    seqlens = (5, 7, 7)
+
+    def _block(self, device, dtype):
+        torch.manual_seed(0)
+        block = EncoderBlock(16, num_heads=4, hidden_width=32).to(device, dtype)
+        with torch.no_grad():  # biases and norms off their init, so that a dropped one would show
+            for parameter in block.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        return block, torch.randn(sum(self.seqlens), 16, device=device, dtype=dtype)
+
+    @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+    def test_matches_formula(self, device, dtype, mode):
+        block, tokens = self._block(device, dtype)
+        layout = VarlenLayout.from_seqlens(list(self.seqlens), device=device)
+        context = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode)
+        with context() if context else torch.enable_grad():
+            out, _ = block(tokens, layout)
+        expected = _block_reference(block, tokens, self.seqlens).to(dtype)
+        torch.testing.assert_close(out.detach(), expected, **tolerance(dtype))
+
+    def test_fast_path_is_taken_on_cpu(self, dtype):
+        """Where oneDNN runs the dtype, the no-grad path of the test above is the fused one."""
+        from kornia_siglip2.attention import _onednn_supports
+
+        block, tokens = self._block("cpu", dtype)
+        with torch.no_grad():
+            taken = fused_linear_available(tokens, block.mlp.fc1.weight)
+        assert taken == _onednn_supports(dtype)
+        assert not fused_linear_available(tokens, block.mlp.fc1.weight)  # grad enabled, weight needs grad
+
+    def test_qkv_cache_follows_the_parameters(self, device, dtype):
+        """In-place updates, load_state_dict and dtype conversion all reach the cached q/k/v kernel."""
+        block, tokens = self._block(device, dtype)
+        layout = VarlenLayout.from_seqlens(list(self.seqlens), device=device)
+        with torch.no_grad():
+            block(tokens, layout)
+            block.self_attn.k_proj.weight.mul_(-2.0)  # an optimizer step would do this in place
+            block.self_attn.v_proj.bias.add_(1.0)
+            out, _ = block(tokens, layout)
+        torch.testing.assert_close(out, _block_reference(block, tokens, self.seqlens).to(dtype), **tolerance(dtype))
+        state = {name: value.clone() for name, value in block.state_dict().items()}
+        state["self_attn.q_proj.weight"].mul_(0.5)
+        block.load_state_dict(state)
+        with torch.no_grad():
+            out, _ = block(tokens, layout)
+        torch.testing.assert_close(out, _block_reference(block, tokens, self.seqlens).to(dtype), **tolerance(dtype))
+        block.double()
+        with torch.no_grad():
+            out, _ = block(tokens.double(), layout)
+        torch.testing.assert_close(out, _block_reference(block, tokens, self.seqlens), **tolerance(torch.float64))
+
+    def test_gradients_flow_to_the_projections(self, device, dtype):
+        """Training takes the plain path: every projection gets a gradient, none is read from the cache."""
+        block, tokens = self._block(device, dtype)
+        layout = VarlenLayout.from_seqlens(list(self.seqlens), device=device)
+        with torch.no_grad():
+            block(tokens, layout)  # fill the cache first
+        block(tokens, layout)[0].square().sum().backward()
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            grad = getattr(block.self_attn, name).weight.grad
+            assert grad is not None and bool(grad.abs().sum() > 0), name
+
+    def test_hooks_and_switch_keep_the_plain_path(self, device, dtype, monkeypatch):
+        """A forward hook on a projection still fires; FUSED_CPU_KERNELS=False gives the same tokens."""
+        import kornia_siglip2.attention as attention_module
+
+        block, tokens = self._block(device, dtype)
+        layout = VarlenLayout.from_seqlens(list(self.seqlens), device=device)
+        seen = []
+        handle = block.self_attn.q_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        with torch.no_grad():
+            hooked, _ = block(tokens, layout)
+        handle.remove()
+        assert seen == [torch.Size([sum(self.seqlens), 16])]
+        monkeypatch.setattr(attention_module, "FUSED_CPU_KERNELS", False)
+        with torch.no_grad():
+            plain, _ = block(tokens, layout)
+        monkeypatch.setattr(attention_module, "FUSED_CPU_KERNELS", True)
+        with torch.no_grad():
+            fused, _ = block(tokens, layout)
+        expected = _block_reference(block, tokens, self.seqlens).to(dtype)
+        for out in (hooked, plain, fused):
+            torch.testing.assert_close(out, expected, **tolerance(dtype))
+
+
+class TestFusedLinear:
+    @pytest.mark.parametrize("activation_name", ["none", "gelu_tanh", "gelu"])
+    def test_matches_functional(self, device, dtype, activation_name):
+        F = torch.nn.functional
+        torch.manual_seed(0)
+        x, w, b = torch.randn(6, 8, device=device, dtype=dtype), torch.randn(12, 8), torch.randn(12)
+        w, b = w.to(device, dtype), b.to(device, dtype)
+        reference = F.linear(x.double(), w.double(), b.double())
+        if activation_name == "gelu_tanh":
+            reference = F.gelu(reference, approximate="tanh")
+        elif activation_name == "gelu":
+            reference = F.gelu(reference)
+        with torch.no_grad():
+            out = fused_linear(x, w, b, activation_name)
+        torch.testing.assert_close(out, reference.to(dtype), **tolerance(dtype))
+        residual = torch.randn(6, 12, device=device, dtype=dtype)
+        if activation_name == "none":
+            with torch.no_grad():
+                out = fused_linear(x, w, b, residual=residual)
+            torch.testing.assert_close(out, (residual.double() + reference).to(dtype), **tolerance(dtype))
+
+    def test_exception(self):
+        x, w = torch.rand(2, 4), torch.rand(3, 4)
+        with pytest.raises(ValueCheckError, match="Unknown activation 'relu'"):
+            fused_linear(x, w, None, "relu")
+        with pytest.raises(ValueCheckError, match="residual only without an activation"):
+            fused_linear(x, w, None, "gelu", residual=torch.rand(2, 3))
