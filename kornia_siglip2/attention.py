@@ -25,11 +25,14 @@ Inference fast path on CPU: when no gradient is needed, :func:`fused_linear` run
 oneDNN's ``mkldnn._linear_pointwise`` (the kernel ``torch.compile`` uses on CPU), with the activation or
 the residual add fused into the matmul, and :class:`Attention` projects q, k and v with one matmul of the
 three kernels concatenated (cached, rebuilt when a kernel changes). Training, ``torch.compile``, other
-devices, wrapped projections (peft's LoRA layers, forward hooks) and dtypes oneDNN cannot run on the CPU
-at hand take the plain ``torch.nn.functional`` path; :data:`FUSED_CPU_KERNELS` switches the fast path off.
+devices, non-x86 CPUs, wrapped projections (peft's LoRA layers, forward hooks) and dtypes oneDNN cannot run
+on the CPU at hand (bfloat16 without AVX-512, float16 without AVX-512 FP16) take the plain
+``torch.nn.functional`` path; :data:`FUSED_CPU_KERNELS` switches the fast path off.
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +70,10 @@ def _onednn_supports(dtype: torch.dtype) -> bool:
     """Whether ``mkldnn._linear_pointwise`` exists in this build and runs ``dtype`` on this CPU (cached)."""
     if dtype not in _ONEDNN:
         supported = False
+        # measured on x86-64 only (oneDNN's JIT kernels: AVX2, AVX-512, AMX); elsewhere the plain path
+        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
         try:
-            if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            if x86 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
                 if dtype == torch.float32:
                     supported = True
                 elif dtype == torch.bfloat16:  # AVX-512 BF16 / AMX, or oneDNN's emulation where it has one
