@@ -534,14 +534,16 @@ class Attention(nn.Module):
         if not self.fused_in_proj:
             projections = (self.q_proj, self.k_proj, self.v_proj)
             plain = key_states is hidden_states and all(_plain_linear(p) for p in projections)
-            if plain and fused_linear_available(hidden_states, *(p.weight for p in projections)):
+            parameters = [t for p in projections for t in (p.weight, p.bias) if t is not None]
+            if plain and fused_linear_available(hidden_states, *parameters):
                 weight, bias = self._qkv_kernel()
                 if weight is not None:
                     # one matmul for q, k and v; the three are column views of its output
                     return fused_linear(hidden_states, weight, bias).chunk(3, -1)
             return self.q_proj(hidden_states), self.k_proj(key_states), self.v_proj(key_states)
         width = self.out_proj.in_features
-        if key_states is hidden_states and fused_linear_available(hidden_states, self.in_proj_weight):
+        fusable = fused_linear_available(hidden_states, self.in_proj_weight, self.in_proj_bias)
+        if key_states is hidden_states and fusable:
             return fused_linear(hidden_states, self.in_proj_weight, self.in_proj_bias).chunk(3, -1)
         query = fused_linear(hidden_states, self.in_proj_weight[:width], self.in_proj_bias[:width])
         if key_states is hidden_states:

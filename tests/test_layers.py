@@ -205,6 +205,16 @@ class TestInferencePath:
             grad = getattr(block.self_attn, name).weight.grad
             assert grad is not None and bool(grad.abs().sum() > 0), name
 
+    def test_bias_only_training(self, device, dtype):
+        """Only the attention biases train (BitFit-style): the q/k/v biases still get their gradients."""
+        block, tokens = self._block(device, dtype)
+        for name, parameter in block.named_parameters():
+            parameter.requires_grad_(name.startswith("self_attn.") and name.endswith("bias"))
+        block(tokens, VarlenLayout.from_seqlens(list(self.seqlens), device=device))[0].square().sum().backward()
+        for name in ("q_proj", "k_proj", "v_proj"):
+            grad = getattr(block.self_attn, name).bias.grad
+            assert grad is not None and bool(grad.abs().sum() > 0), name
+
     def test_hooks_and_switch_keep_the_plain_path(self, device, dtype, monkeypatch):
         """A forward hook on a projection still fires; FUSED_CPU_KERNELS=False gives the same tokens."""
         import kornia_siglip2.attention as attention_module
