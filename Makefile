@@ -15,7 +15,7 @@ LATEST_VENV ?= .venv-latest
 MIN_VENV ?= .venv-min
 TEST_CMD = HF_HUB_OFFLINE=1 $(1)/bin/python -m pytest tests kornia_siglip2 -q $(PYTEST_ARGS)
 
-.PHONY: install demo test test-all test-latest test-min lint format bench bench-full bench-quick gpu-check docs kornia-patch kornia-prs wheel \
+.PHONY: install demo test test-all test-latest test-min lint format bench bench-full bench-quick bench-targets gpu-check docs kornia-patch kornia-prs wheel \
 	lock versions clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -95,6 +95,11 @@ bench-full: install
 # under a minute on 2 quiet cores: the tiny model in every dtype, one short table, where it wrote its files
 bench-quick: install
 	$(PY) -m benchmarks.quick $(PYTEST_ARGS)
+
+# issue 17's CPU speed targets, met or not: ours / ours plain path / transformers in alternating rounds (minutes)
+TARGETS_ARGS ?= --rounds 7
+bench-targets: install
+	$(PY) -m benchmarks.targets $(TARGETS_ARGS)
 
 # on a CUDA machine: flash/cuDNN varlen parity tests + mixed-batch speed, report in benchmarks/results/gpu_check.md
 gpu-check: install
