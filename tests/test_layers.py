@@ -163,6 +163,14 @@ class TestInferencePath:
         expected = _block_reference(block, tokens, self.seqlens).to(dtype)
         torch.testing.assert_close(out.detach(), expected, **tolerance(dtype))
 
+    def test_float16(self):
+        """float16 (oneDNN runs it on CPUs with AVX-512 FP16, the plain path elsewhere) matches too."""
+        block, tokens = self._block("cpu", torch.float16)
+        with torch.no_grad():
+            out, _ = block(tokens, VarlenLayout.from_seqlens(list(self.seqlens)))
+        expected = _block_reference(block, tokens, self.seqlens).to(torch.float16)
+        torch.testing.assert_close(out, expected, **tolerance(torch.float16))
+
     def test_fast_path_is_taken_on_cpu(self, dtype):
         """Where oneDNN runs the dtype, the no-grad path of the test above is the fused one."""
         from kornia_siglip2.attention import _onednn_supports
