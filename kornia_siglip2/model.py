@@ -161,6 +161,7 @@ class SigLip2(nn.Module):
             patches=patches,
             grid_thw=grid_thw,
             patch_size=self.patch_size,
+            drop_remainder=not self.config.is_naflex,
         )
 
     def encode_images(

@@ -212,7 +212,9 @@ class VisionTransformer(nn.Module):
         - transformers' padded NaFlex input: ``pixel_values`` :math:`(B, L, p \\cdot p \\cdot C)` with
           ``spatial_shapes`` :math:`(B, 2)` (and ``pixel_attention_mask``): tokens :math:`(B, L, D)`, zeros at
           padding.
-        - images :math:`(B, C, H, W)`: tokens :math:`(B, h w, D)`.
+        - images :math:`(B, C, H, W)`: tokens :math:`(B, h w, D)`. A fixed-resolution tower drops the last
+          ``H % p`` rows and ``W % p`` columns as transformers' Conv2d patch embedding (patch 14 at 384: a
+          27 x 27 grid); a NaFlex tower requires sizes ``p`` divides.
 
         Inside, every convention is the same packed batch: no padding is computed.
 
@@ -259,7 +261,13 @@ class VisionTransformer(nn.Module):
                 packed_patches, layout = packed.patches, packed.layout
         else:
             check(mask is None, "mask (masked prediction) takes packed input: pass patches and grid_thw.")
-            packed = pack_inputs(pixel_values, pixel_attention_mask, spatial_shapes, patch_size=patch_size)
+            packed = pack_inputs(
+                pixel_values,
+                pixel_attention_mask,
+                spatial_shapes,
+                patch_size=patch_size,
+                drop_remainder=not self.config.is_naflex,
+            )
             input_layout = "images" if pixel_values.ndim == 4 else "padded"
             packed_patches, layout = packed.patches, packed.layout
         output = self._forward_packed(packed_patches, layout, output_hidden_states, output_attentions, mask, mask_token)
