@@ -111,18 +111,18 @@ def _measure(implementation: str, folder: Path) -> dict:
 
     import_s = time.perf_counter() - start
     pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    base = _status_mib("VmRSS")
+    base, base_anon = _status_mib("VmRSS"), _status_mib("RssAnon")
     _reset_hiwater()
     start = time.perf_counter()
     model = load()
     load_s = time.perf_counter() - start
-    rss_load, peak_load = _status_mib("VmRSS"), _status_mib("VmHWM")
+    rss_load, peak_load, anon_load = _status_mib("VmRSS"), _status_mib("VmHWM"), _status_mib("RssAnon")
     _reset_hiwater()
     start = time.perf_counter()
     with torch.inference_mode():
         features(model, pixels)
     forward_s = time.perf_counter() - start
-    rss_forward, peak_forward = _status_mib("VmRSS"), _status_mib("VmHWM")
+    rss_forward, peak_forward, anon_forward = _status_mib("VmRSS"), _status_mib("VmHWM"), _status_mib("RssAnon")
     weights_mib = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     return {
         "implementation": implementation,
@@ -131,8 +131,10 @@ def _measure(implementation: str, folder: Path) -> dict:
         "forward_s": forward_s,
         "weights_mib": weights_mib,
         "rss_load_mib": rss_load - base,
+        "anon_load_mib": anon_load - base_anon,
         "peak_load_mib": peak_load - base,
         "rss_forward_mib": rss_forward - base,
+        "anon_forward_mib": anon_forward - base_anon,
         "peak_forward_mib": peak_forward - base,
         "threads": torch.get_num_threads(),
     }

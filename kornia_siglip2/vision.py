@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kornia_siglip2.attention import Attention
+from kornia_siglip2.attention import ATTENTION_BACKENDS, Attention
 from kornia_siglip2.config import VisionConfig
 from kornia_siglip2.errors import check, check_type
 from kornia_siglip2.hub import conv_to_linear_patch_weight, load_vision_pretrained
@@ -168,6 +168,20 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = MAPHead(config) if config.vision_use_head else None
         self.init_weights()
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Use ``backend`` (one of :data:`~kornia_siglip2.attention.ATTENTION_BACKENDS`) in every attention.
+
+        Raises:
+            ValueCheckError: unknown backend.
+        """
+        check(
+            backend in ATTENTION_BACKENDS,
+            lambda: f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.",
+        )
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
 
     @property
     def naflex(self) -> bool:
@@ -329,8 +343,9 @@ class VisionTransformer(nn.Module):
         """Load the vision tower of a SigLIP / SigLIP 2 checkpoint, vision-only or dual-tower.
 
         Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
-        transformers' ``SiglipVisionModel``) have no ``vision_model.`` prefix; dual-tower ones do, and their
-        text weights are skipped. Keyword arguments as :meth:`kornia_siglip2.SigLip2.from_pretrained`.
+        transformers' ``SiglipVisionModel``, with or without the ``vision_model.`` key prefix) and dual-tower ones
+        (text weights skipped). Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) as
+        :meth:`kornia_siglip2.SigLip2.from_pretrained`.
 
         Raises:
             ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
