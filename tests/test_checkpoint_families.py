@@ -133,6 +133,12 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.fixture(scope="module")
+def family(request) -> Family:
+    """The family of the test; module-scoped so that pytest runs a family's tests together (one build each)."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """``built(family)`` -> (transformers model, our model loaded from its save_pretrained folder, folder)."""
     cache: dict[str, tuple] = {}
@@ -175,7 +181,7 @@ def _input_ids(vocab_size: int, batch: int = 3) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, 64), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS, indirect=True)
 def test_family_loads_and_matches_transformers(family, built):
     """Weights load (position table (image_size // patch)^2 rows) and image, text and logits equal transformers'."""
     hf, ours, _ = built(family)
@@ -208,7 +214,9 @@ def test_family_loads_and_matches_transformers(family, built):
     _close(actual_tokens, expected_tokens, naflex=family.naflex)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if not f.naflex] + ODD_SIZES, ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if not f.naflex] + ODD_SIZES, ids=lambda f: f.name, indirect=True
+)
 def test_fixed_family_end_to_end_through_preprocessors(family, built):
     """uint8 images -> transformers' SiglipImageProcessor -> its model == our preprocessor -> our model."""
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -230,6 +238,7 @@ def test_fixed_family_end_to_end_through_preprocessors(family, built):
     "family",
     [f for f in FAMILIES if not f.naflex and f.patch_size == 14] + ODD_SIZES + [FAMILIES[0]],
     ids=lambda f: f.name,
+    indirect=True,
 )
 def test_fixed_family_float64(family, built):
     """float64 models on float64 images agree to 1e-10, at sizes the patch does not divide as well."""
@@ -250,7 +259,9 @@ def test_fixed_family_float64(family, built):
         hf.float(), ours.float()
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f.patch_size == 14] + ODD_SIZES[:1], ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if f.patch_size == 14] + ODD_SIZES[:1], ids=lambda f: f.name, indirect=True
+)
 def test_patch14_through_siglip_processor(family, built, tmp_path):
     """transformers' SiglipProcessor (tokenizer + image processor) output fed unchanged to both models."""
     from transformers import AutoTokenizer, SiglipProcessor
@@ -286,7 +297,7 @@ def test_patch14_through_siglip_processor(family, built, tmp_path):
     assert actual.vision_model_output.last_hidden_state.shape[1] == grid * grid
 
 
-@pytest.mark.parametrize("family", [FAMILIES[6], ODD_SIZES[0]], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", [FAMILIES[6], ODD_SIZES[0]], ids=lambda f: f.name, indirect=True)
 def test_fixed_family_other_resolution_interpolates_as_transformers(family, built):
     """A fixed checkpoint at another (non-divisible) size: transformers' interpolate_pos_encoding=True."""
     hf, ours, _ = built(family)
@@ -298,7 +309,7 @@ def test_fixed_family_other_resolution_interpolates_as_transformers(family, buil
     _close(actual.last_hidden_state, expected.last_hidden_state)
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f.naflex], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f.naflex], ids=lambda f: f.name, indirect=True)
 def test_naflex_family_end_to_end_through_preprocessors(family, built):
     """uint8 images -> Siglip2ImageProcessor -> transformers == our NaFlex preprocessor (packed) -> ours."""
     from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
