@@ -368,11 +368,11 @@ class SigLip2(nn.Module):
         Args:
             name_or_path: hub id such as ``google/siglip2-base-patch16-naflex``, or a folder with
                 ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``).
-            kwargs: transformers 5's keywords (:func:`kornia_siglip2.hub.load_options`): ``dtype`` /
+            kwargs: transformers 5's keywords (:func:`kornia_siglip2.loading.load_options`): ``dtype`` /
                 ``torch_dtype`` (``"auto"`` by default, as transformers 5: the checkpoint's stored dtype, so a
                 bfloat16 checkpoint loads in bfloat16), ``device_map`` (one device: ``"cpu"``, ``"cuda"``,
                 ``"auto"``, an int, a ``torch.device``) or our ``device``, ``attn_implementation`` (``"sdpa"``,
-                ``"eager"``, ``"flash_attention_2"``, mapped by :data:`kornia_siglip2.hub.ATTN_IMPLEMENTATIONS`),
+                ``"eager"``, ``"flash_attention_2"``, mapped by :data:`kornia_siglip2.loading.ATTN_IMPLEMENTATIONS`),
                 the hub's ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``,
                 ``subfolder``; ``low_cpu_mem_usage`` and ``trust_remote_code`` are accepted and change nothing (the
                 weights always load straight into the parameters; no remote code is ever run);

@@ -15,7 +15,7 @@ from conftest import make_hf_siglip, make_hf_siglip2, tolerance
 
 from kornia_siglip2 import SigLip2, VisionTransformer
 from kornia_siglip2.attention import ATTENTION_BACKENDS
-from kornia_siglip2.hub import ATTN_IMPLEMENTATIONS, load_options
+from kornia_siglip2.loading import ATTN_IMPLEMENTATIONS, load_options
 
 transformers = pytest.importorskip("transformers")
 
