@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kornia_siglip2"
 LAYERS = {
     "kornia_siglip2.errors": 0,
     "kornia_siglip2.config": 1,
+    "kornia_siglip2.loading": 1,
     "kornia_siglip2.packing": 2,
     "kornia_siglip2.hub": 2,
     "kornia_siglip2.resample": 2,
