@@ -34,6 +34,8 @@ LAYERS = {
     "kornia_siglip2.losses": 8,
     "kornia_siglip2.training.data": 9,
     "kornia_siglip2.training.recipe": 9,
+    "kornia_siglip2.training.checkpoint": 9,
+    "kornia_siglip2.training.synthetic": 9,
     "kornia_siglip2._demo": 9,
     "kornia_siglip2._embed": 9,
     "kornia_siglip2.demo": 10,
