@@ -58,7 +58,9 @@ def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch
         >>> patches.shape, grid_thw.tolist()
         (torch.Size([12, 768]), [[1, 2, 3], [1, 2, 3]])
     """
-    check_shape(images, ["B", "C", "H", "W"], "images must have shape (B, C, H, W); add a batch dimension with images[None].")
+    check_shape(
+        images, ["B", "C", "H", "W"], "images must have shape (B, C, H, W); add a batch dimension with images[None]."
+    )
     batch, channels, height, width = images.shape
     if height % patch_size or width % patch_size:
         raise ValueError(

@@ -40,6 +40,7 @@ LAYERS = {
     "kornia_siglip2._embed": 9,
     "kornia_siglip2.demo": 10,
     "kornia_siglip2.cli": 10,
+    "kornia_siglip2.train": 10,
     "kornia_siglip2.__main__": 11,
     "kornia_siglip2": 11,
 }
