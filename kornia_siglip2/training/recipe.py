@@ -309,9 +309,16 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
         optimizer, lambda step: warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
     )
 
-    dataset = ImageTextDataset(
-        read_manifest(config.data), _tokenizer(config), model.patch_size, max(config.max_num_patches)
+    tokenizer = _tokenizer(config)
+    vocab_size = model.config.text_config.vocab_size
+    check(
+        tokenizer.vocab_size <= vocab_size,
+        lambda: (
+            f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} ids but the text tower embeds {vocab_size}: "
+            "pass the checkpoint's tokenizer folder as tokenizer."
+        ),
     )
+    dataset = ImageTextDataset(read_manifest(config.data), tokenizer, model.patch_size, max(config.max_num_patches))
     sampler = TokenBudgetBatchSampler(
         dataset.sizes(),
         config.token_budget,
