@@ -1,4 +1,7 @@
-"""The training recipe over gloo: DDP and FSDP2 on 2 and 3 processes equal one process on the global batch."""
+"""The training recipe over gloo: DDP and FSDP2 on 2 and 3 processes equal one process on the global batch.
+
+Also resuming from a checkpoint under DDP and FSDP2, and bf16 + activation checkpointing under FSDP2.
+"""
 
 from __future__ import annotations
 
@@ -84,8 +87,17 @@ def _worker(rank: int, world_size: int, port: int, root: str) -> None:
     try:
         results = {}
         for parallel in CASES[world_size]:
-            records = train(_config(Path(root), f"w{world_size}-{parallel}", parallel))
-            results[parallel] = [record["loss"] for record in records]
+            config = _config(Path(root), f"w{world_size}-{parallel}", parallel, save_every=2)
+            results[parallel] = [record["loss"] for record in train(config)]
+            # resume from the step-2 checkpoint (collective load, sharded under FSDP); the final export is
+            # then the resumed run's
+            if rank == 0:
+                (Path(config.out) / "checkpoints" / "latest").write_text("step-00000002\n")
+            dist.barrier()
+            results[f"{parallel}-resumed"] = [record["loss"] for record in train(config)]
+        # bf16 autocast with activation checkpointing inside the FSDP2-sharded blocks: one step runs
+        config = _config(Path(root), f"w{world_size}-bf16", "fsdp", precision="bf16", grad_checkpointing=True, steps=1)
+        results["fsdp-bf16"] = [record["loss"] for record in train(config)]
         torch.save(results, Path(root) / f"w{world_size}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -174,8 +186,16 @@ def test_distributed_equals_single_process(run_root, world_size):
         losses = [torch.load(run_root / f"w{world_size}-rank{rank}.pt")[parallel] for rank in range(world_size)]
         for rank_losses in losses:  # every rank logs the global loss
             torch.testing.assert_close(torch.tensor(rank_losses), torch.tensor(expected_losses), **CLOSE)
+        for rank in range(world_size):
+            # the resumed run redoes step 3 exactly
+            resumed = torch.load(run_root / f"w{world_size}-rank{rank}.pt")[f"{parallel}-resumed"]
+            assert resumed == losses[rank][2:]
         exported = SigLip2.from_pretrained(run_root / f"w{world_size}-{parallel}" / "final", dtype=torch.float64)
         state = exported.state_dict()
         assert state.keys() == expected_state.keys()
         for name, tensor in expected_state.items():
             torch.testing.assert_close(state[name], tensor, **CLOSE, msg=f"{parallel} {name}")
+    for rank in range(world_size):
+        # bf16 autocast: the first step's loss within bf16 rounding of the float64 one
+        (bf16_loss,) = torch.load(run_root / f"w{world_size}-rank{rank}.pt")["fsdp-bf16"]
+        assert bf16_loss == pytest.approx(expected_losses[0], rel=2e-2)
