@@ -106,7 +106,8 @@ def test_grad_checkpointing_same_gradients_fewer_saved_activations(root):
 
 
 def test_bf16_with_grad_checkpointing_and_accumulation(root):
-    records = train(RecipeConfig(**_options(root, "bf16", precision="bf16", grad_checkpointing=True, accumulation=2)))
+    options = _options(root, "bf16", precision="bf16", grad_checkpointing=True, accumulation=2, progress=True)
+    records = train(RecipeConfig(**options))
     assert [record["step"] for record in records] == [1, 2]
     assert all(math.isfinite(record["loss"]) and record["tokens"] > 0 for record in records)
     logged = [json.loads(line) for line in (root / "bf16" / "metrics.jsonl").read_text().splitlines()]
@@ -129,6 +130,13 @@ def test_fine_tune_starts_from_the_checkpoint(root):
     assert math.isfinite(records[0]["loss"])
 
 
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--token-budget" in text and "patch tokens per rank and micro-batch" in text and "{none,ddp,fsdp}" in text
+
+
 def test_cli_parses_into_the_config():
     argv = "--data m.jsonl --out o --model-config c.json --max-num-patches 64 256 --token-budget 4096"
     argv += " --learning-rate 3e-4 --grad-checkpointing --no-resume --parallel fsdp --grad-clip 0.5"
@@ -137,6 +145,7 @@ def test_cli_parses_into_the_config():
     assert config.max_num_patches == (64, 256) and config.token_budget == 4096
     assert config.learning_rate == 3e-4 and config.grad_checkpointing and not config.resume
     assert config.parallel == "fsdp" and config.grad_clip == 0.5 and config.save_every is None
+    assert RecipeConfig(**{**vars(args), "grad_clip": 0.0}).grad_clip is None  # 0 switches clipping off
 
 
 def test_exception(root):

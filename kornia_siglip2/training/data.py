@@ -176,19 +176,23 @@ class ByteTokenizer:
 
 def load_image(path: Path) -> torch.Tensor:
     """An image file as a :math:`(3, H, W)` ``uint8`` tensor (Pillow, converted to RGB)."""
-    from PIL import Image  # the text extra installs Pillow; only the workers need it
-
-    with Image.open(path) as image:
+    with _pillow().open(path) as image:
         array = np.asarray(image.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def image_size(path: Path) -> tuple[int, int]:
     """``(height, width)`` of an image file, from its header only."""
-    from PIL import Image
-
-    with Image.open(path) as image:
+    with _pillow().open(path) as image:
         return image.height, image.width
+
+
+def _pillow():
+    try:
+        from PIL import Image  # the text extra installs Pillow; only the data pipeline needs it
+    except ImportError as error:
+        raise ImportError("Reading image files needs Pillow: pip install 'kornia_siglip2[text]'.") from error
+    return Image
 
 
 class ImageTextDataset(Dataset):

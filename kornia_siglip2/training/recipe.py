@@ -25,10 +25,11 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -82,12 +83,13 @@ class RecipeConfig:
         weight_decay: AdamW weight decay.
         warmup_steps: linear warmup steps.
         min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio``.
-        grad_clip: clip the global gradient norm to this (``None``: no clipping).
+        grad_clip: clip the global gradient norm to this (``None`` or 0: no clipping).
         grad_checkpointing: recompute every encoder block in backward (``Encoder.set_grad_checkpointing``).
         ema_momentum: keep an EMA copy of the model with this momentum (``None``: none; not with FSDP).
         seed: seed of the initialisation and of the data order.
         num_workers: ``DataLoader`` workers per rank.
         log_every: steps between metric lines.
+        progress: show a ``tqdm`` progress bar on rank 0 (with the loss and tokens/s).
         save_every: steps between checkpoints (``None``: only at the end).
         resume: continue from ``out/checkpoints/latest`` if there is one.
         device: ``"auto"`` (CUDA device ``LOCAL_RANK`` if available, else CPU), or a torch device.
@@ -117,6 +119,7 @@ class RecipeConfig:
     seed: int = 0
     num_workers: int = 2
     log_every: int = 10
+    progress: bool = False
     save_every: int | None = None
     resume: bool = True
     device: str = "auto"
@@ -135,6 +138,8 @@ class RecipeConfig:
             "ema_momentum is not supported with parallel='fsdp' yet: use ddp.",
         )
         self.max_num_patches = tuple(int(value) for value in self.max_num_patches)
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            self.grad_clip = None
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -346,6 +351,11 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
 
     records = []
     batches = _batches(loader, sampler, epoch, position)
+    bar = None
+    if config.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc="train", unit="step")
     wrapped.train()
     while step < config.steps:
         start = time.perf_counter()
@@ -385,7 +395,10 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
         if rank == 0:
             with (out / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            if step % config.log_every == 0 or step == config.steps:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            elif step % config.log_every == 0 or step == config.steps:
                 print(
                     f"step {step}/{config.steps} loss {step_loss:.4f} lr {learning_rate:.2e} "
                     f"{record['tokens_per_s']:.0f} tok/s mem {record['memory_mb']:.0f} MB",
@@ -394,6 +407,8 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
         if (config.save_every and step % config.save_every == 0) or step == config.steps:
             trainer_state = {"epoch": epoch, "position": position, "scheduler": scheduler.state_dict()}
             save_checkpoint(checkpoints, step, wrapped, optimizer, trainer_state, ema)
+    if bar is not None:
+        bar.close()
     export_final(wrapped, model, out / "final", rank)
     return records
 
@@ -412,23 +427,48 @@ def export_final(wrapped: nn.Module, model: SigLip2, folder: Path, rank: int) ->
         dist.barrier()
 
 
+def _field_help() -> dict[str, str]:
+    """Each field's description, from the ``Attributes:`` section of :class:`RecipeConfig`'s docstring."""
+    descriptions: dict[str, str] = {}
+    name = None
+    for line in (RecipeConfig.__doc__ or "").split("Attributes:")[-1].splitlines():
+        match = re.match(r"^\s{8}(\w+): (.*)$", line)
+        if match:
+            name, text = match.groups()
+            descriptions[name] = text
+        elif name and line.strip():
+            descriptions[name] += " " + line.strip()
+    return {key: _plain(text) for key, text in descriptions.items()}
+
+
+def _plain(text: str) -> str:
+    """Docstring markup to plain text for ``--help`` (roles and backticks dropped, ``%`` escaped)."""
+    text = re.sub(r":(?:class|func|mod|meth|data):", "", text)
+    return text.replace("`", "").replace("~", "").replace("%", "%%")
+
+
+_CHOICES = {"parallel": PARALLEL_MODES, "precision": PRECISIONS, "distributed_loss": ("all_gather", "ring")}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kornia_siglip2.train", description=__doc__.splitlines()[0])
+    descriptions = _field_help()
     for item in fields(RecipeConfig):
         flag = "--" + item.name.replace("_", "-")
-        default = item.default if item.default is not item.default_factory else None
+        default = item.default if item.default is not MISSING else None
+        help_text = descriptions.get(item.name, "") + " (default %(default)s)"
         if item.name in ("data", "out"):
-            parser.add_argument(flag, required=True)
+            parser.add_argument(flag, required=True, help=descriptions.get(item.name))
         elif item.name == "max_num_patches":
-            parser.add_argument(flag, type=int, nargs="+", default=[256], help="NaFlex patch budgets (%(default)s)")
-        elif item.type in ("bool",):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, type=int, nargs="+", default=[256], help=help_text)
+        elif item.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif item.type in ("int", "int | None"):
-            parser.add_argument(flag, type=int, default=default, help="(default %(default)s)")
+            parser.add_argument(flag, type=int, default=default, help=help_text)
         elif item.type in ("float", "float | None"):
-            parser.add_argument(flag, type=float, default=default, help="(default %(default)s)")
+            parser.add_argument(flag, type=float, default=default, help=help_text)
         else:
-            parser.add_argument(flag, default=default, help="(default %(default)s)")
+            parser.add_argument(flag, default=default, choices=_CHOICES.get(item.name), help=help_text)
     return parser
 
 
