@@ -407,6 +407,7 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
         if (config.save_every and step % config.save_every == 0) or step == config.steps:
             trainer_state = {"epoch": epoch, "position": position, "scheduler": scheduler.state_dict()}
             save_checkpoint(checkpoints, step, wrapped, optimizer, trainer_state, ema)
+    batches.close()  # shuts the DataLoader workers down
     if bar is not None:
         bar.close()
     export_final(wrapped, model, out / "final", rank)
