@@ -35,10 +35,13 @@ LAYERS = {
     "kornia_siglip2.losses": 8,
     "kornia_siglip2.training.data": 9,
     "kornia_siglip2.training.recipe": 9,
+    "kornia_siglip2.training.checkpoint": 9,
+    "kornia_siglip2.training.synthetic": 9,
     "kornia_siglip2._demo": 9,
     "kornia_siglip2._embed": 9,
     "kornia_siglip2.demo": 10,
     "kornia_siglip2.cli": 10,
+    "kornia_siglip2.train": 10,
     "kornia_siglip2.__main__": 11,
     "kornia_siglip2": 11,
 }
