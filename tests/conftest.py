@@ -54,6 +54,13 @@ def _dtypes(option: str) -> list[str]:
     return option.split(",")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `-m dtypes` selects the tests that take the dtype fixture (what `make test-dtypes` runs in float64 / bfloat16)
+    for item in items:
+        if "dtype" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.dtypes)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "device" in metafunc.fixturenames:
         names = _devices(metafunc.config.getoption("--device"))
