@@ -126,3 +126,61 @@ class TestGrids:
         grid = torch.tensor([[1, 16, 16], [2, 3, 5]], dtype=grid_dtype)
         assert grid_thw_to_seqlens(grid).tolist() == [256, 15, 15]
         assert grid_thw_to_cu_seqlens(grid).tolist() == [0, 256, 271, 286]
+
+
+class TestPixelRange:
+    """Main took float images in [0, 255] or [-1, 1] silently (NaFlex values up to ~470; fixed path clamped)."""
+
+    @pytest.fixture(params=["fixed", "naflex"])
+    def preprocessor(self, request):
+        from kornia_siglip2.preprocess import NaFlexImagePreprocessor, SigLipImagePreprocessor
+
+        if request.param == "fixed":
+            return SigLipImagePreprocessor(image_size=16)
+        return NaFlexImagePreprocessor(patch_size=4, max_num_patches=16)
+
+    @pytest.mark.parametrize("scale", ["0-255", "minus-one-one"])
+    def test_out_of_range_is_an_error(self, preprocessor, scale):
+        images = torch.rand(2, 3, 12, 20)
+        images = images * 255 if scale == "0-255" else images * 2 - 1
+        with pytest.raises(ValueError, match=r"Float images must be in \[0, 1\].*For 0-255 data pass a uint8"):
+            preprocessor(images)
+        with pytest.raises(ValueError, match=r"Float images must be in \[0, 1\]"):
+            preprocessor([images[0], images[1, :, :8]])
+
+    def test_rounding_is_accepted(self, preprocessor):
+        images = torch.rand(2, 3, 12, 20)
+        images[0, 0, 0, 0], images[1, 0, 0, 0] = 1 + 1e-4, -1e-4
+        preprocessor(images)  # no error
+        preprocessor(images.to(torch.uint8))
+
+    def test_non_finite_is_an_error(self, preprocessor):
+        images = torch.rand(1, 3, 12, 20)
+        images[0, 1, 2, 3] = float("nan")
+        with pytest.raises(ValueError, match="NaN or inf"):
+            preprocessor(images)
+
+    def test_gradients_still_flow(self, preprocessor):
+        images = torch.rand(1, 3, 12, 20, requires_grad=True)
+        out = preprocessor(images)
+        (out.patches if hasattr(out, "patches") else out).sum().backward()
+        assert images.grad is not None
+
+
+class TestModelInputDtypes:
+    @pytest.fixture(scope="class")
+    def model(self, siglip2_checkpoint):
+        from kornia_siglip2 import SigLip2
+
+        return SigLip2.from_pretrained(siglip2_checkpoint)
+
+    def test_uint8_pixel_values(self, model):
+        with pytest.raises(TypeError, match=r"pixel_values must be a floating tensor.*run the image processor"):
+            model.get_image_features(pixel_values=torch.randint(0, 255, (1, 3, 16, 16), dtype=torch.uint8))
+
+    @pytest.mark.parametrize("patch_dtype", [torch.bool, torch.int8, torch.uint8, torch.int64])
+    def test_non_float_patches(self, model, patch_dtype):
+        """Already an error on main since the boundary redesign (vision.py); kept as a regression test."""
+        patches = torch.randint(0, 2, (16, 48)).to(patch_dtype)
+        with pytest.raises(TypeError, match=rf"patches must be a floating tensor.*got {patch_dtype}"):
+            model.get_image_features(patches=patches, grid_thw=torch.tensor([[1, 4, 4]]))
