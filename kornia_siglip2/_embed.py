@@ -53,7 +53,8 @@ def list_images(folder: Path, skip_errors: bool = False) -> Listing:
     """Every image under ``folder`` (recursive, by suffix), sorted by relative POSIX path.
 
     A folder or file that cannot be read is an error naming it, unless ``skip_errors``: it is then listed in
-    :attr:`Listing.skipped`.
+    :attr:`Listing.skipped`. Symlinked folders are followed (their images are listed under the link's path);
+    a link back to one of its own ancestors (a cycle) is not descended again.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -73,8 +74,15 @@ def list_images(folder: Path, skip_errors: bool = False) -> Listing:
     def on_error(error: OSError) -> None:
         fail(str(error.filename), error.strerror or type(error).__name__, "folder")
 
-    for directory, subfolders, names in os.walk(folder, onerror=on_error):
-        subfolders.sort()
+    for directory, subfolders, names in os.walk(folder, onerror=on_error, followlinks=True):
+        here = Path(directory).resolve()
+        # a symlinked folder is followed unless it leads back to this folder or an ancestor (an endless walk)
+        subfolders[:] = sorted(
+            sub
+            for sub in subfolders
+            if not os.path.islink(os.path.join(directory, sub))
+            or not here.is_relative_to(Path(directory, sub).resolve())
+        )
         for name in names:
             if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
