@@ -184,3 +184,85 @@ class TestModelInputDtypes:
         patches = torch.randint(0, 2, (16, 48)).to(patch_dtype)
         with pytest.raises(TypeError, match=rf"patches must be a floating tensor.*got {patch_dtype}"):
             model.get_image_features(patches=patches, grid_thw=torch.tensor([[1, 4, 4]]))
+
+
+class TestPilParity:
+    """EXIF and transparency of PIL inputs, against transformers' own functions (issue 14's parity gaps)."""
+
+    @pytest.fixture
+    def rotated_jpeg(self, tmp_path):
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        exif = image.getexif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+        image.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+        return tmp_path / "rotated.jpg"
+
+    @pytest.fixture
+    def transparent_png(self, tmp_path):
+        import numpy as np
+        from PIL import Image
+
+        rgba = np.random.default_rng(1).integers(0, 256, (20, 24, 4), dtype=np.uint8)
+        Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
+        return tmp_path / "transparent.png"
+
+    def test_exif_pil_equals_path_and_transformers_load_image(self, rotated_jpeg):
+        """Main: load_image(PIL image) ignored the EXIF orientation (paths applied it)."""
+        import numpy as np
+        from PIL import Image
+        from transformers.image_utils import load_image as hf_load_image
+
+        from kornia_siglip2.zero_shot import image_tensor, load_image
+
+        expected = torch.from_numpy(np.array(hf_load_image(str(rotated_jpeg)))).permute(2, 0, 1)
+        assert expected.shape == (3, 24, 20)
+        with Image.open(rotated_jpeg) as opened:
+            assert torch.equal(load_image(opened), expected)
+        with Image.open(rotated_jpeg) as opened:
+            assert torch.equal(image_tensor(opened), expected)
+        assert torch.equal(load_image(rotated_jpeg), expected)
+
+    def test_rgba_is_composited_on_white_as_convert_to_rgb(self, transparent_png):
+        """Paths and PIL images give the same pixels: transformers' convert_to_rgb (white background)."""
+        import numpy as np
+        from PIL import Image
+        from transformers.image_transforms import convert_to_rgb
+
+        from kornia_siglip2.zero_shot import load_image
+
+        with Image.open(transparent_png) as opened:
+            expected = torch.from_numpy(np.asarray(convert_to_rgb(opened, return_numpy=True))).permute(2, 0, 1)
+            from_pil = load_image(opened)
+        assert torch.equal(load_image(transparent_png), expected) and torch.equal(from_pil, expected)
+
+    def test_documented_difference_with_transformers_path_loader(self, transparent_png):
+        """transformers' load_image(path) drops alpha instead (documented in load_image); this test keeps it true."""
+        import numpy as np
+        from PIL import Image
+        from transformers.image_utils import load_image as hf_load_image
+
+        from kornia_siglip2.zero_shot import load_image
+
+        dropped = torch.from_numpy(np.array(hf_load_image(str(transparent_png)))).permute(2, 0, 1)
+        assert not torch.equal(load_image(transparent_png), dropped)
+        with Image.open(transparent_png) as opened:  # the documented way to get transformers' path behaviour
+            assert torch.equal(load_image(opened.convert("RGB")), dropped)
+
+    def test_rgb_with_transparency_key_is_composited(self, tmp_path):
+        import numpy as np
+        from PIL import Image
+        from transformers.image_transforms import convert_to_rgb
+
+        from kornia_siglip2.zero_shot import load_image
+
+        pixels = np.zeros((4, 5, 3), dtype=np.uint8)
+        pixels[0, 0] = (10, 20, 30)
+        Image.fromarray(pixels).save(tmp_path / "keyed.png", transparency=(0, 0, 0))
+        with Image.open(tmp_path / "keyed.png") as opened:
+            expected = torch.from_numpy(np.asarray(convert_to_rgb(opened, return_numpy=True))).permute(2, 0, 1)
+        assert int(expected[:, 1, 1].min()) == 255  # the keyed colour became white
+        assert torch.equal(load_image(tmp_path / "keyed.png"), expected)
