@@ -33,8 +33,9 @@ demo: install
 test: install
 	$(call TEST_CMD,$(VENV))
 
+# every dtype, and the property tests (tests/test_properties.py) with hypothesis' deep example budget
 test-all: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype all $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=deep HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype all $(PYTEST_ARGS)
 
 # a fresh venv with the newest release of every dependency (torch from TORCH_SPEC), then the same suite
 test-latest:
