@@ -24,6 +24,8 @@ self- or cross-attention; its backend fixed at construction or by
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,6 +161,8 @@ def _attend(
                     ),
                 )
         if backend == "dense":  # the compile path: no host read of the boundaries
+            if not torch.compiler.is_compiling():
+                _check_dense_memory(query, key)
             return _dense_isolated(query, key, value, cu_seqlens, cu_seqlens_k, None, scale), None
         layout = VarlenLayout.from_cu_seqlens(cu_seqlens, cu_seqlens_k)
     if not torch.compiler.is_compiling():
@@ -180,6 +184,8 @@ def _attend(
     if backend == "eager":
         return _eager_attention(query, key, value, layout, scale, weights)
     if backend == "dense":
+        if not torch.compiler.is_compiling():
+            _check_dense_memory(query, key)
         return _dense_isolated(query, key, value, layout.cu_seqlens_q, layout.cu_seqlens_k, layout, scale), None
     if backend == "loop":
         return _loop_attention(query, key, value, layout, scale), None
@@ -256,6 +262,32 @@ def _eager_attention(
         outputs.append(torch.einsum("hqk,khd->qhd", probabilities, v))
         all_weights.append(probabilities)
     return torch.cat(outputs), (tuple(all_weights) if weights else None)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (CUDA: the driver's count; CPU: available physical pages), ``None`` if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError, RuntimeError):
+        return None
+    return None
+
+
+def _check_dense_memory(query: torch.Tensor, key: torch.Tensor) -> None:
+    """Fail fast when the dense backend's :math:`H \times N_q \times N_k` scores cannot fit in free memory."""
+    needed = query.shape[1] * query.shape[0] * key.shape[0] * (query.element_size() + 1)  # scores + bool mask
+    free = _free_memory(query.device)
+    check(
+        free is None or needed <= free,
+        lambda: (
+            f"backend='dense' needs about {needed / 2**30:.1f} GiB for the {query.shape[1]} x {query.shape[0]} x "
+            f"{key.shape[0]} attention scores of this batch, more than the {free / 2**30:.1f} GiB free on "
+            f"{query.device}: use backend='grouped' (memory linear in the tokens) or split the batch."
+        ),
+    )
 
 
 def _dense_isolated(

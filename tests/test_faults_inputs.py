@@ -48,6 +48,13 @@ class TestBoundaries:
             varlen_attention(q, k, v, torch.tensor([0, 4, 10]), backend="flash")
 
 
+def test_dense_backend_too_large_for_memory_fails_fast():
+    """Main: the dense backend tried to allocate the 2 x 200000 x 200000 scores (then an out-of-memory error)."""
+    query = torch.zeros(200_000, 2, 8)
+    with pytest.raises(ValueError, match=r"backend='dense' needs about .* GiB .*use backend='grouped'"):
+        varlen_attention(query, query, query, torch.tensor([0, 100_000, 200_000]), backend="dense")
+
+
 class TestNonFiniteIsolation:
     """Main: with backend='dense' one NaN image made every other image of the batch NaN."""
 
