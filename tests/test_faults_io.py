@@ -5,6 +5,7 @@ messages of point 10); each says what main did.
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -221,6 +222,21 @@ class TestIndexLoading:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
         with pytest.raises(ValueError, match="outside the checkpoint folder"):
             SigLip2.from_pretrained(folder)
+
+    def test_symlinked_shards_load(self, hf_siglip2, tmp_path):
+        """The Hugging Face cache keeps every file as a symlink into ../../blobs: those must load."""
+        source = _sharded(hf_siglip2, tmp_path / "source")
+        blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "0123"
+        blobs.mkdir()
+        snapshot.mkdir(parents=True)
+        for file in source.iterdir():
+            shutil.move(file, blobs / file.name)
+            os.symlink(Path("..", "..", "blobs", file.name), snapshot / file.name)
+        reference = SigLip2.from_pretrained(_sharded(hf_siglip2, tmp_path / "plain"))
+        for (key, a), (_, b) in zip(
+            SigLip2.from_pretrained(snapshot).state_dict().items(), reference.state_dict().items(), strict=True
+        ):
+            assert torch.equal(a, b), key
 
     def test_missing_shard(self, hf_siglip2, tmp_path):
         folder = _sharded(hf_siglip2, tmp_path / "ckpt")
