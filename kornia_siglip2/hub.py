@@ -481,8 +481,8 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, *, max_shard_siz
     unchanged and loadable). Files of ``folder`` that a save does not own (tokenizer, processor config, README,
     subfolders) are kept; the old ``config.json``, ``model.safetensors``, index and shards are replaced, so no
     stale shard or index survives. Where ``folder`` cannot be renamed (it holds the current directory, is a
-    symlink or a mount point) the new files are moved in one by one, weights first and ``config.json``
-    last, and the stale ones removed.
+    symlink or a mount point, or its parent is read-only: then the temporary folder is inside it) the new
+    files are moved in one by one, weights first and ``config.json`` last, and the stale ones removed.
 
     Args:
         model: a :class:`~kornia_siglip2.SigLip2` (anything with a ``config`` :class:`SigLip2Config`).
@@ -503,8 +503,15 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, *, max_shard_siz
     if folder.is_dir():
         blocked = [entry.name for entry in folder.iterdir() if _OWNED.match(entry.name) and entry.is_dir()]
         check(not blocked, lambda: f"Cannot save into {folder}: {blocked} are folders in the way; move them away.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+        inside = False
+    except OSError as error:  # a read-only parent (a mounted volume): stage inside the existing target
+        if not folder.is_dir():
+            raise OSError(f"Cannot save into {folder}: {error}") from error
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
+        inside = True
     try:
         # mkdtemp makes a private (0o700) folder: give it the target's mode, or the umask's default
         umask = os.umask(0)
@@ -515,7 +522,9 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, *, max_shard_siz
             os.replace(staging, folder)
             return
         cwd = Path.cwd().resolve()
-        swappable = not folder.is_symlink() and not os.path.ismount(folder) and not cwd.is_relative_to(folder.resolve())
+        swappable = not (
+            inside or folder.is_symlink() or os.path.ismount(folder) or cwd.is_relative_to(folder.resolve())
+        )
         if swappable:
             for entry in folder.iterdir():  # keep what a save does not own (tokenizer files, subfolders)
                 if not _OWNED.match(entry.name):

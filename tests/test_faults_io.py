@@ -127,6 +127,30 @@ class TestAtomicSave:
         ]
         assert SigLip2.from_pretrained(folder).logit_bias.item() == 3.0
 
+    def test_read_only_parent_stages_inside(self, siglip2_checkpoint, tmp_path, monkeypatch):
+        """A target whose parent cannot take the temporary folder (a mounted volume) is still saved whole."""
+        import tempfile
+
+        folder = _sharded(
+            pytest.importorskip("transformers").AutoModel.from_pretrained(siglip2_checkpoint), tmp_path / "c"
+        )
+        real_mkdtemp = tempfile.mkdtemp
+
+        def mkdtemp(prefix=None, dir=None, **kwargs):
+            if Path(dir) == tmp_path:
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real_mkdtemp(prefix=prefix, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+        model = SigLip2.from_pretrained(folder)
+        with torch.no_grad():
+            model.logit_bias.fill_(4.0)
+        model.save_pretrained(folder)
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        assert SigLip2.from_pretrained(folder).logit_bias.item() == 4.0
+        with pytest.raises(OSError, match=r"Cannot save into .*new.*Permission denied"):
+            model.save_pretrained(tmp_path / "new")
+
     def test_empty_path_is_an_error(self, siglip2_checkpoint):
         """Main: '' saved into / loaded from the current directory."""
         model = SigLip2.from_pretrained(siglip2_checkpoint)
