@@ -291,6 +291,11 @@ class SigLip2ImagePreprocessor(nn.Module):
             >>> SigLip2ImagePreprocessor.from_pretrained(folder)
             SigLipImagePreprocessor(image_size=(384, 384), resample='bicubic', antialias=True)
         """
+        check(
+            str(name_or_path).strip() != "",
+            "name_or_path is empty: pass a checkpoint folder (use '.' for the current directory), a JSON file "
+            "or a hub id.",
+        )
         path = Path(name_or_path)
         if path.is_dir():
             config_file = path / PREPROCESSOR_CONFIG_NAME

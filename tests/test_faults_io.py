@@ -160,6 +160,12 @@ class TestAtomicSave:
             SigLip2.from_pretrained("")
         with pytest.raises(ValueError, match="name_or_path is empty"):
             VisionTransformer.from_pretrained("")
+        from kornia_siglip2.preprocess import SigLip2ImagePreprocessor
+        from kornia_siglip2.tokenizer import SigLipTokenizer
+
+        for loader in (SigLip2ImagePreprocessor.from_pretrained, SigLipTokenizer.from_pretrained):
+            with pytest.raises(ValueError, match="name_or_path is empty"):
+                loader("")
 
     def test_folder_mode_follows_umask(self, siglip2_checkpoint, tmp_path):
         SigLip2.from_pretrained(siglip2_checkpoint).save_pretrained(tmp_path / "new")
