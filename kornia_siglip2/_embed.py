@@ -301,6 +301,23 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def _atomic_write_all(writes: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """:func:`_atomic_write` for several files: every one is written in full before any replaces its target."""
+    temporaries: list[Path] = []
+    try:
+        for path, write in writes:
+            handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(handle)
+            temporaries.append(Path(name))
+            write(temporaries[-1])
+        for (path, _), temporary in zip(writes, temporaries, strict=True):
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+        raise
+
+
 def _save_chunk(path: Path, embeddings: torch.Tensor, rows: list[int], skipped: list[dict[str, str]]) -> None:
     from safetensors.torch import save_file
 
@@ -517,5 +534,8 @@ def write_output(out: Path, embeddings: torch.Tensor, metadata: dict[str, Any]) 
 
     side = {**metadata, "shape": list(embeddings.shape), "array": out.name}
     text = json.dumps(side, indent=1)
-    _atomic_write(sidecar_path(out), lambda temporary: temporary.write_text(text, encoding="utf-8"))
-    _atomic_write(out, save_npy)
+    # both files are written in full before either replaces its predecessor: a failure while writing the array
+    # (disk full, a kill) must not leave a new sidecar describing the old array
+    _atomic_write_all(
+        [(out, save_npy), (sidecar_path(out), lambda temporary: temporary.write_text(text, encoding="utf-8"))]
+    )
