@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from kornia_siglip2.config import MODEL_TYPES, VISION_MODEL_TYPES, SigLip2Config
 from kornia_siglip2.errors import check, check_type
+from kornia_siglip2.loading import LoadOptions, load_options, stored_dtype
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
@@ -58,6 +59,8 @@ def resolve_checkpoint(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
 ) -> Path:
     """Return a local folder holding the checkpoint's ``config.json`` and safetensors files.
 
@@ -91,6 +94,8 @@ def resolve_checkpoint(
             revision=revision,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             local_files_only=local_files_only,
+            token=token,
+            force_download=force_download,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
         )
     except HFValidationError as error:
@@ -335,55 +340,68 @@ def _load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
-def load_pretrained(
-    model_class: type[_Module],
-    name_or_path: str | Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    check_finite: bool = True,
-) -> _Module:
-    """Build ``model_class(config)`` from a dual-tower checkpoint; see :meth:`SigLip2.from_pretrained`."""
-    folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    config = SigLip2Config.from_hf_dict(_read_config(folder))
-    state_dict = from_hf_state_dict(read_safetensors(folder, check_finite=check_finite))
-    with torch.device("meta"):
-        model = model_class(config)
-    _load_into(model, state_dict, str(name_or_path))
-    # transformers' default: float32 unless a dtype is asked for
-    model = model.to(device=device, dtype=dtype or torch.float32)
+def _checkpoint_folder(name_or_path: str | Path, options: LoadOptions) -> Path:
+    folder = resolve_checkpoint(name_or_path, **options.hub)
+    if options.subfolder:
+        folder = folder / options.subfolder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No subfolder {options.subfolder!r} in {name_or_path}.")
+    return folder
+
+
+def _finish(model: _Module, options: LoadOptions, hf_config: dict[str, Any], tensors: dict) -> _Module:
+    """Cast to the resolved dtype, move to the device, set the attention backend; eval mode."""
+    dtype = stored_dtype(hf_config, tensors) if options.dtype == "auto" else options.dtype
+    model = model.to(device=options.device, dtype=dtype)
+    if options.attention_backend is not None:
+        model.set_attention_backend(options.attention_backend)
     return model.eval()
 
 
-def load_vision_pretrained(
-    tower_class: type[_Module],
-    name_or_path: str | Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    check_finite: bool = True,
-) -> _Module:
+def load_pretrained(model_class: type[_Module], name_or_path: str | Path, **kwargs: Any) -> _Module:
+    """Build ``model_class(config)`` from a dual-tower checkpoint; see :meth:`SigLip2.from_pretrained`.
+
+    Keyword arguments are transformers' (:func:`kornia_siglip2.loading.load_options`): ``dtype`` /
+    ``torch_dtype`` (``"auto"`` by default: the stored dtype), ``device_map`` / ``device``,
+    ``attn_implementation``, the hub's ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+    ``force_download``, ``subfolder``; and ``check_finite`` (``True``: NaN / inf weights are an error, see
+    :func:`read_safetensors`).
+    """
+    check_finite = kwargs.pop("check_finite", True)
+    options = load_options(**kwargs)
+    folder = _checkpoint_folder(name_or_path, options)
+    hf_config = _read_config(folder)
+    config = SigLip2Config.from_hf_dict(hf_config)
+    tensors = read_safetensors(folder, check_finite=check_finite)
+    with torch.device("meta"):
+        model = model_class(config)
+    _load_into(model, from_hf_state_dict(tensors), str(name_or_path))
+    return _finish(model, options, hf_config, tensors)
+
+
+def load_vision_pretrained(tower_class: type[_Module], name_or_path: str | Path, **kwargs: Any) -> _Module:
     """Build ``tower_class(vision_config)`` from a vision-only or dual-tower checkpoint.
 
-    Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
-    transformers' ``SiglipVisionModel``) have no ``vision_model.`` prefix; dual-tower ones do, and their
-    text weights are skipped.
+    Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``) come with the
+    ``vision_model.`` prefix (``SiglipVisionModel.save_pretrained``) or without it (the inner tower's
+    ``save_pretrained``); dual-tower ones have it, and their text weights are skipped. Keyword arguments as
+    :func:`load_pretrained`.
 
     Raises:
         ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
+        TypeError: an unknown keyword argument.
     """
-    folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    check_finite = kwargs.pop("check_finite", True)
+    options = load_options(**kwargs)
+    folder = _checkpoint_folder(name_or_path, options)
     hf_config = _read_config(folder)
     model_type = hf_config.get("model_type")
     tensors = read_safetensors(folder, check_finite=check_finite)
     if model_type in VISION_MODEL_TYPES:
         family, vision_dict = VISION_MODEL_TYPES[model_type], hf_config
+        # SiglipVisionModel.save_pretrained writes `vision_model.*` keys; its inner tower's save has no prefix
+        if all(key.startswith("vision_model.") for key in tensors):
+            tensors = {key[len("vision_model.") :]: value for key, value in tensors.items()}
     else:
         family, vision_dict = model_type, hf_config.get("vision_config") or {}
         tensors = {
@@ -400,7 +418,7 @@ def load_vision_pretrained(
     with torch.device("meta"):
         tower = tower_class(config.vision_config)
     _load_into(tower, from_hf_state_dict(tensors), str(name_or_path))
-    return tower.to(device=device, dtype=dtype or torch.float32).eval()
+    return _finish(tower, options, hf_config, tensors)
 
 
 def _read_config(folder: Path) -> dict:

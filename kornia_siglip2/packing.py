@@ -38,34 +38,50 @@ __all__ = [
 ]
 
 
-def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def patchify(images: torch.Tensor, patch_size: int, drop_remainder: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a batch of images into one packed sequence of flattened patches.
 
     Args:
-        images: images :math:`(B, C, H, W)` with ``H`` and ``W`` divisible by ``patch_size``.
+        images: images :math:`(B, C, H, W)`.
         patch_size: patch side :math:`p` in pixels.
+        drop_remainder: drop the last ``H % p`` rows and ``W % p`` columns, as the Conv2d patch embedding
+            (kernel = stride = ``p``, no padding) of fixed-resolution checkpoints does (e.g.
+            ``google/siglip-so400m-patch14-384``: 384 = 27 * 14 + 6, a 27 x 27 grid). ``False`` (the default,
+            and NaFlex's rule) requires ``H`` and ``W`` divisible by ``p``.
 
     Returns:
         - patches :math:`(B \\cdot h \\cdot w, p \\cdot p \\cdot C)`, image after image, patches row-major,
           each patch in ``(py, px, c)`` order.
-        - grid_thw :math:`(B, 3)` int64 rows ``(1, h, w)`` with ``h = H / p``, ``w = W / p``.
+        - grid_thw :math:`(B, 3)` int64 rows ``(1, h, w)`` with ``h = H // p``, ``w = W // p``.
 
     Raises:
-        ValueError: the image size is not divisible by ``patch_size``.
+        ValueError: the image size is not divisible by ``patch_size`` (and ``drop_remainder`` is False), or an
+            image is smaller than one patch.
 
     Example:
         >>> patches, grid_thw = patchify(torch.rand(2, 3, 32, 48), patch_size=16)
         >>> patches.shape, grid_thw.tolist()
         (torch.Size([12, 768]), [[1, 2, 3], [1, 2, 3]])
+        >>> patchify(torch.rand(1, 3, 384, 384), patch_size=14, drop_remainder=True)[1].tolist()
+        [[1, 27, 27]]
     """
-    check_shape(images, ["B", "C", "H", "W"], "images must have shape (B, C, H, W); add a batch dimension with images[None].")
+    check_shape(
+        images, ["B", "C", "H", "W"], "images must have shape (B, C, H, W); add a batch dimension with images[None]."
+    )
     batch, channels, height, width = images.shape
-    if height % patch_size or width % patch_size:
+    if (height % patch_size or width % patch_size) and not drop_remainder:
         raise ValueError(
             f"Image size {height}x{width} is not divisible by patch_size {patch_size}: "
-            "resize or crop the images first (the preprocessors do this)."
+            "resize or crop the images first (the preprocessors do this), or pass drop_remainder=True "
+            "(fixed-resolution towers: the Conv2d patch embedding drops the remainder)."
         )
     grid_h, grid_w = height // patch_size, width // patch_size
+    check(
+        grid_h > 0 and grid_w > 0,
+        lambda: f"Image size {height}x{width} is smaller than one patch of {patch_size}x{patch_size} pixels.",
+    )
+    if (grid_h * patch_size, grid_w * patch_size) != (height, width):
+        images = images[..., : grid_h * patch_size, : grid_w * patch_size]
     # [B, C, h, p, w, p] -> [B, h, w, p, p, C]
     patches = images.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
     patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch * grid_h * grid_w, -1)
@@ -530,9 +546,9 @@ class PackedImages:
         return PackedImages(patches, self.grid_thw.to(patches.device))
 
     @classmethod
-    def from_images(cls, images: torch.Tensor, patch_size: int) -> PackedImages:
+    def from_images(cls, images: torch.Tensor, patch_size: int, drop_remainder: bool = False) -> PackedImages:
         """Pack a :math:`(B, C, H, W)` batch of equal-size images (see :func:`patchify`)."""
-        return cls(*patchify(images, patch_size))
+        return cls(*patchify(images, patch_size, drop_remainder))
 
     @classmethod
     def from_padded(
@@ -595,6 +611,7 @@ def pack_inputs(
     patches: torch.Tensor | None = None,
     grid_thw: torch.Tensor | None = None,
     patch_size: int,
+    drop_remainder: bool = False,
 ) -> PackedImages:
     """Bring any image input convention to one :class:`PackedImages`: the one place that rule is checked.
 
@@ -613,6 +630,9 @@ def pack_inputs(
         patches: packed patches.
         grid_thw: grid of each packed image.
         patch_size: patch side :math:`p`, to cut 4-D images.
+        drop_remainder: 4-D images whose sides ``p`` does not divide lose their last ``H % p`` rows and
+            ``W % p`` columns (the Conv2d patch embedding of fixed-resolution checkpoints); ``False`` (NaFlex)
+            rejects them. See :func:`patchify`.
 
     Returns:
         the packed batch.
@@ -649,7 +669,7 @@ def pack_inputs(
         ),
     )
     if pixel_values.ndim == 4:
-        return PackedImages.from_images(pixel_values, patch_size)
+        return PackedImages.from_images(pixel_values, patch_size, drop_remainder)
     check(
         pixel_values.ndim == 3,
         lambda: (

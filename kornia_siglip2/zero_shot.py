@@ -183,7 +183,8 @@ class ZeroShotClassifier(nn.Module):
         folder = resolve_checkpoint(
             name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
-        model = SigLip2.from_pretrained(folder, device=device, dtype=dtype)
+        # float32 unless asked (our API; SigLip2.from_pretrained's own default is transformers' 'auto')
+        model = SigLip2.from_pretrained(folder, device=device, dtype=torch.float32 if dtype is None else dtype)
         preprocessor = _load_preprocessor(folder, model, preprocessor_overrides)
         if device is not None:
             preprocessor = preprocessor.to(device)
