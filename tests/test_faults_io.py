@@ -90,6 +90,23 @@ class TestAtomicSave:
         monkeypatch.undo()
         assert SigLip2.from_pretrained(folder).config.model_type == "siglip"
 
+    def test_failed_single_file_write_keeps_previous_config(
+        self, siglip_checkpoint, siglip2_checkpoint, tmp_path, monkeypatch
+    ):
+        """Main: config.json was rewritten first, so a failed weight write left a NaFlex config on v1 weights."""
+        import kornia_siglip2.hub as hub
+
+        folder = _copy(siglip_checkpoint, tmp_path)
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+        def failing_save_file(tensors, filename, metadata=None):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(hub, "save_file", failing_save_file)
+        with pytest.raises(OSError, match="No space left"):
+            SigLip2.from_pretrained(siglip2_checkpoint).save_pretrained(folder)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
     def test_failure_in_config_write_leaves_previous_checkpoint(self, siglip_checkpoint, tmp_path, monkeypatch):
         folder = _copy(siglip_checkpoint, tmp_path)
         before = {p.name: p.read_bytes() for p in folder.iterdir()}
