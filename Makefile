@@ -33,10 +33,12 @@ demo: install
 test: install
 	$(call TEST_CMD,$(VENV))
 
+# every dtype, and the property tests (tests/test_properties.py) with hypothesis' deep example budget
 test-all: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype all $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=deep HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype all $(PYTEST_ARGS)
 
-# the tests that take a dtype, in the two dtypes `make test` does not run (CI: `make test` + this = `make test-all`)
+# the tests that take a dtype, in the two dtypes `make test` does not run (CI runs `make test` and this; `make test-all`
+# runs everything in every dtype, with the deep hypothesis profile)
 test-dtypes: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype float64,bfloat16 -m dtypes $(PYTEST_ARGS)
 

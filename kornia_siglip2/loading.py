@@ -107,7 +107,7 @@ def load_options(
         raise TypeError(
             f"from_pretrained() got unexpected keyword argument(s) {sorted(unknown)}; accepted: device, dtype, "
             "torch_dtype, device_map, attn_implementation, revision, cache_dir, local_files_only, token, "
-            "force_download, subfolder, low_cpu_mem_usage, trust_remote_code, use_safetensors."
+            "force_download, subfolder, low_cpu_mem_usage, trust_remote_code, use_safetensors, check_finite."
         )
     check(
         use_safetensors is not False,

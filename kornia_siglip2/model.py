@@ -412,9 +412,18 @@ class SigLip2(nn.Module):
         model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
         return model.to(device=reference.device).train(hf_model.training)
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in the Hugging Face layout (transformers loads it)."""
-        save_pretrained(self, folder)
+    def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in the Hugging Face layout (transformers loads it).
+
+        Atomic (a temporary folder beside ``folder`` replaces it as a whole; stale shards and indexes are
+        removed) and optionally sharded; see :func:`kornia_siglip2.hub.save_pretrained`.
+
+        Args:
+            folder: target folder (created if needed).
+            max_shard_size: shard size (bytes or ``"5GB"``-style string) for ``model-0000i-of-0000n.safetensors``
+                shards with a ``model.safetensors.index.json``; ``None`` (default) writes one file.
+        """
+        save_pretrained(self, folder, max_shard_size=max_shard_size)
 
 
 def _pairwise_sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:

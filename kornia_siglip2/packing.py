@@ -20,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from kornia_siglip2.errors import check, check_shape, check_type
+from kornia_siglip2.errors import ValueCheckError, check, check_shape, check_type
 
 __all__ = [
     "ImageLayout",
@@ -145,6 +145,7 @@ def grid_thw_to_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
         [6, 4, 4]
     """
     check_grid_thw(grid_thw)
+    grid_thw = grid_thw.long()  # int8 / uint8 / int16 grids: h * w overflows in their own dtype
     return torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
 
 
@@ -162,7 +163,16 @@ def grid_thw_to_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
         [0, 6, 10, 14]
     """
     lengths = grid_thw_to_seqlens(grid_thw)
-    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    boundaries = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    if not torch.compiler.is_compiling():
+        check(
+            boundaries.numel() == 0 or int(boundaries[-1]) < 2**31,
+            lambda: (
+                f"grid_thw describes {int(boundaries[-1])} patches, more than int32 cu_seqlens can index "
+                "(2**31 - 1); split the batch."
+            ),
+        )
+    return boundaries.to(torch.int32)
 
 
 def padded_to_packed(
@@ -345,6 +355,15 @@ class VarlenLayout:
             all(length > 0 for length in seqlens_q + seqlens_k),
             lambda: f"Sequence lengths must be positive, got q={seqlens_q}, k={seqlens_k}.",
         )
+        for name, lengths in (("query", seqlens_q), ("key", seqlens_k)):
+            total = sum(lengths)
+            check(
+                total < 2**31,
+                lambda total=total, name=name: (
+                    f"The batch has {total} {name} tokens, more than int32 cu_seqlens can index (2**31 - 1); "
+                    "split it into smaller batches (or fewer / smaller images)."
+                ),
+            )
         members: dict[tuple[int, int, bool], list[int]] = {}
         for index, key in enumerate(zip(seqlens_q, seqlens_k, flags, strict=True)):
             members.setdefault(key, []).append(index)
@@ -443,12 +462,25 @@ class ImageLayout:
         """Read ``grid_thw`` :math:`(n, 3)` once and derive both attention layouts.
 
         Raises:
-            ValueCheckError: ``grid_thw`` is not an :math:`(n, 3)` grid of positive integers.
+            ValueCheckError: ``grid_thw`` is not an :math:`(n, 3)` grid of positive integers (a list of floats
+                such as ``[[1, 2.7, 3]]`` included), describes no image, or more tokens than int32
+                ``cu_seqlens`` can index.
         """
-        if isinstance(grid_thw, torch.Tensor):
-            check_grid_thw(grid_thw)
+        if not isinstance(grid_thw, torch.Tensor):  # a list: the same checks as a tensor (no silent int())
+            try:
+                grid_thw = torch.tensor(grid_thw)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise ValueCheckError(
+                    f"grid_thw must be an (n, 3) grid of integers (t, h, w), got {grid_thw!r} ({error})."
+                ) from error
+        else:
             device = grid_thw.device if device is None else device
-            grid_thw = grid_thw.tolist()
+        check_grid_thw(grid_thw)
+        check(
+            grid_thw.shape[0] > 0,
+            "grid_thw describes no image (shape (0, 3)); pass at least one image.",
+        )
+        grid_thw = grid_thw.tolist()
         grids = tuple((int(t), int(h), int(w)) for t, h, w in grid_thw)
         seqlens = [h * w for t, h, w in grids for _ in range(t)]
         return cls(
