@@ -15,7 +15,8 @@ LATEST_VENV ?= .venv-latest
 MIN_VENV ?= .venv-min
 TEST_CMD = HF_HUB_OFFLINE=1 $(1)/bin/python -m pytest tests kornia_siglip2 -q $(PYTEST_ARGS)
 
-.PHONY: install demo test test-all test-latest test-min lint format bench bench-full bench-quick bench-targets gpu-check docs kornia-patch kornia-prs wheel \
+.PHONY: install demo test test-all test-dtypes test-latest test-min lint format bench bench-full bench-quick bench-targets gpu-check docs \
+	kornia-patch kornia-prs wheel \
 	lock versions clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -33,8 +34,14 @@ demo: install
 test: install
 	$(call TEST_CMD,$(VENV))
 
+# every dtype, and the property tests (tests/test_properties.py) with hypothesis' deep example budget
 test-all: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype all $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=deep HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype all $(PYTEST_ARGS)
+
+# the tests that take a dtype, in the two dtypes `make test` does not run (CI runs `make test` and this; `make test-all`
+# runs everything in every dtype, with the deep hypothesis profile)
+test-dtypes: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests kornia_siglip2 -q --dtype float64,bfloat16 -m dtypes $(PYTEST_ARGS)
 
 # a fresh venv with the newest release of every dependency (torch from TORCH_SPEC), then the same suite
 test-latest:

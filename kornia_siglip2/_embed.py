@@ -53,7 +53,8 @@ def list_images(folder: Path, skip_errors: bool = False) -> Listing:
     """Every image under ``folder`` (recursive, by suffix), sorted by relative POSIX path.
 
     A folder or file that cannot be read is an error naming it, unless ``skip_errors``: it is then listed in
-    :attr:`Listing.skipped`.
+    :attr:`Listing.skipped`. Symlinked folders are followed (their images are listed under the link's path);
+    a link back to one of its own ancestors (a cycle) is not descended again.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -73,8 +74,15 @@ def list_images(folder: Path, skip_errors: bool = False) -> Listing:
     def on_error(error: OSError) -> None:
         fail(str(error.filename), error.strerror or type(error).__name__, "folder")
 
-    for directory, subfolders, names in os.walk(folder, onerror=on_error):
-        subfolders.sort()
+    for directory, subfolders, names in os.walk(folder, onerror=on_error, followlinks=True):
+        here = Path(directory).resolve()
+        # a symlinked folder is followed unless it leads back to this folder or an ancestor (an endless walk)
+        subfolders[:] = sorted(
+            sub
+            for sub in subfolders
+            if not os.path.islink(os.path.join(directory, sub))
+            or not here.is_relative_to(Path(directory, sub).resolve())
+        )
         for name in names:
             if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
@@ -290,6 +298,23 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_all(writes: list[tuple[Path, Callable[[Path], None]]]) -> None:
+    """:func:`_atomic_write` for several files: every one is written in full before any replaces its target."""
+    temporaries: list[Path] = []
+    try:
+        for path, write in writes:
+            handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(handle)
+            temporaries.append(Path(name))
+            write(temporaries[-1])
+        for (path, _), temporary in zip(writes, temporaries, strict=True):
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
         raise
 
 
@@ -509,5 +534,8 @@ def write_output(out: Path, embeddings: torch.Tensor, metadata: dict[str, Any]) 
 
     side = {**metadata, "shape": list(embeddings.shape), "array": out.name}
     text = json.dumps(side, indent=1)
-    _atomic_write(sidecar_path(out), lambda temporary: temporary.write_text(text, encoding="utf-8"))
-    _atomic_write(out, save_npy)
+    # both files are written in full before either replaces its predecessor: a failure while writing the array
+    # (disk full, a kill) must not leave a new sidecar describing the old array
+    _atomic_write_all(
+        [(out, save_npy), (sidecar_path(out), lambda temporary: temporary.write_text(text, encoding="utf-8"))]
+    )

@@ -32,6 +32,7 @@ on the CPU at hand (bfloat16 without AVX-512, float16 without AVX-512 FP16) take
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -264,8 +265,17 @@ def _attend(
             check_cu_seqlens(cu_seqlens, "cu_seqlens", query.shape[0])
             if cu_seqlens_k is not None:
                 check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", key.shape[0])
+                check(
+                    cu_seqlens_k.shape == cu_seqlens.shape,
+                    lambda: (
+                        f"cu_seqlens_k has {cu_seqlens_k.shape[0] - 1} sequences but cu_seqlens has "
+                        f"{cu_seqlens.shape[0] - 1}; each query sequence needs its key sequence."
+                    ),
+                )
         if backend == "dense":  # the compile path: no host read of the boundaries
-            return _dense_attention(query, key, value, cu_seqlens, cu_seqlens_k, None, scale), None
+            if not torch.compiler.is_compiling():
+                _check_dense_memory(query, key)
+            return _dense_isolated(query, key, value, cu_seqlens, cu_seqlens_k, None, scale), None
         layout = VarlenLayout.from_cu_seqlens(cu_seqlens, cu_seqlens_k)
     if not torch.compiler.is_compiling():
         num_keys = key.shape[0] if layout.key_index is None else layout.key_index.shape[0]
@@ -286,7 +296,9 @@ def _attend(
     if backend == "eager":
         return _eager_attention(query, key, value, layout, scale, weights)
     if backend == "dense":
-        return _dense_attention(query, key, value, layout.cu_seqlens_q, layout.cu_seqlens_k, layout, scale), None
+        if not torch.compiler.is_compiling():
+            _check_dense_memory(query, key)
+        return _dense_isolated(query, key, value, layout.cu_seqlens_q, layout.cu_seqlens_k, layout, scale), None
     if backend == "loop":
         return _loop_attention(query, key, value, layout, scale), None
     if backend == "flash":
@@ -362,6 +374,66 @@ def _eager_attention(
         outputs.append(torch.einsum("hqk,khd->qhd", probabilities, v))
         all_weights.append(probabilities)
     return torch.cat(outputs), (tuple(all_weights) if weights else None)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (CUDA: the driver's count; CPU: available physical pages), ``None`` if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError, RuntimeError):
+        return None
+    return None
+
+
+def _check_dense_memory(query: torch.Tensor, key: torch.Tensor) -> None:
+    """Fail fast when the dense backend's :math:`H \times N_q \times N_k` scores cannot fit in free memory."""
+    needed = query.shape[1] * query.shape[0] * key.shape[0] * (query.element_size() + 1)  # scores + bool mask
+    free = _free_memory(query.device)
+    check(
+        free is None or needed <= free,
+        lambda: (
+            f"backend='dense' needs about {needed / 2**30:.1f} GiB for the {query.shape[1]} x {query.shape[0]} x "
+            f"{key.shape[0]} attention scores of this batch, more than the {free / 2**30:.1f} GiB free on "
+            f"{query.device}: use backend='grouped' (memory linear in the tokens) or split the batch."
+        ),
+    )
+
+
+def _dense_isolated(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None,
+    layout: VarlenLayout | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """The dense backend with sequences isolated from each other's NaN / inf keys and values.
+
+    One masked :math:`N_q \times N_k` product mixes every sequence's keys into every row before the mask
+    applies (``0 * nan = nan``): a single NaN image made the whole batch NaN. Non-finite keys / values are
+    zeroed for the product, and the outputs of the sequences that held them are set to NaN afterwards (every
+    row of the sequence: the head of a bad key, the channel of a bad value; causal rows before the bad token
+    too), so a poisoned sequence stays NaN and no other changes. No host read (the compile path).
+    """
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    bad_key = ~torch.isfinite(key).all(-1)  # [N_k, H]: a bad key spoils its head's rows
+    bad_value = ~torch.isfinite(value)  # [N_k, H, D_v]: a bad value spoils its channel
+    zero = torch.zeros((), dtype=key.dtype, device=key.device)
+    finite_key = torch.where(bad_key[..., None], zero, key)
+    finite_value = torch.where(bad_value | bad_key[..., None], zero, value)
+    out = _dense_attention(query, finite_key, finite_value, cu_seqlens_q, cu_seqlens_k, layout, scale)
+    positions_q = torch.arange(query.shape[0], device=query.device)
+    positions_k = torch.arange(key.shape[0], device=key.device)
+    doc_q = torch.searchsorted(cu_seqlens_q[1:].contiguous(), positions_q, right=True)
+    doc_k = torch.searchsorted(cu_seqlens_k[1:].contiguous(), positions_k, right=True)
+    bad = (bad_value | bad_key[..., None]).to(torch.int32)
+    per_sequence = bad.new_zeros((cu_seqlens_k.shape[0], *bad.shape[1:])).index_add(0, doc_k, bad) > 0
+    poisoned = per_sequence[doc_q.clamp(max=per_sequence.shape[0] - 1)]  # [N_q, H, D_v]
+    return torch.where(poisoned, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
 
 
 def _dense_attention(

@@ -66,7 +66,8 @@ class VisionConfig:
         num_attention_heads: attention heads; must divide ``hidden_size``.
         num_channels: image channels :math:`C`.
         patch_size: square patch side :math:`p` in pixels.
-        image_size: training resolution of fixed-resolution (``siglip``) checkpoints.
+        image_size: training resolution of fixed-resolution (``siglip``) checkpoints; ``patch_size`` need not
+            divide it (the grid is ``image_size // patch_size``, as transformers' Conv2d patch embedding).
         num_patches: size of the NaFlex (``siglip2``) position table, a perfect square.
         layer_norm_eps: LayerNorm epsilon.
         hidden_act: MLP activation name (``gelu_pytorch_tanh`` is ``F.gelu(approximate="tanh")``).
@@ -75,8 +76,10 @@ class VisionConfig:
             dual-tower ``model_type`` (:class:`SigLip2Config` fills it) and, for a standalone tower, ``"naflex"``.
 
     Example:
-        >>> VisionConfig(position_embedding="fixed").num_positions  # (224 / 16) ** 2
+        >>> VisionConfig(position_embedding="fixed").num_positions  # (224 // 16) ** 2
         196
+        >>> VisionConfig(patch_size=14, image_size=384, position_embedding="fixed").num_positions  # 27 * 27
+        729
         >>> VisionConfig(position_embedding="naflex").num_positions
         256
     """
@@ -112,7 +115,7 @@ class VisionConfig:
 
     @property
     def num_positions(self) -> int:
-        """Rows of the learned position table: ``num_patches`` (NaFlex) or ``(image_size / patch_size) ** 2``."""
+        """Rows of the learned position table: ``num_patches`` (NaFlex) or ``(image_size // patch_size) ** 2``."""
         if self.is_naflex:
             return self.num_patches
         return (self.image_size // self.patch_size) ** 2
@@ -200,10 +203,16 @@ class SigLip2Config:
             side = round(self.vision_config.num_patches**0.5)
             if side * side != self.vision_config.num_patches:
                 raise ValueError(f"vision num_patches must be a perfect square, got {self.vision_config.num_patches}.")
-        elif self.vision_config.image_size % self.vision_config.patch_size:
-            raise ValueError(
-                f"vision image_size {self.vision_config.image_size} is not divisible by "
-                f"patch_size {self.vision_config.patch_size}."
+        else:
+            # sizes the patch does not divide are fine: the Conv2d patch embedding floors (patch 14 at 384 is a
+            # 27 x 27 grid, 6 pixel rows / columns dropped), and so does the table size (image_size // patch)^2
+            vision = self.vision_config
+            check(
+                0 < vision.patch_size <= vision.image_size,
+                lambda: (
+                    f"vision image_size {vision.image_size} must be at least patch_size {vision.patch_size} "
+                    "(both positive)."
+                ),
             )
 
     @property

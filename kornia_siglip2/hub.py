@@ -12,16 +12,20 @@ it is given and imports no model module, so the towers and the model can use it.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kornia_siglip2.config import MODEL_TYPES, VISION_MODEL_TYPES, SigLip2Config
-from kornia_siglip2.errors import check
+from kornia_siglip2.errors import check, check_type
+from kornia_siglip2.loading import LoadOptions, load_options, stored_dtype
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
@@ -41,6 +45,12 @@ _SAFETENSORS_INDEX = "model.safetensors.index.json"
 _PATCH_SUFFIX = "embeddings.patch_embedding.weight"
 # non-persistent buffers that older transformers versions wrote into checkpoints
 _IGNORED = re.compile(r"(^|\.)position_ids$")
+# the files a save owns: replaced or removed by the next save, every other file of the folder is kept
+_OWNED = re.compile(
+    r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors)$"
+)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
+_SIZE_UNITS.update({"GIB": 2**30, "TIB": 2**40})
 
 
 def resolve_checkpoint(
@@ -49,6 +59,8 @@ def resolve_checkpoint(
     revision: str | None = None,
     cache_dir: str | Path | None = None,
     local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
 ) -> Path:
     """Return a local folder holding the checkpoint's ``config.json`` and safetensors files.
 
@@ -57,8 +69,17 @@ def resolve_checkpoint(
     fetching only JSON, safetensors and tokenizer files.
 
     Raises:
+        ValueCheckError: an empty path (``""`` would otherwise be the current directory).
         FileNotFoundError: neither a folder nor a hub id that can be found (offline: not in the cache).
     """
+    check_type(
+        isinstance(name_or_path, (str, os.PathLike)),
+        lambda: f"name_or_path must be a str or a path, got {type(name_or_path).__name__}.",
+    )
+    check(
+        str(name_or_path).strip() != "",
+        "name_or_path is empty: pass a checkpoint folder (use '.' for the current directory) or a hub id.",
+    )
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -73,6 +94,8 @@ def resolve_checkpoint(
             revision=revision,
             cache_dir=str(cache_dir) if cache_dir is not None else None,
             local_files_only=local_files_only,
+            token=token,
+            force_download=force_download,
             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"],
         )
     except HFValidationError as error:
@@ -85,28 +108,133 @@ def resolve_checkpoint(
     return Path(folder)
 
 
-def read_safetensors(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Read all tensors of ``model.safetensors`` or of the shards named by ``model.safetensors.index.json``.
+def _read_json(file: Path) -> dict:
+    """A JSON object from ``file``; every failure names the file."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{file} is not valid JSON ({error}); re-download or re-save the checkpoint.") from error
+    except OSError as error:
+        raise OSError(f"Cannot read {file}: {error}") from error
+    check(isinstance(data, dict), lambda: f"{file} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def _shard_path(folder: Path, index_file: Path, name: Any) -> Path:
+    """The file an index's ``weight_map`` names, which must be a file name inside ``folder``."""
+    check(
+        isinstance(name, str) and name != "",
+        lambda: f"{index_file}: weight_map values must be shard file names, got {name!r}.",
+    )
+    path = folder / name
+    # lexical, not resolved: the Hugging Face cache holds shards as symlinks into its blobs/ folder
+    inside = not Path(name).is_absolute() and not Path(name).drive and ".." not in Path(name).parts
+    check(
+        inside,
+        lambda: f"{index_file}: shard {name!r} is outside the checkpoint folder {folder}; shards must be files in it.",
+    )
+    if not path.is_file():
+        raise FileNotFoundError(f"{index_file} names the shard {name!r}, which is not in {folder}.")
+    return path
+
+
+def _read_file(path: Path, keys: set[str] | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of one safetensors file (only ``keys`` when given) and the keys it holds besides them."""
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(path, framework="pt") as handle:
+            names = list(handle.keys())
+            for key in names:
+                if keys is None or key in keys:
+                    tensors[key] = handle.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise ValueError(
+            f"Cannot read {path}: {error}. The file is truncated or corrupt; re-download or re-save the checkpoint."
+        ) from error
+    return tensors, [key for key in names if keys is not None and key not in keys]
+
+
+def read_safetensors(folder: str | Path, *, check_finite: bool = True) -> dict[str, torch.Tensor]:
+    """Read the tensors of ``model.safetensors``, or exactly those ``model.safetensors.index.json`` names.
+
+    A sharded checkpoint loads each key of the index's ``weight_map`` from the shard it names. A key the
+    index does not name, a key found in a second shard, a key missing from its shard and a shard path that
+    leaves ``folder`` (``../``, absolute) are errors, never a silent choice.
+
+    Args:
+        folder: the checkpoint folder.
+        check_finite: check that every floating tensor is finite (NaN / inf weights give all-NaN features
+            later); ``False`` skips it for the rare checkpoint that needs non-finite values.
 
     Raises:
-        FileNotFoundError: no safetensors weights (pickle-based ``*.bin`` files are never loaded).
+        FileNotFoundError: no safetensors weights (pickle-based ``*.bin`` files are never loaded), or a shard the
+            index names is missing.
+        ValueError: invalid JSON, an index without ``weight_map``, a truncated or corrupt safetensors file, an
+            inconsistent index, or non-finite weights (each names the file).
     """
     folder = Path(folder)
     index = folder / _SAFETENSORS_INDEX
+    state_dict: dict[str, torch.Tensor] = {}
+    sources: dict[str, Path] = {}
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        weight_map = _read_json(index).get("weight_map")
+        check(
+            isinstance(weight_map, dict) and weight_map,
+            lambda: (
+                f"{index} has no 'weight_map' (a JSON object from tensor name to shard file); re-save the checkpoint."
+            ),
+        )
+        by_file: dict[Path, set[str]] = {}
+        for key, name in weight_map.items():
+            by_file.setdefault(_shard_path(folder, index, name), set()).add(key)
+        strays: dict[str, list[Path]] = {}
+        for path, keys in sorted(by_file.items()):
+            tensors, extra = _read_file(path, keys)
+            absent = sorted(keys - set(tensors))
+            check(not absent, f"{index} maps {absent[:5]} to {path.name}, which does not hold them.")
+            for key in extra:
+                strays.setdefault(key, []).append(path)
+            state_dict.update(tensors)
+            sources.update(dict.fromkeys(tensors, path))
+        twice = sorted(key for key in strays if key in weight_map)
+        outside = sorted(key for key in strays if key not in weight_map)
+        check(
+            not twice,
+            lambda: (
+                f"{index}: tensors found in two shards: "
+                + ", ".join(f"{key} in {weight_map[key]} and {strays[key][0].name}" for key in twice[:5])
+                + "; the checkpoint is inconsistent, re-save it."
+            ),
+        )
+        check(
+            not outside,
+            lambda: (
+                f"{index}: shards hold tensors the index does not name: "
+                + ", ".join(f"{key} in {strays[key][0].name}" for key in outside[:5])
+                + "; the checkpoint is inconsistent, re-save it."
+            ),
+        )
     elif (folder / _SAFETENSORS).is_file():
-        files = [_SAFETENSORS]
+        state_dict, _ = _read_file(folder / _SAFETENSORS, None)
+        sources = dict.fromkeys(state_dict, folder / _SAFETENSORS)
     else:
         pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
         hint = f" Found {pickled}: pickle files are never loaded; convert them to safetensors." if pickled else ""
         raise FileNotFoundError(f"No {_SAFETENSORS} or {_SAFETENSORS_INDEX} in {folder}.{hint}")
-    state_dict: dict[str, torch.Tensor] = {}
-    for name in files:
-        with safe_open(folder / name, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                state_dict[key] = handle.get_tensor(key)
+    if check_finite:
+        bad = [
+            key
+            for key, tensor in state_dict.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
+        check(
+            not bad,
+            lambda: (
+                f"Non-finite (NaN or inf) weights in {sorted({str(sources[key]) for key in bad})}: {sorted(bad)[:10]}"
+                f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''}. The checkpoint is damaged; pass "
+                "check_finite=False to load it anyway."
+            ),
+        )
     return state_dict
 
 
@@ -197,58 +325,83 @@ def _load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
             "shapes that disagree with config.json (check hidden_size, vocab_size, max_position_embeddings, "
             f"patch_size, image_size / num_patches) {mismatched}"
         )
+    not_float = [
+        f"{key} ({state_dict[key].dtype})"
+        for key in sorted(set(expected) & set(state_dict))
+        if expected[key].is_floating_point() and not state_dict[key].is_floating_point()
+    ]
+    if not_float:
+        problems.append(
+            f"tensors that must be floating point are stored as integers or bool {not_float[:10]} "
+            "(re-save the checkpoint in float32, float16 or bfloat16)"
+        )
     if problems:
         raise ValueError(f"Cannot load {source}: " + "; ".join(problems) + ".")
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
-def load_pretrained(
-    model_class: type[_Module],
-    name_or_path: str | Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-) -> _Module:
-    """Build ``model_class(config)`` from a dual-tower checkpoint; see :meth:`SigLip2.from_pretrained`."""
-    folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
-    config = SigLip2Config.from_hf_dict(_read_config(folder))
-    state_dict = from_hf_state_dict(read_safetensors(folder))
-    with torch.device("meta"):
-        model = model_class(config)
-    _load_into(model, state_dict, str(name_or_path))
-    # transformers' default: float32 unless a dtype is asked for
-    model = model.to(device=device, dtype=dtype or torch.float32)
+def _checkpoint_folder(name_or_path: str | Path, options: LoadOptions) -> Path:
+    folder = resolve_checkpoint(name_or_path, **options.hub)
+    if options.subfolder:
+        folder = folder / options.subfolder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No subfolder {options.subfolder!r} in {name_or_path}.")
+    return folder
+
+
+def _finish(model: _Module, options: LoadOptions, hf_config: dict[str, Any], tensors: dict) -> _Module:
+    """Cast to the resolved dtype, move to the device, set the attention backend; eval mode."""
+    dtype = stored_dtype(hf_config, tensors) if options.dtype == "auto" else options.dtype
+    model = model.to(device=options.device, dtype=dtype)
+    if options.attention_backend is not None:
+        model.set_attention_backend(options.attention_backend)
     return model.eval()
 
 
-def load_vision_pretrained(
-    tower_class: type[_Module],
-    name_or_path: str | Path,
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-) -> _Module:
+def load_pretrained(model_class: type[_Module], name_or_path: str | Path, **kwargs: Any) -> _Module:
+    """Build ``model_class(config)`` from a dual-tower checkpoint; see :meth:`SigLip2.from_pretrained`.
+
+    Keyword arguments are transformers' (:func:`kornia_siglip2.loading.load_options`): ``dtype`` /
+    ``torch_dtype`` (``"auto"`` by default: the stored dtype), ``device_map`` / ``device``,
+    ``attn_implementation``, the hub's ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+    ``force_download``, ``subfolder``; and ``check_finite`` (``True``: NaN / inf weights are an error, see
+    :func:`read_safetensors`).
+    """
+    check_finite = kwargs.pop("check_finite", True)
+    options = load_options(**kwargs)
+    folder = _checkpoint_folder(name_or_path, options)
+    hf_config = _read_config(folder)
+    config = SigLip2Config.from_hf_dict(hf_config)
+    tensors = read_safetensors(folder, check_finite=check_finite)
+    with torch.device("meta"):
+        model = model_class(config)
+    _load_into(model, from_hf_state_dict(tensors), str(name_or_path))
+    return _finish(model, options, hf_config, tensors)
+
+
+def load_vision_pretrained(tower_class: type[_Module], name_or_path: str | Path, **kwargs: Any) -> _Module:
     """Build ``tower_class(vision_config)`` from a vision-only or dual-tower checkpoint.
 
-    Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
-    transformers' ``SiglipVisionModel``) have no ``vision_model.`` prefix; dual-tower ones do, and their
-    text weights are skipped.
+    Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``) come with the
+    ``vision_model.`` prefix (``SiglipVisionModel.save_pretrained``) or without it (the inner tower's
+    ``save_pretrained``); dual-tower ones have it, and their text weights are skipped. Keyword arguments as
+    :func:`load_pretrained`.
 
     Raises:
         ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
+        TypeError: an unknown keyword argument.
     """
-    folder = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
+    check_finite = kwargs.pop("check_finite", True)
+    options = load_options(**kwargs)
+    folder = _checkpoint_folder(name_or_path, options)
     hf_config = _read_config(folder)
     model_type = hf_config.get("model_type")
-    tensors = read_safetensors(folder)
+    tensors = read_safetensors(folder, check_finite=check_finite)
     if model_type in VISION_MODEL_TYPES:
         family, vision_dict = VISION_MODEL_TYPES[model_type], hf_config
+        # SiglipVisionModel.save_pretrained writes `vision_model.*` keys; its inner tower's save has no prefix
+        if all(key.startswith("vision_model.") for key in tensors):
+            tensors = {key[len("vision_model.") :]: value for key, value in tensors.items()}
     else:
         family, vision_dict = model_type, hf_config.get("vision_config") or {}
         tensors = {
@@ -265,25 +418,155 @@ def load_vision_pretrained(
     with torch.device("meta"):
         tower = tower_class(config.vision_config)
     _load_into(tower, from_hf_state_dict(tensors), str(name_or_path))
-    return tower.to(device=device, dtype=dtype or torch.float32).eval()
+    return _finish(tower, options, hf_config, tensors)
 
 
 def _read_config(folder: Path) -> dict:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"No config.json in {folder}.")
-    return json.loads(config_file.read_text())
+    return _read_json(config_file)
 
 
-def save_pretrained(model: torch.nn.Module, folder: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` in the layout transformers' ``from_pretrained`` reads.
+def _parse_size(size: int | str, name: str = "max_shard_size") -> int:
+    """Bytes from an int or a string such as ``"5GB"`` / ``"500MiB"`` (transformers' units: KB = 1000 B)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        check_type(isinstance(size, str), lambda: f"{name} must be an int (bytes) or a str like '5GB', got {size!r}.")
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        unit = match.group(2).upper() if match else None
+        check(
+            match is not None and unit in _SIZE_UNITS,
+            lambda: f"{name} must be bytes or a size like '5GB', '500MB', '2GiB', got {size!r}.",
+        )
+        value = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    check(value > 0, lambda: f"{name} must be positive, got {size!r}.")
+    return value
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> list[dict[str, torch.Tensor]]:
+    """Split ``tensors`` greedily, in order, into groups of at most ``max_shard_size`` bytes (a larger tensor alone)."""
+    if max_shard_size is None:
+        return [tensors]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def _write_checkpoint(model: torch.nn.Module, folder: Path, max_shard_size: int | None) -> None:
+    """Write the weights (single file or shards + index), then ``config.json``, into the new folder ``folder``."""
+    tensors = {key: tensor.cpu() for key, tensor in to_hf_state_dict(model).items()}
+    shards = _shards(tensors, max_shard_size)
+    names = (
+        [_SAFETENSORS]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for name, shard in zip(names, shards, strict=True):
+        try:
+            save_file(shard, folder / name, metadata={"format": "pt"})
+        except (SafetensorError, OSError) as error:
+            raise OSError(f"Cannot write {folder / name}: {error}") from error
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
+        }
+        (folder / _SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def save_pretrained(model: torch.nn.Module, folder: str | Path, *, max_shard_size: int | str | None = None) -> None:
+    """Write ``config.json`` and the safetensors weights in the layout transformers' ``from_pretrained`` reads.
+
+    The save is atomic: everything is written into a temporary folder beside ``folder``, which then replaces
+    ``folder`` as a whole (two renames; a failure at any point before them leaves the previous checkpoint
+    unchanged and loadable). Files of ``folder`` that a save does not own (tokenizer, processor config, README,
+    subfolders) are kept; the old ``config.json``, ``model.safetensors``, index and shards are replaced, so no
+    stale shard or index survives. Where ``folder`` cannot be renamed (it holds the current directory, is a
+    symlink or a mount point, or its parent is read-only: then the temporary folder is inside it) the new
+    files are moved in one by one, weights first and ``config.json`` last, and the stale ones removed.
 
     Args:
         model: a :class:`~kornia_siglip2.SigLip2` (anything with a ``config`` :class:`SigLip2Config`).
-        folder: target folder (created if needed).
+        folder: target folder (created if needed, with its parents).
+        max_shard_size: split the weights into ``model-0000i-of-0000n.safetensors`` shards of at most this size
+            (bytes, or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``; a tensor larger than it gets a shard of
+            its own) with a ``model.safetensors.index.json``, as transformers does. ``None``: one file.
+
+    Raises:
+        ValueCheckError: an empty ``folder``, ``folder`` is a file, or a bad ``max_shard_size``.
+        OSError: a file cannot be written (the error names it); the previous checkpoint is left as it was.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-    tensors = {key: tensor.cpu() for key, tensor in to_hf_state_dict(model).items()}
-    save_file(tensors, folder / _SAFETENSORS, metadata={"format": "pt"})
+    check_type(isinstance(folder, (str, os.PathLike)), lambda: f"folder must be a str or a path, got {folder!r}.")
+    check(str(folder).strip() != "", "folder is empty: pass the folder to save into ('.' for the current directory).")
+    limit = None if max_shard_size is None else _parse_size(max_shard_size)
+    folder = Path(folder).expanduser().absolute()
+    check(not folder.exists() or folder.is_dir(), lambda: f"folder {folder} is a file; pass a folder to save into.")
+    if folder.is_dir():
+        blocked = [entry.name for entry in folder.iterdir() if _OWNED.match(entry.name) and entry.is_dir()]
+        check(not blocked, lambda: f"Cannot save into {folder}: {blocked} are folders in the way; move them away.")
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.saving-", dir=folder.parent))
+        inside = False
+    except OSError as error:  # a read-only parent (a mounted volume): stage inside the existing target
+        if not folder.is_dir():
+            raise OSError(f"Cannot save into {folder}: {error}") from error
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
+        inside = True
+    try:
+        # mkdtemp makes a private (0o700) folder: give it the target's mode, or the umask's default
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(folder.stat().st_mode & 0o7777 if folder.is_dir() else 0o777 & ~umask)
+        _write_checkpoint(model, staging, limit)
+        if not folder.exists():
+            os.replace(staging, folder)
+            return
+        cwd = Path.cwd().resolve()
+        swappable = not (
+            inside or folder.is_symlink() or os.path.ismount(folder) or cwd.is_relative_to(folder.resolve())
+        )
+        if swappable:
+            for entry in folder.iterdir():  # keep what a save does not own (tokenizer files, subfolders)
+                if not _OWNED.match(entry.name):
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.copytree(entry, staging / entry.name, symlinks=True, copy_function=_link_or_copy)
+                    elif entry.is_symlink():
+                        os.symlink(os.readlink(entry), staging / entry.name)
+                    else:
+                        _link_or_copy(str(entry), str(staging / entry.name))
+            backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, backup / folder.name)
+            try:
+                os.replace(staging, folder)
+            except OSError:
+                os.replace(backup / folder.name, folder)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+            return
+        new = {entry.name for entry in staging.iterdir()}
+        for name in sorted(new - {"config.json"}):
+            os.replace(staging / name, folder / name)
+        for entry in folder.iterdir():
+            if _OWNED.match(entry.name) and entry.name not in new:
+                entry.unlink()
+        os.replace(staging / "config.json", folder / "config.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

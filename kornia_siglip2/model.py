@@ -161,6 +161,7 @@ class SigLip2(nn.Module):
             patches=patches,
             grid_thw=grid_thw,
             patch_size=self.patch_size,
+            drop_remainder=not self.config.is_naflex,
         )
 
     def encode_images(
@@ -367,15 +368,24 @@ class SigLip2(nn.Module):
         Args:
             name_or_path: hub id such as ``google/siglip2-base-patch16-naflex``, or a folder with
                 ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``).
-            kwargs: ``device``, ``dtype`` (float32 by default, as transformers), ``revision``,
-                ``cache_dir``, ``local_files_only`` (see :func:`kornia_siglip2.hub.load_pretrained`).
+            kwargs: transformers 5's keywords (:func:`kornia_siglip2.loading.load_options`): ``dtype`` /
+                ``torch_dtype`` (``"auto"`` by default, as transformers 5: the checkpoint's stored dtype, so a
+                bfloat16 checkpoint loads in bfloat16), ``device_map`` (one device: ``"cpu"``, ``"cuda"``,
+                ``"auto"``, an int, a ``torch.device``) or our ``device``, ``attn_implementation`` (``"sdpa"``,
+                ``"eager"``, ``"flash_attention_2"``, mapped by :data:`kornia_siglip2.loading.ATTN_IMPLEMENTATIONS`),
+                the hub's ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``,
+                ``subfolder``; ``low_cpu_mem_usage`` and ``trust_remote_code`` are accepted and change nothing (the
+                weights always load straight into the parameters; no remote code is ever run);
+                ``use_safetensors=False`` is refused.
 
         Returns:
             the model in eval mode.
 
         Raises:
             FileNotFoundError: no checkpoint at ``name_or_path``.
-            ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped weights (named).
+            ValueCheckError: unknown ``model_type``, missing / unexpected / mis-shaped weights (named), a bad
+                ``dtype`` / ``device_map`` / ``attn_implementation``, or a ``device_map`` over several devices.
+            TypeError: a keyword transformers' ``from_pretrained`` has but this loader does not (named).
         """
         model = load_pretrained(cls, name_or_path, **kwargs)
         model.name_or_path = str(name_or_path)
@@ -402,9 +412,18 @@ class SigLip2(nn.Module):
         model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
         return model.to(device=reference.device).train(hf_model.training)
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in the Hugging Face layout (transformers loads it)."""
-        save_pretrained(self, folder)
+    def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str | None = None) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in the Hugging Face layout (transformers loads it).
+
+        Atomic (a temporary folder beside ``folder`` replaces it as a whole; stale shards and indexes are
+        removed) and optionally sharded; see :func:`kornia_siglip2.hub.save_pretrained`.
+
+        Args:
+            folder: target folder (created if needed).
+            max_shard_size: shard size (bytes or ``"5GB"``-style string) for ``model-0000i-of-0000n.safetensors``
+                shards with a ``model.safetensors.index.json``; ``None`` (default) writes one file.
+        """
+        save_pretrained(self, folder, max_shard_size=max_shard_size)
 
 
 def _pairwise_sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from functools import cached_property
 
 import torch
 
-from kornia_siglip2.errors import check, check_shape, check_type
+from kornia_siglip2.errors import ValueCheckError, check, check_shape, check_type
 
 __all__ = [
     "ImageLayout",
@@ -38,34 +38,50 @@ __all__ = [
 ]
 
 
-def patchify(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def patchify(images: torch.Tensor, patch_size: int, drop_remainder: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cut a batch of images into one packed sequence of flattened patches.
 
     Args:
-        images: images :math:`(B, C, H, W)` with ``H`` and ``W`` divisible by ``patch_size``.
+        images: images :math:`(B, C, H, W)`.
         patch_size: patch side :math:`p` in pixels.
+        drop_remainder: drop the last ``H % p`` rows and ``W % p`` columns, as the Conv2d patch embedding
+            (kernel = stride = ``p``, no padding) of fixed-resolution checkpoints does (e.g.
+            ``google/siglip-so400m-patch14-384``: 384 = 27 * 14 + 6, a 27 x 27 grid). ``False`` (the default,
+            and NaFlex's rule) requires ``H`` and ``W`` divisible by ``p``.
 
     Returns:
         - patches :math:`(B \\cdot h \\cdot w, p \\cdot p \\cdot C)`, image after image, patches row-major,
           each patch in ``(py, px, c)`` order.
-        - grid_thw :math:`(B, 3)` int64 rows ``(1, h, w)`` with ``h = H / p``, ``w = W / p``.
+        - grid_thw :math:`(B, 3)` int64 rows ``(1, h, w)`` with ``h = H // p``, ``w = W // p``.
 
     Raises:
-        ValueError: the image size is not divisible by ``patch_size``.
+        ValueError: the image size is not divisible by ``patch_size`` (and ``drop_remainder`` is False), or an
+            image is smaller than one patch.
 
     Example:
         >>> patches, grid_thw = patchify(torch.rand(2, 3, 32, 48), patch_size=16)
         >>> patches.shape, grid_thw.tolist()
         (torch.Size([12, 768]), [[1, 2, 3], [1, 2, 3]])
+        >>> patchify(torch.rand(1, 3, 384, 384), patch_size=14, drop_remainder=True)[1].tolist()
+        [[1, 27, 27]]
     """
-    check_shape(images, ["B", "C", "H", "W"], "images must have shape (B, C, H, W); add a batch dimension with images[None].")
+    check_shape(
+        images, ["B", "C", "H", "W"], "images must have shape (B, C, H, W); add a batch dimension with images[None]."
+    )
     batch, channels, height, width = images.shape
-    if height % patch_size or width % patch_size:
+    if (height % patch_size or width % patch_size) and not drop_remainder:
         raise ValueError(
             f"Image size {height}x{width} is not divisible by patch_size {patch_size}: "
-            "resize or crop the images first (the preprocessors do this)."
+            "resize or crop the images first (the preprocessors do this), or pass drop_remainder=True "
+            "(fixed-resolution towers: the Conv2d patch embedding drops the remainder)."
         )
     grid_h, grid_w = height // patch_size, width // patch_size
+    check(
+        grid_h > 0 and grid_w > 0,
+        lambda: f"Image size {height}x{width} is smaller than one patch of {patch_size}x{patch_size} pixels.",
+    )
+    if (grid_h * patch_size, grid_w * patch_size) != (height, width):
+        images = images[..., : grid_h * patch_size, : grid_w * patch_size]
     # [B, C, h, p, w, p] -> [B, h, w, p, p, C]
     patches = images.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
     patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch * grid_h * grid_w, -1)
@@ -129,6 +145,7 @@ def grid_thw_to_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
         [6, 4, 4]
     """
     check_grid_thw(grid_thw)
+    grid_thw = grid_thw.long()  # int8 / uint8 / int16 grids: h * w overflows in their own dtype
     return torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
 
 
@@ -146,7 +163,16 @@ def grid_thw_to_cu_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
         [0, 6, 10, 14]
     """
     lengths = grid_thw_to_seqlens(grid_thw)
-    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    boundaries = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    if not torch.compiler.is_compiling():
+        check(
+            boundaries.numel() == 0 or int(boundaries[-1]) < 2**31,
+            lambda: (
+                f"grid_thw describes {int(boundaries[-1])} patches, more than int32 cu_seqlens can index "
+                "(2**31 - 1); split the batch."
+            ),
+        )
+    return boundaries.to(torch.int32)
 
 
 def padded_to_packed(
@@ -329,6 +355,15 @@ class VarlenLayout:
             all(length > 0 for length in seqlens_q + seqlens_k),
             lambda: f"Sequence lengths must be positive, got q={seqlens_q}, k={seqlens_k}.",
         )
+        for name, lengths in (("query", seqlens_q), ("key", seqlens_k)):
+            total = sum(lengths)
+            check(
+                total < 2**31,
+                lambda total=total, name=name: (
+                    f"The batch has {total} {name} tokens, more than int32 cu_seqlens can index (2**31 - 1); "
+                    "split it into smaller batches (or fewer / smaller images)."
+                ),
+            )
         members: dict[tuple[int, int, bool], list[int]] = {}
         for index, key in enumerate(zip(seqlens_q, seqlens_k, flags, strict=True)):
             members.setdefault(key, []).append(index)
@@ -427,12 +462,25 @@ class ImageLayout:
         """Read ``grid_thw`` :math:`(n, 3)` once and derive both attention layouts.
 
         Raises:
-            ValueCheckError: ``grid_thw`` is not an :math:`(n, 3)` grid of positive integers.
+            ValueCheckError: ``grid_thw`` is not an :math:`(n, 3)` grid of positive integers (a list of floats
+                such as ``[[1, 2.7, 3]]`` included), describes no image, or more tokens than int32
+                ``cu_seqlens`` can index.
         """
-        if isinstance(grid_thw, torch.Tensor):
-            check_grid_thw(grid_thw)
+        if not isinstance(grid_thw, torch.Tensor):  # a list: the same checks as a tensor (no silent int())
+            try:
+                grid_thw = torch.tensor(grid_thw)
+            except (TypeError, ValueError, RuntimeError) as error:
+                raise ValueCheckError(
+                    f"grid_thw must be an (n, 3) grid of integers (t, h, w), got {grid_thw!r} ({error})."
+                ) from error
+        else:
             device = grid_thw.device if device is None else device
-            grid_thw = grid_thw.tolist()
+        check_grid_thw(grid_thw)
+        check(
+            grid_thw.shape[0] > 0,
+            "grid_thw describes no image (shape (0, 3)); pass at least one image.",
+        )
+        grid_thw = grid_thw.tolist()
         grids = tuple((int(t), int(h), int(w)) for t, h, w in grid_thw)
         seqlens = [h * w for t, h, w in grids for _ in range(t)]
         return cls(
@@ -498,9 +546,9 @@ class PackedImages:
         return PackedImages(patches, self.grid_thw.to(patches.device))
 
     @classmethod
-    def from_images(cls, images: torch.Tensor, patch_size: int) -> PackedImages:
+    def from_images(cls, images: torch.Tensor, patch_size: int, drop_remainder: bool = False) -> PackedImages:
         """Pack a :math:`(B, C, H, W)` batch of equal-size images (see :func:`patchify`)."""
-        return cls(*patchify(images, patch_size))
+        return cls(*patchify(images, patch_size, drop_remainder))
 
     @classmethod
     def from_padded(
@@ -563,6 +611,7 @@ def pack_inputs(
     patches: torch.Tensor | None = None,
     grid_thw: torch.Tensor | None = None,
     patch_size: int,
+    drop_remainder: bool = False,
 ) -> PackedImages:
     """Bring any image input convention to one :class:`PackedImages`: the one place that rule is checked.
 
@@ -581,6 +630,9 @@ def pack_inputs(
         patches: packed patches.
         grid_thw: grid of each packed image.
         patch_size: patch side :math:`p`, to cut 4-D images.
+        drop_remainder: 4-D images whose sides ``p`` does not divide lose their last ``H % p`` rows and
+            ``W % p`` columns (the Conv2d patch embedding of fixed-resolution checkpoints); ``False`` (NaFlex)
+            rejects them. See :func:`patchify`.
 
     Returns:
         the packed batch.
@@ -617,7 +669,7 @@ def pack_inputs(
         ),
     )
     if pixel_values.ndim == 4:
-        return PackedImages.from_images(pixel_values, patch_size)
+        return PackedImages.from_images(pixel_values, patch_size, drop_remainder)
     check(
         pixel_values.ndim == 3,
         lambda: (

@@ -2,7 +2,9 @@
 
 Both preprocessors take float images in :math:`[0, 1]` or ``uint8`` images as one :math:`(B, C, H, W)`
 tensor or a list of :math:`(C, H, W)` tensors of different sizes, and reproduce transformers'
-``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (``image_processing_siglip.py``, ``image_processing_siglip2.py``):
+``SiglipImageProcessor`` / ``Siglip2ImageProcessor`` (``image_processing_siglip.py``, ``image_processing_siglip2.py``).
+Float images outside :math:`[0, 1]` by more than rounding (:data:`UNIT_RANGE_TOLERANCE`, one uint8 level), or
+holding NaN / inf, are an error that says how to pass 0-255 data (as ``uint8``), never a silent rescale or clamp:
 
 - ``uint8`` images (decoded files) are resized with Pillow's own integer arithmetic
   (:func:`~kornia_siglip2.resample.pil_resize`), so the output equals transformers' PIL backend exactly
@@ -289,6 +291,11 @@ class SigLip2ImagePreprocessor(nn.Module):
             >>> SigLip2ImagePreprocessor.from_pretrained(folder)
             SigLipImagePreprocessor(image_size=(384, 384), resample='bicubic', antialias=True)
         """
+        check(
+            str(name_or_path).strip() != "",
+            "name_or_path is empty: pass a checkpoint folder (use '.' for the current directory), a JSON file "
+            "or a hub id.",
+        )
         path = Path(name_or_path)
         if path.is_dir():
             config_file = path / PREPROCESSOR_CONFIG_NAME
@@ -346,6 +353,8 @@ class SigLip2ImagePreprocessor(nn.Module):
             all(group.shape[-1] > 0 and group.shape[-2] > 0 for group in groups),
             "images must have a positive height and width.",
         )
+        if first.is_floating_point() and not torch.compiler.is_compiling():
+            _check_unit_range(groups)
         return groups
 
     def _resize_normalize(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -507,6 +516,31 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
             patches.append(group_patches)
             grids.append(grid_thw)
         return PackedImages(torch.cat(patches), torch.cat(grids))
+
+
+# float images may leave [0, 1] by rounding (a uint8 level), not by more: 0-255 data or normalized [-1, 1] images
+# would otherwise be taken silently (NaFlex outputs up to ~470; the fixed path clamped 62 % of values to 1).
+UNIT_RANGE_TOLERANCE = 1 / 255
+
+
+def _check_unit_range(groups: list[torch.Tensor]) -> None:
+    """Float images must be finite and in :math:`[0, 1]` up to :data:`UNIT_RANGE_TOLERANCE` (one host read)."""
+    bounds = torch.stack([torch.stack(torch.aminmax(group.detach())) for group in groups]).float()
+    finite = bool(torch.isfinite(bounds).all())
+    low, high = float(bounds[:, 0].min()), float(bounds[:, 1].max())
+    check(
+        finite,
+        "images hold NaN or inf values; float images must be finite, in [0, 1].",
+    )
+    check(
+        low >= -UNIT_RANGE_TOLERANCE and high <= 1 + UNIT_RANGE_TOLERANCE,
+        lambda: (
+            f"Float images must be in [0, 1], got values in [{low:.4g}, {high:.4g}]. For 0-255 data pass a uint8 "
+            "tensor (images.round().clamp(0, 255).to(torch.uint8)) or divide by 255; images that are already "
+            "normalized (e.g. to [-1, 1]) skip the preprocessor: pass them to the model as pixel_values; values "
+            "a resampling pushed slightly out of range: images.clamp(0, 1)."
+        ),
+    )
 
 
 def _interpolate(images: torch.Tensor, size: tuple[int, int], kwargs: dict[str, Any]) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kornia_siglip2.attention import Attention
+from kornia_siglip2.attention import ATTENTION_BACKENDS, Attention
 from kornia_siglip2.config import VisionConfig
 from kornia_siglip2.errors import check, check_type
 from kornia_siglip2.hub import conv_to_linear_patch_weight, load_vision_pretrained
@@ -169,6 +169,20 @@ class VisionTransformer(nn.Module):
         self.head = MAPHead(config) if config.vision_use_head else None
         self.init_weights()
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Use ``backend`` (one of :data:`~kornia_siglip2.attention.ATTENTION_BACKENDS`) in every attention.
+
+        Raises:
+            ValueCheckError: unknown backend.
+        """
+        check(
+            backend in ATTENTION_BACKENDS,
+            lambda: f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.",
+        )
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = backend
+
     @property
     def naflex(self) -> bool:
         """Whether the position table is resized per image (SigLIP 2 NaFlex)."""
@@ -212,7 +226,9 @@ class VisionTransformer(nn.Module):
         - transformers' padded NaFlex input: ``pixel_values`` :math:`(B, L, p \\cdot p \\cdot C)` with
           ``spatial_shapes`` :math:`(B, 2)` (and ``pixel_attention_mask``): tokens :math:`(B, L, D)`, zeros at
           padding.
-        - images :math:`(B, C, H, W)`: tokens :math:`(B, h w, D)`.
+        - images :math:`(B, C, H, W)`: tokens :math:`(B, h w, D)`. A fixed-resolution tower drops the last
+          ``H % p`` rows and ``W % p`` columns as transformers' Conv2d patch embedding (patch 14 at 384: a
+          27 x 27 grid); a NaFlex tower requires sizes ``p`` divides.
 
         Inside, every convention is the same packed batch: no padding is computed.
 
@@ -259,7 +275,13 @@ class VisionTransformer(nn.Module):
                 packed_patches, layout = packed.patches, packed.layout
         else:
             check(mask is None, "mask (masked prediction) takes packed input: pass patches and grid_thw.")
-            packed = pack_inputs(pixel_values, pixel_attention_mask, spatial_shapes, patch_size=patch_size)
+            packed = pack_inputs(
+                pixel_values,
+                pixel_attention_mask,
+                spatial_shapes,
+                patch_size=patch_size,
+                drop_remainder=not self.config.is_naflex,
+            )
             input_layout = "images" if pixel_values.ndim == 4 else "padded"
             packed_patches, layout = packed.patches, packed.layout
         output = self._forward_packed(packed_patches, layout, output_hidden_states, output_attentions, mask, mask_token)
@@ -321,8 +343,9 @@ class VisionTransformer(nn.Module):
         """Load the vision tower of a SigLIP / SigLIP 2 checkpoint, vision-only or dual-tower.
 
         Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
-        transformers' ``SiglipVisionModel``) have no ``vision_model.`` prefix; dual-tower ones do, and their
-        text weights are skipped. Keyword arguments as :meth:`kornia_siglip2.SigLip2.from_pretrained`.
+        transformers' ``SiglipVisionModel``, with or without the ``vision_model.`` key prefix) and dual-tower ones
+        (text weights skipped). Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) as
+        :meth:`kornia_siglip2.SigLip2.from_pretrained`.
 
         Raises:
             ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.

@@ -55,8 +55,14 @@ _HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 def load_image(path: str | os.PathLike[str] | PILImage) -> torch.Tensor:
     """Read an image file (or convert a PIL image) to an RGB uint8 tensor :math:`(3, H, W)`.
 
-    Applies the EXIF orientation and composites transparent images on white, as transformers' ``load_image``
-    and ``convert_to_rgb`` do, so both pipelines see the same pixels.
+    Applies the EXIF orientation to files and PIL images alike (as transformers' ``load_image``), and
+    composites transparent images on white (as transformers' ``convert_to_rgb``, which its SigLIP processors
+    run on PIL input). Deliberate difference: transformers' ``load_image(path)`` drops the alpha channel
+    (``convert("RGB")`` keeps whatever colour the transparent pixels hold, often black), so
+    ``processor(path)`` and ``processor(Image.open(path))`` disagree there; we composite on white for both,
+    as the image is seen. To reproduce transformers' path behaviour, pass
+    ``Image.open(path).convert("RGB")``. transformers' processors also leave the EXIF orientation of a PIL
+    image passed to them directly unapplied (only ``load_image`` applies it); we apply it.
 
     Args:
         path: image file path, or a ``PIL.Image.Image``.
@@ -84,7 +90,7 @@ def load_image(path: str | os.PathLike[str] | PILImage) -> torch.Tensor:
         raise ImportError("Reading image files needs pillow: pip install pillow.") from error
 
     if isinstance(path, Image.Image):
-        image = path
+        image = ImageOps.exif_transpose(path)  # a no-op (a copy) without an orientation tag
     else:
         if not Path(path).is_file():
             raise FileNotFoundError(f"No image file at {path}.")
@@ -94,8 +100,8 @@ def load_image(path: str | os.PathLike[str] | PILImage) -> torch.Tensor:
                 image.load()
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ValueError(f"Cannot read image {path}: {error}") from error
-    if image.mode != "RGB":
-        # transformers' convert_to_rgb: transparent pixels become white, not black
+    if image.mode != "RGB" or image.info.get("transparency") is not None:
+        # transformers' convert_to_rgb: transparent pixels (alpha or a tRNS colour key) become white, not black
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
@@ -177,7 +183,8 @@ class ZeroShotClassifier(nn.Module):
         folder = resolve_checkpoint(
             name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
-        model = SigLip2.from_pretrained(folder, device=device, dtype=dtype)
+        # float32 unless asked (our API; SigLip2.from_pretrained's own default is transformers' 'auto')
+        model = SigLip2.from_pretrained(folder, device=device, dtype=torch.float32 if dtype is None else dtype)
         preprocessor = _load_preprocessor(folder, model, preprocessor_overrides)
         if device is not None:
             preprocessor = preprocessor.to(device)
@@ -474,11 +481,8 @@ def image_tensor(image: Any, name: str = "image") -> torch.Tensor:
     if isinstance(image, np.ndarray):
         return _numpy_image(image, name)
     if _is_pil(image):
-        from PIL import ImageOps
-
         _warn_if_high_bit_depth(image, name)
-        # transformers' load_image applies the EXIF orientation to PIL images too; a no-op when already applied
-        return load_image(ImageOps.exif_transpose(image))
+        return load_image(image)  # EXIF orientation applied there, as for paths
     if isinstance(image, (str, os.PathLike)):
         _warn_if_high_bit_depth(image, name)
         return load_image(image)

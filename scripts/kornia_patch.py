@@ -68,6 +68,7 @@ SERIES = {
     1: "siglip2: parity fixes (no logit-scale clamp, paper initialisation, PIL-filter resize, NaFlex checkpoints)",
     2: "siglip2: packed variable-length attention for padded vision batches (internal)",
     3: "losses: SigmoidLoss (SigLIP pairwise sigmoid loss) in kornia.losses",
+    4: "losses: the SigLIP 2 objective (self-distillation cross-entropy, teacher center, loss schedule)",
 }
 
 #: (class or function name, parameter or field) -> why its default changes, wherever the name is exported and in every

@@ -6,7 +6,7 @@ Usage::
 
 Each ``name>=X`` of ``[project] dependencies`` and of the ``text`` extra becomes ``name==X`` (torch excepted:
 it comes from the Makefile's ``TORCH_SPEC``, the local CPU wheel here). The test runners (pytest,
-pytest-benchmark, ruff) keep their pins from the lock file: the run measures the libraries, not the tools.
+pytest-benchmark, ruff, hypothesis) keep their pins from the lock file: the run measures the libraries, not the tools.
 Everything else (the other ``dev`` tools such as matplotlib and build, every transitive dependency) is left
 to pip's resolver, which picks releases compatible with these pins (matplotlib 3.10 for numpy 1.24, ...).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["lower_bounds", "main"]
 
-TOOLS = ("pytest", "pytest-benchmark", "ruff")
+TOOLS = ("pytest", "pytest-benchmark", "ruff", "hypothesis")
 REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:\[[^\]]*\])?\s*>=\s*([0-9][A-Za-z0-9.]*)\s*$")
 
 

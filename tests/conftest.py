@@ -54,6 +54,13 @@ def _dtypes(option: str) -> list[str]:
     return option.split(",")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `-m dtypes` selects the tests that take the dtype fixture (what `make test-dtypes` runs in float64 / bfloat16)
+    for item in items:
+        if "dtype" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.dtypes)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "device" in metafunc.fixturenames:
         names = _devices(metafunc.config.getoption("--device"))
@@ -189,3 +196,19 @@ def siglip2_checkpoint(tmp_path_factory: pytest.TempPathFactory, hf_siglip2) -> 
 
 def read_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+# Property tests (tests/test_properties.py, hypothesis): a small example budget in the default run, more under
+# HYPOTHESIS_PROFILE=deep (`make test-all`). No deadline: timing is never asserted in this suite.
+try:
+    import os as _os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "default", max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.register_profile("deep", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(_os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # hypothesis is a dev dependency; without it tests/test_properties.py is skipped
+    pass

@@ -57,7 +57,7 @@ class TestSigLip2Config:
             VisionConfig(hidden_size=30, num_attention_heads=4)
         with pytest.raises(ValueError, match="perfect square"):
             SigLip2Config("siglip2", VisionConfig(num_patches=200))
-        with pytest.raises(ValueError, match="image_size 100 is not divisible by patch_size 16"):
-            SigLip2Config("siglip", VisionConfig(image_size=100))
+        with pytest.raises(ValueError, match="image_size 8 must be at least patch_size 16"):
+            SigLip2Config("siglip", VisionConfig(image_size=8))
         with pytest.raises(ValueError, match="hidden_act"):
             TextConfig(hidden_act="swish")

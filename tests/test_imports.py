@@ -14,6 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kornia_siglip2"
 LAYERS = {
     "kornia_siglip2.errors": 0,
     "kornia_siglip2.config": 1,
+    "kornia_siglip2.loading": 1,
     "kornia_siglip2.packing": 2,
     "kornia_siglip2.hub": 2,
     "kornia_siglip2.resample": 2,
@@ -34,10 +35,13 @@ LAYERS = {
     "kornia_siglip2.losses": 8,
     "kornia_siglip2.training.data": 9,
     "kornia_siglip2.training.recipe": 9,
+    "kornia_siglip2.training.checkpoint": 9,
+    "kornia_siglip2.training.synthetic": 9,
     "kornia_siglip2._demo": 9,
     "kornia_siglip2._embed": 9,
     "kornia_siglip2.demo": 10,
     "kornia_siglip2.cli": 10,
+    "kornia_siglip2.train": 10,
     "kornia_siglip2.__main__": 11,
     "kornia_siglip2": 11,
 }

@@ -38,9 +38,21 @@ class TestPatchify:
         patches, _ = patchify(image[None], 4)
         assert torch.equal(patches, torch.from_numpy(np.asarray(reference)))
 
+    def test_drop_remainder_equals_conv2d_with_stride_patch(self):
+        # a Conv2d with kernel = stride = p (transformers' fixed-resolution patch embedding) floors the grid
+        images = torch.rand(2, 3, 31, 20, dtype=torch.float64)
+        conv = torch.nn.Conv2d(3, 5, kernel_size=7, stride=7, bias=False).double()
+        expected = conv(images).flatten(2).transpose(1, 2).reshape(-1, 5)  # [B * 4 * 2, 5]
+        patches, grid_thw = patchify(images, 7, drop_remainder=True)
+        assert grid_thw.tolist() == [[1, 4, 2], [1, 4, 2]]
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(5, -1)  # the Linear over (py, px, c)
+        torch.testing.assert_close(patches @ weight.t(), expected, atol=1e-12, rtol=1e-12)
+
     def test_exception(self):
         with pytest.raises(ValueError, match="not divisible by patch_size 4"):
             patchify(torch.rand(1, 3, 10, 12), 4)
+        with pytest.raises(ValueError, match="smaller than one patch"):
+            patchify(torch.rand(1, 3, 3, 12), 4, drop_remainder=True)
         with pytest.raises(Exception, match="shape"):
             patchify(torch.rand(3, 8, 8), 4)
 

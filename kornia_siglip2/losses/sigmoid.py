@@ -71,7 +71,8 @@ def sigmoid_loss(
         group: the ``torch.distributed`` process group (default: the world).
 
     Returns:
-        The scalar loss, in the dtype of the logits.
+        The scalar loss, in the dtype of the embeddings (logits, loss terms and their sum in float32 at least,
+        so float16 / bfloat16 batches neither overflow nor drop the small terms).
 
     Raises:
         ValueCheckError: ``image_embeds`` or ``text_embeds`` is not :math:`(n, D)`, or they differ in shape.
@@ -118,7 +119,7 @@ def sigmoid_loss(
         return _distributed_loss(image_embeds, text_embeds, logit_scale, logit_bias, distributed, group, chunk_size)
     check(image_embeds.shape[0] > 0, "image_embeds must hold at least one image-text pair")
     loss_sum = _pair_loss_sum(image_embeds, text_embeds, logit_scale, logit_bias, 0, chunk_size)
-    return loss_sum / image_embeds.shape[0]
+    return (loss_sum / image_embeds.shape[0]).to(image_embeds.dtype)
 
 
 class SigmoidLoss(nn.Module):
@@ -241,11 +242,17 @@ def _pair_loss_sum(
     """
     if chunk_size is not None:
         return _ChunkedPairLossSum.apply(image, text, logit_scale, logit_bias, positive_offset, chunk_size)
-    logits = image @ text.T * logit_scale.exp() + logit_bias  # [n, m]
+    accumulate = _accumulation_dtype(image)  # fp16 / bf16: the n x m sum overflows or loses the small terms
+    logits = (image @ text.T).to(accumulate) * logit_scale.to(accumulate).exp() + logit_bias.to(accumulate)
     labels = -torch.ones_like(logits)
     if positive_offset is not None:
         labels.diagonal(positive_offset).fill_(1.0)  # 2 * eye(n) - 1 for a square block
     return -F.logsigmoid(labels * logits).sum()
+
+
+def _accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision embeddings, their own dtype otherwise (float64 stays float64)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
 
 
 class _ChunkedPairLossSum(torch.autograd.Function):
@@ -265,11 +272,13 @@ class _ChunkedPairLossSum(torch.autograd.Function):
         positive_offset: int | None,
         chunk_size: int,
     ) -> torch.Tensor:
-        scale = logit_scale.exp()
-        total = image.new_zeros(())
+        accumulate = _accumulation_dtype(image)  # logits, loss terms and their sum in float32 at least
+        scale = logit_scale.to(accumulate).exp()
+        bias = logit_bias.to(accumulate)
+        total = image.new_zeros((), dtype=accumulate)
         for start in range(0, image.shape[0], chunk_size):
             # -label * logit, built in place: -(a * s + b) == a * (-s) - b exactly, so this matches dense
-            signed = (image[start : start + chunk_size] @ text.T).mul_(-scale).sub_(logit_bias)  # [c, m]
+            signed = (image[start : start + chunk_size] @ text.T).to(accumulate).mul_(-scale).sub_(bias)  # [c, m]
             if positive_offset is not None:
                 signed.diagonal(positive_offset + start).neg_()
             total = total - F.logsigmoid(signed).sum()
@@ -283,29 +292,33 @@ class _ChunkedPairLossSum(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple:
         image, text, logit_scale, logit_bias = ctx.saved_tensors
         need_image, need_text, need_scale, need_bias = ctx.needs_input_grad[:4]
-        scale = logit_scale.exp()
-        grad_image = torch.empty_like(image) if need_image or need_scale else None
-        grad_text = torch.zeros_like(text) if need_text else None
-        scale_sum = image.new_zeros(())  # sum over pairs of dL/dlogit * (x_i . z_j)
-        bias_sum = image.new_zeros(())  # sum over pairs of dL/dlogit
+        accumulate = _accumulation_dtype(image)
+        scale = logit_scale.to(accumulate).exp()
+        bias = logit_bias.to(accumulate)
+        grad_image = torch.empty_like(image, dtype=accumulate) if need_image or need_scale else None
+        grad_text = torch.zeros_like(text, dtype=accumulate) if need_text else None
+        scale_sum = image.new_zeros((), dtype=accumulate)  # sum over pairs of dL/dlogit * (x_i . z_j)
+        bias_sum = image.new_zeros((), dtype=accumulate)  # sum over pairs of dL/dlogit
+        text_acc = text.to(accumulate)
         for start in range(0, image.shape[0], ctx.chunk_size):
-            image_chunk = image[start : start + ctx.chunk_size]
-            grad_logits = (image_chunk @ text.T).mul_(scale).add_(logit_bias).sigmoid_()  # [c, m]
+            image_chunk = image[start : start + ctx.chunk_size].to(accumulate)
+            grad_logits = (image[start : start + ctx.chunk_size] @ text.T).to(accumulate)
+            grad_logits = grad_logits.mul_(scale).add_(bias).sigmoid_()  # [c, m]
             if ctx.positive_offset is not None:
                 grad_logits.diagonal(ctx.positive_offset + start).sub_(1.0)
             if grad_image is not None:
-                grad_image_chunk = grad_logits @ text  # [c, D]
+                grad_image_chunk = grad_logits @ text_acc  # [c, D]
                 grad_image[start : start + ctx.chunk_size] = grad_image_chunk
                 # sum_ij g_ij (x_i . z_j) = sum_i x_i . (g @ z)_i: reuses the matmul of the image gradient
                 scale_sum = scale_sum + (image_chunk * grad_image_chunk).sum()
             if grad_text is not None:
                 grad_text.addmm_(grad_logits.T, image_chunk)
             bias_sum = bias_sum + grad_logits.sum()
-        step = grad_output * scale  # d logit / d (x_i . z_j) = exp(t')
+        step = grad_output.to(accumulate) * scale  # d logit / d (x_i . z_j) = exp(t')
         grad_scale = (scale_sum * step).to(logit_scale.dtype) if need_scale else None
         grad_bias = (bias_sum * grad_output).to(logit_bias.dtype) if need_bias else None
-        grad_image = grad_image.mul_(step) if need_image else None
-        grad_text = grad_text.mul_(step) if need_text else None
+        grad_image = grad_image.mul_(step).to(image.dtype) if need_image else None
+        grad_text = grad_text.mul_(step).to(text.dtype) if need_text else None
         return grad_image, grad_text, grad_scale, grad_bias, None, None
 
 
@@ -336,7 +349,7 @@ def _distributed_loss(
             # after `step` hops this rank holds the text block of rank - step: negatives only
             block = _RingShift.apply(block, rows[(rank - step) % world_size], group)
             loss_sum = loss_sum + _pair_loss_sum(image, block, logit_scale, logit_bias, None, chunk_size)
-    return loss_sum / image.shape[0]
+    return (loss_sum / image.shape[0]).to(image.dtype)
 
 
 def _exchange_rows(image: torch.Tensor, group: dist.ProcessGroup) -> list[int]:

@@ -290,13 +290,14 @@ class SelfDistillationLoss(nn.Module):
     @torch.no_grad()
     def _update_center(self, center: torch.Tensor, teacher_logits: torch.Tensor) -> None:
         """DINO: ``c = m * c + (1 - m) * mean(teacher_logits)``, the mean taken over all ranks."""
-        total = teacher_logits.sum(0).to(center.dtype)
-        count = torch.tensor(float(teacher_logits.shape[0]), device=center.device, dtype=center.dtype)
+        accumulate = torch.promote_types(torch.promote_types(teacher_logits.dtype, center.dtype), torch.float32)
+        total = teacher_logits.sum(0, dtype=accumulate)  # a half-precision sum over a large batch overflows
+        count = torch.tensor(float(teacher_logits.shape[0]), device=center.device, dtype=accumulate)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
             dist.all_reduce(count)
         if count > 0:
-            center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
+            center.mul_(self.center_momentum).add_((total / count).to(center.dtype), alpha=1.0 - self.center_momentum)
 
 
 def _vision_tower(student: nn.Module) -> VisionTransformer:

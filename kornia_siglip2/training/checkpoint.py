@@ -1,0 +1,183 @@
+"""Resumable training checkpoints: safetensors + JSON only (nothing is unpickled), written atomically.
+
+A checkpoint is a folder ``step-XXXXXXXX`` holding the full (unsharded) model and optimizer state gathered
+with ``torch.distributed.checkpoint.state_dict`` (so the same files serve a plain module, DDP and FSDP2, and
+a run can resume on another world size), the EMA weights, the trainer state (step, scheduler, sampler
+position, as JSON) and one RNG state per rank. It is written into a temporary folder, then renamed, and
+``latest`` (a one-line text file, itself replaced atomically) names the newest complete one: a run killed
+while saving resumes from the previous checkpoint. Every rank must call :func:`save_checkpoint` and
+:func:`load_checkpoint` (they gather / scatter collectively); rank 0 writes the shared files, so the folder
+must be visible to every rank (one machine, or a shared file system).
+
+Gathering the full state on rank 0 costs memory and time at scale; sharded saving with
+``torch.distributed.checkpoint.save`` is not used because its loader unpickles its metadata file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from kornia_siglip2.errors import check
+
+__all__ = ["LATEST", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
+
+LATEST = "latest"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as safetensors tensors plus a JSON structure (non-tensor values, param groups)."""
+    tensors, scalars = {}, {}
+    for name, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}|{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{name}|{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *structure["scalars"].items()]:
+        name, key = flat.rsplit("|", 1)
+        state.setdefault(name, {})[key] = value
+    groups = structure["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(
+    folder: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    ema: nn.Module | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` under ``folder`` atomically; call on every rank.
+
+    Args:
+        folder: the checkpoint folder of the run.
+        step: the optimizer step reached (names the checkpoint).
+        model: the trained module (plain, DDP or FSDP2-sharded).
+        optimizer: its optimizer.
+        trainer_state: JSON-serialisable state (scheduler, sampler position, metrics...).
+        ema: an EMA module (saved from rank 0's copy), if any.
+        keep: how many complete checkpoints to keep (older ones are removed).
+
+    Returns:
+        the checkpoint path.
+    """
+    rank, world_size = _rank_world()
+    folder = Path(folder)
+    final = folder / f"step-{step:08d}"
+    temporary = folder / f".tmp-step-{step:08d}"
+    # collective: every rank takes part in gathering the full state
+    model_state, optimizer_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    _barrier()
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, temporary / f"rng-rank{rank:05d}.safetensors")
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, temporary / "model.safetensors")
+        tensors, structure = _flatten_optimizer(optimizer_state)
+        save_file(tensors, temporary / "optimizer.safetensors")
+        (temporary / "optimizer.json").write_text(json.dumps(structure))
+        if ema is not None:
+            ema_state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+            save_file(ema_state, temporary / "ema.safetensors")
+        state = {"step": step, "world_size": world_size, **trainer_state}
+        (temporary / "trainer.json").write_text(json.dumps(state, indent=2))
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        pointer = folder / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, folder / LATEST)
+        complete = sorted(path for path in folder.glob("step-*") if path.is_dir())
+        for old in complete[: max(len(complete) - keep, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``folder`` (named by its ``latest`` file), or ``None``."""
+    pointer = Path(folder) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(folder) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None = None
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into ``model``, ``optimizer`` and ``ema``; call on every rank.
+
+    Each rank reads the full state (safetensors, no pickle) and keeps its shard. The RNG state of the same
+    rank is restored when the world size is unchanged.
+
+    Returns:
+        the trainer state (``step``, ``world_size`` and what was passed as ``trainer_state``).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint folder.
+    """
+    path = Path(path)
+    if not (path / "trainer.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint written by save_checkpoint (no trainer.json).")
+    rank, world_size = _rank_world()
+    state = json.loads((path / "trainer.json").read_text())
+    model_state = load_file(path / "model.safetensors")
+    optimizer_state = _unflatten_optimizer(
+        load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
+    )
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
+    if ema is not None:
+        check((path / "ema.safetensors").is_file(), lambda: f"{path} holds no EMA weights (ema.safetensors).")
+        ema.load_state_dict(load_file(path / "ema.safetensors"))
+    rng_file = path / f"rng-rank{rank:05d}.safetensors"
+    if state["world_size"] == world_size and rng_file.is_file():
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state

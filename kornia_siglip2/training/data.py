@@ -1,0 +1,459 @@
+"""Image-text data for training: manifests, NaFlex preprocessing in the workers, token-budget packing.
+
+A manifest lists ``(image path, caption)`` pairs (:func:`read_manifest`: a folder of images with ``.txt``
+captions beside them, a JSONL file or a CSV file). :class:`ImageTextDataset` loads and preprocesses one
+image per item, in the ``DataLoader`` workers. :class:`TokenBudgetBatchSampler` packs images into batches of
+at most ``token_budget`` patch tokens (NaViT-style greedy packing, Dehghani et al. 2023, section 2.2): no
+batch is padded, so every step sees a near-constant number of tokens. :func:`collate_packed` concatenates
+the items into one :class:`~kornia_siglip2.packing.PackedImages` and a block of token ids.
+
+Distributed, every rank builds the same plan from the seed and the epoch and takes every ``W``-th batch, so
+each image is seen exactly once per epoch across the ranks and every rank takes the same number of steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from kornia_siglip2.errors import check, check_type
+from kornia_siglip2.packing import PackedImages
+from kornia_siglip2.preprocess import NaFlexImagePreprocessor, naflex_target_size
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ByteTokenizer",
+    "ImageTextDataset",
+    "ImageTextRecord",
+    "PackedBatch",
+    "TokenBudgetBatchSampler",
+    "collate_packed",
+    "image_size",
+    "load_image",
+    "naflex_num_tokens",
+    "read_manifest",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class ImageTextRecord:
+    """One training pair.
+
+    Attributes:
+        image: path of the image file.
+        caption: its caption.
+        size: ``(height, width)`` in pixels if the manifest gives it (then the sampler opens no file).
+    """
+
+    image: Path
+    caption: str
+    size: tuple[int, int] | None = None
+
+
+def read_manifest(source: str | Path, image_key: str = "image", caption_key: str = "caption") -> list[ImageTextRecord]:
+    """Read the ``(image, caption)`` pairs of a folder, a JSONL file or a CSV file.
+
+    - folder: every image (:data:`IMAGE_EXTENSIONS`, recursively, sorted by path) with a caption file of the
+      same name and a ``.txt`` suffix beside it.
+    - ``.jsonl``: one JSON object per line with ``image_key`` and ``caption_key`` (optional ``width`` and
+      ``height``).
+    - ``.csv``: a header row naming ``image_key`` and ``caption_key`` (optional ``width`` and ``height``).
+
+    Relative image paths are relative to the manifest's folder.
+
+    Args:
+        source: the folder or the manifest file.
+        image_key: name of the image path field.
+        caption_key: name of the caption field.
+
+    Returns:
+        the records, in manifest order.
+
+    Raises:
+        FileNotFoundError: ``source`` or a folder image's caption file does not exist.
+        ValueCheckError: an unknown manifest suffix, a line that is not a JSON object, a missing field (named
+            with its line), or an empty manifest.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"No image folder or manifest at {source}.")
+    if source.is_dir():
+        records = []
+        for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            caption_file = path.with_suffix(".txt")
+            if not caption_file.is_file():
+                raise FileNotFoundError(f"Image {path} has no caption file {caption_file}: write one beside it.")
+            records.append(ImageTextRecord(path, caption_file.read_text().strip()))
+    else:
+        suffix = source.suffix.lower()
+        check(suffix in (".jsonl", ".csv"), lambda: f"Manifest {source} must be .jsonl or .csv, got {suffix!r}.")
+        rows = _read_rows(source, suffix)
+        records = [_record(row, line, source, image_key, caption_key) for line, row in rows]
+    check(len(records) > 0, lambda: f"{source} lists no image-caption pair.")
+    return records
+
+
+def _read_rows(source: Path, suffix: str) -> list[tuple[int, dict[str, Any]]]:
+    if suffix == ".csv":
+        with source.open(newline="") as handle:
+            return [(line, row) for line, row in enumerate(csv.DictReader(handle), start=2)]
+    rows = []
+    for line, text in enumerate(source.read_text().splitlines(), start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{source} line {line} is not valid JSON: {error}") from error
+        check(isinstance(row, dict), lambda line=line: f"{source} line {line} must be a JSON object.")
+        rows.append((line, row))
+    return rows
+
+
+def _record(row: dict[str, Any], line: int, source: Path, image_key: str, caption_key: str) -> ImageTextRecord:
+    for key in (image_key, caption_key):
+        check(key in row and row[key] not in (None, ""), lambda key=key: f"{source} line {line} has no {key!r}.")
+    image = Path(row[image_key])
+    size = None
+    if row.get("width") not in (None, "") and row.get("height") not in (None, ""):
+        size = (int(row["height"]), int(row["width"]))
+    return ImageTextRecord(image if image.is_absolute() else source.parent / image, str(row[caption_key]), size)
+
+
+@lru_cache(maxsize=65536)
+def naflex_num_tokens(height: int, width: int, patch_size: int, max_num_patches: int) -> int:
+    """Patch tokens of an image after NaFlex resizing (:func:`~kornia_siglip2.preprocess.naflex_target_size`).
+
+    Example:
+        >>> naflex_num_tokens(480, 640, 16, 256), naflex_num_tokens(1000, 100, 16, 256)
+        (252, 250)
+    """
+    target_height, target_width = naflex_target_size(height, width, patch_size, max_num_patches)
+    return (target_height // patch_size) * (target_width // patch_size)
+
+
+class ByteTokenizer:
+    """A dependency-free tokenizer for from-scratch runs: UTF-8 bytes + 1, then EOS, padded with 0 to a length.
+
+    Use a real tokenizer (:class:`~kornia_siglip2.tokenizer.SigLipTokenizer`) to fine-tune a checkpoint.
+
+    Args:
+        max_length: the fixed length :math:`L` (SigLIP's text tower uses 64).
+
+    Example:
+        >>> ByteTokenizer(max_length=6)(["ab"]).tolist()
+        [[98, 99, 257, 0, 0, 0]]
+    """
+
+    vocab_size = 258  # 0 pad, 1..256 bytes, 257 EOS
+    pad_token_id = 0
+    eos_token_id = 257
+
+    def __init__(self, max_length: int = 64) -> None:
+        check(max_length >= 1, lambda: f"max_length must be positive, got {max_length}.")
+        self.max_length = int(max_length)
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids :math:`(n, L)` of the texts (truncated to ``L - 1`` bytes, then EOS)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = torch.zeros(len(texts), self.max_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = [byte + 1 for byte in text.encode()[: self.max_length - 1]] + [self.eos_token_id]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """An image file as a :math:`(3, H, W)` ``uint8`` tensor (Pillow, converted to RGB)."""
+    with _pillow().open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file, from its header only."""
+    with _pillow().open(path) as image:
+        return image.height, image.width
+
+
+def _pillow():
+    try:
+        from PIL import Image  # the text extra installs Pillow; only the data pipeline needs it
+    except ImportError as error:
+        raise ImportError("Reading image files needs Pillow: pip install 'kornia_siglip2[text]'.") from error
+    return Image
+
+
+class ImageTextDataset(Dataset):
+    """Preprocessed ``(image, caption)`` pairs; runs in the ``DataLoader`` workers.
+
+    Args:
+        records: the pairs (see :func:`read_manifest`).
+        tokenizer: maps a list of captions to :math:`(n, L)` token ids (e.g. :class:`ByteTokenizer` or
+            :class:`~kornia_siglip2.tokenizer.SigLipTokenizer`).
+        patch_size: patch side :math:`p` of the model.
+        max_num_patches: the default NaFlex patch budget of an image; the sampler may choose another per image.
+        loader: reads an image path into a :math:`(C, H, W)` tensor (default: Pillow, RGB ``uint8``).
+
+    Items are indexed by ``index`` or by ``(index, max_num_patches)`` (what :class:`TokenBudgetBatchSampler`
+    yields) and are dicts with ``patches`` :math:`(t, p \\cdot p \\cdot C)` float32, ``grid_thw`` :math:`(1, 3)`,
+    ``input_ids`` :math:`(L,)` and ``index``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageTextRecord],
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        patch_size: int = 16,
+        max_num_patches: int = 256,
+        loader: Callable[[Path], torch.Tensor] = load_image,
+    ) -> None:
+        check(len(records) > 0, "records must hold at least one image-caption pair.")
+        self.records = list(records)
+        self.tokenizer = tokenizer
+        self.patch_size = int(patch_size)
+        self.max_num_patches = int(max_num_patches)
+        self.loader = loader
+        self._preprocessors: dict[int, NaFlexImagePreprocessor] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every image: from the manifest where given, else from the file header."""
+        return [record.size if record.size is not None else image_size(record.image) for record in self.records]
+
+    def _preprocessor(self, max_num_patches: int) -> NaFlexImagePreprocessor:
+        if max_num_patches not in self._preprocessors:
+            self._preprocessors[max_num_patches] = NaFlexImagePreprocessor(self.patch_size, max_num_patches)
+        return self._preprocessors[max_num_patches]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, max_num_patches = key if isinstance(key, tuple) else (key, self.max_num_patches)
+        record = self.records[index]
+        image = self.loader(record.image)
+        with torch.no_grad():
+            packed = self._preprocessor(max_num_patches)(image[None] if image.ndim == 3 else image)
+        input_ids = self.tokenizer([record.caption])
+        return {
+            "patches": packed.patches.float(),
+            "grid_thw": packed.grid_thw,
+            "input_ids": input_ids[0],
+            "index": index,
+        }
+
+
+@dataclass
+class PackedBatch:
+    """A packed training batch: the images with no padding token, their captions and dataset indices.
+
+    Attributes:
+        images: :class:`~kornia_siglip2.packing.PackedImages` of the :math:`n` images.
+        input_ids: :math:`(n, L)` token ids; row ``i`` is the caption of image ``i``.
+        indices: :math:`(n,)` dataset indices.
+    """
+
+    images: PackedImages
+    input_ids: torch.Tensor
+    indices: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens of the batch (all real: there is no padding)."""
+        return self.images.patches.shape[0]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
+        """Move to ``device``, casting the patches to ``dtype`` if given."""
+        images = self.images.to(device=device, dtype=dtype) if dtype else self.images.to(device)
+        return PackedBatch(images, self.input_ids.to(device), self.indices.to(device))
+
+
+def collate_packed(items: Sequence[dict[str, Any]]) -> PackedBatch:
+    """Concatenate dataset items (see :class:`ImageTextDataset`) into one :class:`PackedBatch`.
+
+    Example:
+        >>> items = [{"patches": torch.rand(t, 12), "grid_thw": torch.tensor([[1, 1, t]]),
+        ...           "input_ids": torch.zeros(4, dtype=torch.long), "index": i} for i, t in enumerate((2, 3))]
+        >>> batch = collate_packed(items)
+        >>> batch.num_tokens, batch.images.grid_thw.tolist(), batch.input_ids.shape
+        (5, [[1, 1, 2], [1, 1, 3]], torch.Size([2, 4]))
+    """
+    check(len(items) > 0, "collate_packed needs at least one item.")
+    images = PackedImages(
+        torch.cat([item["patches"] for item in items]), torch.cat([item["grid_thw"] for item in items])
+    )
+    input_ids = torch.stack([item["input_ids"] for item in items])
+    indices = torch.tensor([item["index"] for item in items], dtype=torch.long)
+    return PackedBatch(images, input_ids, indices)
+
+
+Batch = list[tuple[int, int]]
+
+
+class TokenBudgetBatchSampler(Sampler[Batch]):
+    """Batches of ``(index, max_num_patches)`` whose NaFlex tokens sum to at most ``token_budget``.
+
+    Each epoch the images are shuffled (a generator seeded from ``seed`` and the epoch), each is given a patch
+    budget (``max_num_patches``, or one of several drawn per image, as timm's NaFlex loader varies the
+    sequence length), and they are packed greedily: an image goes into the first of up to ``max_open_batches``
+    open batches it fits in, else opens a new one; when too many are open, the fullest is emitted.
+
+    Distributed, every rank computes the same plan and takes batches ``rank, rank + W, ...``. If the number of
+    batches is not a multiple of ``W``, the batches with the most images are split in two (splitting never
+    exceeds the budget) until it is, so every rank takes the same number of steps and each image is used exactly
+    once per epoch across the ranks (the distributed sigmoid loss accepts the uneven ``n_local``).
+
+    Args:
+        sizes: ``(height, width)`` of every image (:meth:`ImageTextDataset.sizes`).
+        token_budget: most patch tokens of a batch on one rank.
+        patch_size: patch side :math:`p`.
+        max_num_patches: patch budget of an image, or a sequence of budgets to draw from per image.
+        num_replicas: number of ranks :math:`W`.
+        rank: this rank.
+        seed: seed of the shuffling and of the budget draws.
+        shuffle: shuffle each epoch (else manifest order).
+        max_open_batches: open batches the greedy packing keeps (more: fuller batches, more reordering).
+
+    Raises:
+        ValueCheckError: a non-positive budget, a rank outside ``[0, W)``, an image budget above
+            ``token_budget``, or fewer images than ranks.
+
+    Example:
+        >>> sampler = TokenBudgetBatchSampler([(64, 64)] * 5 + [(32, 64)] * 3, token_budget=40, patch_size=16,
+        ...                                   max_num_patches=16, num_replicas=2, rank=0, seed=0)
+        >>> [sum(sampler.num_tokens(item) for item in batch) <= 40 for batch in sampler]
+        [True, True]
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[tuple[int, int]],
+        token_budget: int,
+        patch_size: int = 16,
+        max_num_patches: int | Sequence[int] = 256,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        max_open_batches: int = 8,
+    ) -> None:
+        choices = (max_num_patches,) if isinstance(max_num_patches, int) else tuple(max_num_patches)
+        check(token_budget >= 1, lambda: f"token_budget must be positive, got {token_budget}.")
+        check(num_replicas >= 1 and 0 <= rank < num_replicas, lambda: f"rank {rank} not in [0, {num_replicas}).")
+        check(len(choices) > 0 and min(choices) >= 1, lambda: f"max_num_patches must be positive: {choices}.")
+        check(
+            max(choices) <= token_budget,
+            lambda: f"max_num_patches {max(choices)} exceeds token_budget {token_budget}: raise the budget.",
+        )
+        check(
+            len(sizes) >= num_replicas,
+            lambda: f"{len(sizes)} images cannot give each of {num_replicas} ranks a batch.",
+        )
+        check(max_open_batches >= 1, lambda: f"max_open_batches must be positive, got {max_open_batches}.")
+        self.sizes = [(int(height), int(width)) for height, width in sizes]
+        self.token_budget = int(token_budget)
+        self.patch_size = int(patch_size)
+        self.choices = choices
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.max_open_batches = int(max_open_batches)
+        self.epoch = 0
+        self.start_batch = 0
+        self._plan_cache: tuple[int, list[Batch]] | None = None
+
+    def num_tokens(self, item: tuple[int, int]) -> int:
+        """Tokens of one ``(index, max_num_patches)`` item."""
+        height, width = self.sizes[item[0]]
+        return naflex_num_tokens(height, width, self.patch_size, item[1])
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Use the plan of ``epoch`` and start at this rank's batch ``start_batch`` (a resumed run)."""
+        check(0 <= start_batch <= self._rank_length(epoch), lambda: f"start_batch {start_batch} out of range.")
+        self.epoch = int(epoch)
+        self.start_batch = int(start_batch)
+
+    def plan(self, epoch: int | None = None) -> list[Batch]:
+        """Every batch of the epoch, all ranks together: rank ``r`` takes ``plan[r::W]``."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            self._plan_cache = (epoch, self._build_plan(epoch))
+        return self._plan_cache[1]
+
+    def _build_plan(self, epoch: int) -> list[Batch]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        count = len(self.sizes)
+        order = torch.randperm(count, generator=generator).tolist() if self.shuffle else list(range(count))
+        picks = torch.randint(len(self.choices), (count,), generator=generator).tolist()
+        batches: list[Batch] = []
+        open_batches: list[tuple[list[tuple[int, int]], int]] = []  # (items, tokens)
+        for index in order:
+            item = (index, self.choices[picks[index]])
+            tokens = self.num_tokens(item)
+            for position, (items, used) in enumerate(open_batches):
+                if used + tokens <= self.token_budget:
+                    items.append(item)
+                    open_batches[position] = (items, used + tokens)
+                    break
+            else:
+                open_batches.append(([item], tokens))
+                if len(open_batches) > self.max_open_batches:
+                    fullest = max(range(len(open_batches)), key=lambda position: open_batches[position][1])
+                    batches.append(open_batches.pop(fullest)[0])
+        # the batches still open at the end: repack their images first-fit decreasing into as few as possible
+        tail = sorted((item for items, _ in open_batches for item in items), key=self.num_tokens, reverse=True)
+        tail_batches: list[tuple[list[tuple[int, int]], int]] = []
+        for item in tail:
+            tokens = self.num_tokens(item)
+            for position, (items, used) in enumerate(tail_batches):
+                if used + tokens <= self.token_budget:
+                    items.append(item)
+                    tail_batches[position] = (items, used + tokens)
+                    break
+            else:
+                tail_batches.append(([item], tokens))
+        batches.extend(items for items, _ in tail_batches)
+        # split the batches with the most images until every rank has as many batches
+        while len(batches) % self.num_replicas:
+            largest = max(range(len(batches)), key=lambda position: (len(batches[position]), position))
+            items = batches[largest]
+            check(len(items) > 1, "Too few images to give every rank a batch: lower token_budget.")
+            batches[largest : largest + 1] = [items[: len(items) // 2], items[len(items) // 2 :]]
+        return batches
+
+    def _rank_length(self, epoch: int) -> int:
+        return len(self.plan(epoch)) // self.num_replicas
+
+    def __len__(self) -> int:
+        return self._rank_length(self.epoch) - self.start_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        mine = self.plan()[self.rank :: self.num_replicas]
+        yield from (list(batch) for batch in mine[self.start_batch :])
+
+    def fill(self, epoch: int | None = None) -> float:
+        """Mean fraction of ``token_budget`` the batches of an epoch use (all ranks)."""
+        plan = self.plan(epoch)
+        return sum(sum(self.num_tokens(item) for item in batch) for batch in plan) / (len(plan) * self.token_budget)
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and start batch (the training loop stores the position it consumed up to)."""
+        return {"epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore :meth:`state_dict`."""
+        check_type(isinstance(state, dict), "state must be a dict from TokenBudgetBatchSampler.state_dict().")
+        check(int(state["seed"]) == self.seed, lambda: f"checkpoint seed {state['seed']} != sampler seed {self.seed}.")
+        self.set_epoch(int(state["epoch"]), int(state["start_batch"]))

@@ -1,0 +1,485 @@
+"""The multi-process training recipe: packed NaFlex batches, DDP or FSDP2, the distributed sigmoid loss.
+
+Run it with ``torchrun`` (one process per device; a single process without it)::
+
+    torchrun --nproc_per_node 2 -m kornia_siglip2.train --data manifest.jsonl --out runs/a --parallel ddp
+
+Each rank reads its share of every epoch from :class:`~kornia_siglip2.training.data.TokenBudgetBatchSampler`
+(a token budget per rank and micro-batch, no padding), encodes it with the model wrapped in DDP or FSDP2
+(``fully_shard`` on every encoder block, then on the model), and scores its images against the texts of every
+rank (:func:`~kornia_siglip2.losses.sigmoid_loss` with ``distributed="all_gather"`` or ``"ring"``). Each rank's
+loss is weighted by :math:`W n_r / n` so that the gradients the wrappers average are those of the dense loss on
+the global batch, also with uneven ``n_r``. Gradient accumulation averages the micro-batch losses (negatives come
+from the micro-batch, as open_clip accumulates). The learning rate warms up linearly and decays with a cosine;
+metrics go to the terminal and to ``metrics.jsonl`` on rank 0; checkpoints are resumable
+(:mod:`kornia_siglip2.training.checkpoint`); the final model is written with ``save_pretrained``.
+
+Only the sigmoid term of the SigLIP 2 objective is trained here: the manifest carries no region boxes for
+LocCa, and SILC/TIPS (which need the EMA teacher under FSDP) are not wired into the recipe yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import resource
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kornia_siglip2.config import SigLip2Config
+from kornia_siglip2.errors import check
+from kornia_siglip2.losses.sigmoid import sigmoid_loss
+from kornia_siglip2.model import SigLip2
+from kornia_siglip2.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kornia_siglip2.training.data import (
+    ByteTokenizer,
+    ImageTextDataset,
+    PackedBatch,
+    TokenBudgetBatchSampler,
+    collate_packed,
+    read_manifest,
+)
+from kornia_siglip2.training.ema import EMATeacher
+
+__all__ = ["PARALLEL_MODES", "PRECISIONS", "ContrastiveForward", "RecipeConfig", "main", "train", "warmup_cosine"]
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+PRECISIONS = ("fp32", "bf16", "fp64")
+
+
+@dataclass
+class RecipeConfig:
+    """Everything a run needs; the command-line flags of ``python -m kornia_siglip2.train`` are its fields.
+
+    Attributes:
+        data: a manifest (JSONL / CSV) or an image folder (see :func:`~kornia_siglip2.training.data.read_manifest`).
+        out: run folder: ``metrics.jsonl``, ``checkpoints/``, ``final/`` (``save_pretrained`` layout).
+        model: a checkpoint ``SigLip2.from_pretrained`` loads, to fine-tune; or ``None`` to train from scratch.
+        model_config: with ``model=None``, a ``config.json`` (transformers layout) of the model to initialise.
+        tokenizer: ``"bytes"`` (:class:`~kornia_siglip2.training.data.ByteTokenizer`, from scratch) or a folder
+            with a tokenizer (:class:`~kornia_siglip2.tokenizer.SigLipTokenizer`).
+        text_length: token ids per caption.
+        parallel: ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard``).
+        distributed_loss: ``"all_gather"`` or ``"ring"`` (see :func:`~kornia_siglip2.losses.sigmoid_loss`).
+        precision: ``"fp32"``, ``"bf16"`` (autocast; weights and loss in float32) or ``"fp64"`` (tests).
+        token_budget: patch tokens per rank and micro-batch.
+        max_num_patches: NaFlex patch budgets drawn per image.
+        steps: optimizer steps.
+        accumulation: micro-batches per optimizer step.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio``.
+        grad_clip: clip the global gradient norm to this (``None`` or 0: no clipping).
+        grad_checkpointing: recompute every encoder block in backward (``Encoder.set_grad_checkpointing``).
+        ema_momentum: keep an EMA copy of the model with this momentum (``None``: none; not with FSDP).
+        seed: seed of the initialisation and of the data order.
+        num_workers: ``DataLoader`` workers per rank.
+        log_every: steps between metric lines.
+        progress: show a ``tqdm`` progress bar on rank 0 (with the loss and tokens/s).
+        save_every: steps between checkpoints (``None``: only at the end).
+        resume: continue from ``out/checkpoints/latest`` if there is one.
+        device: ``"auto"`` (CUDA device ``LOCAL_RANK`` if available, else CPU), or a torch device.
+        threads: CPU threads per process (``None``: torch's default).
+    """
+
+    data: str
+    out: str
+    model: str | None = None
+    model_config: str | None = None
+    tokenizer: str = "bytes"
+    text_length: int = 64
+    parallel: Literal["none", "ddp", "fsdp"] = "ddp"
+    distributed_loss: Literal["all_gather", "ring"] = "all_gather"
+    precision: Literal["fp32", "bf16", "fp64"] = "fp32"
+    token_budget: int = 8192
+    max_num_patches: Sequence[int] = field(default_factory=lambda: (256,))
+    steps: int = 1000
+    accumulation: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    grad_checkpointing: bool = False
+    ema_momentum: float | None = None
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    progress: bool = False
+    save_every: int | None = None
+    resume: bool = True
+    device: str = "auto"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        check(self.parallel in PARALLEL_MODES, lambda: f"parallel must be one of {PARALLEL_MODES}: {self.parallel!r}")
+        check(self.precision in PRECISIONS, lambda: f"precision must be one of {PRECISIONS}: {self.precision!r}")
+        check(self.steps >= 1 and self.accumulation >= 1, "steps and accumulation must be positive.")
+        check(
+            self.model is not None or self.model_config is not None,
+            "Give model (a checkpoint to fine-tune) or model_config (a config.json to train from scratch).",
+        )
+        check(
+            not (self.ema_momentum is not None and self.parallel == "fsdp"),
+            "ema_momentum is not supported with parallel='fsdp' yet: use ddp.",
+        )
+        self.max_num_patches = tuple(int(value) for value in self.max_num_patches)
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            self.grad_clip = None
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
+    """Learning-rate multiplier: linear from ``1 / warmup`` to 1 over ``warmup_steps``, then a cosine to ``min_ratio``.
+
+    Example:
+        >>> [round(warmup_cosine(step, 10, 2), 3) for step in (0, 1, 2, 6, 10)]
+        [0.5, 1.0, 1.0, 0.5, 0.0]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ContrastiveForward(nn.Module):
+    """The model's forward for the sigmoid loss: normalized embeddings plus :math:`t'` and :math:`b`.
+
+    DDP and FSDP2 hook a module's ``forward``: wrapping this one (not calling ``encode_images`` on the model)
+    is what makes them synchronize gradients and gather shards.
+
+    Args:
+        model: the SigLIP 2 model.
+    """
+
+    def __init__(self, model: SigLip2) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, patches: torch.Tensor, grid_thw: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(image_embeds (n, D), text_embeds (n, D), logit_scale (1,), logit_bias (1,))``."""
+        image_embeds = self.model.get_image_features(patches=patches, grid_thw=grid_thw).pooler_output
+        text_embeds = self.model.get_text_features(input_ids).pooler_output
+        # under bf16 autocast the loss is computed in float32; float64 stays float64
+        image_embeds = nn.functional.normalize(_at_least_float32(image_embeds), dim=-1)
+        text_embeds = nn.functional.normalize(_at_least_float32(text_embeds), dim=-1)
+        # new tensors, so that FSDP may reshard the parameters after forward
+        return image_embeds, text_embeds, self.model.logit_scale * 1, self.model.logit_bias * 1
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def _setup_distributed(config: RecipeConfig) -> tuple[int, int, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = config.device == "auto" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else ("cpu" if config.device == "auto" else config.device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def build_model(config: RecipeConfig) -> SigLip2:
+    """The model to train: ``from_pretrained(config.model)``, or ``config.model_config`` initialised from the seed."""
+    if config.model is not None:
+        model = SigLip2.from_pretrained(config.model)
+    else:
+        torch.manual_seed(config.seed)
+        hf_config = json.loads(Path(config.model_config).read_text())
+        model = SigLip2(SigLip2Config.from_hf_dict(hf_config))
+        model.init_weights()
+    return model.double() if config.precision == "fp64" else model.float()
+
+
+def wrap_model(module: nn.Module, parallel: str, device: torch.device) -> nn.Module:
+    """DDP, FSDP2 (every encoder block, then the root) or nothing, on ``device``."""
+    module = module.to(device)
+    if parallel == "ddp" and dist.is_initialized():
+        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    if parallel == "fsdp" and dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        for tower in (module.model.vision_model, module.model.text_model):
+            for block in tower.encoder.layers:
+                fully_shard(block)
+        return fully_shard(module)
+    return module
+
+
+def _sync_context(model: nn.Module, parallel: str, sync: bool) -> contextlib.AbstractContextManager:
+    """No gradient synchronization on the first micro-batches of an accumulated step."""
+    if parallel == "ddp" and isinstance(model, nn.parallel.DistributedDataParallel) and not sync:
+        return model.no_sync()
+    if parallel == "fsdp" and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def _all_reduce(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value)
+    return value
+
+
+def _micro_step(
+    model: nn.Module, batch: PackedBatch, config: RecipeConfig, world_size: int, device: torch.device
+) -> tuple[torch.Tensor, int, int]:
+    """Forward and backward of one micro-batch; returns the global loss (detached), images and tokens."""
+    dtype = torch.float64 if config.precision == "fp64" else torch.float32
+    batch = batch.to(device, dtype)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
+    )
+    with autocast:
+        image_embeds, text_embeds, logit_scale, logit_bias = model(
+            batch.images.patches, batch.images.grid_thw, batch.input_ids
+        )
+    image_embeds, text_embeds = image_embeds.to(dtype), text_embeds.to(dtype)
+    counts = _all_reduce(torch.tensor([batch.images.num_images, batch.num_tokens], dtype=torch.float64))
+    num_images = int(counts[0])
+    mode = config.distributed_loss if world_size > 1 else None
+    loss = sigmoid_loss(image_embeds, text_embeds, logit_scale.to(dtype), logit_bias.to(dtype), distributed=mode)
+    # weighted so that the gradients DDP / FSDP average over ranks are the dense loss's on the global batch
+    weight = world_size * batch.images.num_images / num_images
+    (loss * weight / config.accumulation).backward()
+    global_loss = _all_reduce(loss.detach().double() * batch.images.num_images / num_images)
+    return global_loss, num_images, int(counts[1])
+
+
+def _batches(
+    loader: DataLoader, sampler: TokenBudgetBatchSampler, epoch: int, position: int
+) -> Iterator[tuple[int, int, PackedBatch]]:
+    """``(epoch, position after the batch, batch)`` forever, epoch after epoch, from ``(epoch, position)``."""
+    while True:
+        sampler.set_epoch(epoch, position)
+        for batch in loader:
+            position += 1
+            yield epoch, position, batch
+        epoch, position = epoch + 1, 0
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def _tokenizer(config: RecipeConfig):
+    if config.tokenizer == "bytes":
+        return ByteTokenizer(config.text_length)
+    from kornia_siglip2.tokenizer import SigLipTokenizer
+
+    return SigLipTokenizer.from_pretrained(config.tokenizer, max_length=config.text_length)
+
+
+def train(config: RecipeConfig) -> list[dict[str, Any]]:
+    """Run (or resume) training in this process; returns this run's metric records (every step).
+
+    Call it on every rank (``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``; a process group that is
+    already initialized is used as is).
+    """
+    rank, world_size, device = _setup_distributed(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    model = build_model(config)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    ema = EMATeacher(model, config.ema_momentum).to(device) if config.ema_momentum is not None else None
+    wrapped = wrap_model(ContrastiveForward(model), config.parallel, device)
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
+    )
+
+    tokenizer = _tokenizer(config)
+    vocab_size = model.config.text_config.vocab_size
+    check(
+        tokenizer.vocab_size <= vocab_size,
+        lambda: (
+            f"tokenizer {config.tokenizer!r} has {tokenizer.vocab_size} ids but the text tower embeds {vocab_size}: "
+            "pass the checkpoint's tokenizer folder as tokenizer."
+        ),
+    )
+    dataset = ImageTextDataset(read_manifest(config.data), tokenizer, model.patch_size, max(config.max_num_patches))
+    sampler = TokenBudgetBatchSampler(
+        dataset.sizes(),
+        config.token_budget,
+        model.patch_size,
+        config.max_num_patches,
+        num_replicas=world_size,
+        rank=rank,
+        seed=config.seed,
+    )
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=config.num_workers, pin_memory=False
+    )
+
+    step, epoch, position = 0, 0, 0
+    checkpoints = out / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints) if config.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, wrapped, optimizer, ema)
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        print(f"rank 0/{world_size} on {device}: {config.parallel}, {config.precision}, from step {step}", flush=True)
+
+    records = []
+    batches = _batches(loader, sampler, epoch, position)
+    bar = None
+    if config.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=step, desc="train", unit="step")
+    wrapped.train()
+    while step < config.steps:
+        start = time.perf_counter()
+        step_loss, step_images, step_tokens = 0.0, 0, 0
+        for micro in range(config.accumulation):
+            epoch, position, batch = next(batches)
+            with _sync_context(wrapped, config.parallel, sync=micro == config.accumulation - 1):
+                loss, images, tokens = _micro_step(wrapped, batch, config, world_size, device)
+            step_loss += float(loss) / config.accumulation
+            step_images += images
+            step_tokens += tokens
+        grad_norm = None
+        if config.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        seconds = time.perf_counter() - start
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": step_loss,
+            "lr": learning_rate,
+            "images": step_images,
+            "tokens": step_tokens,
+            "tokens_per_s": step_tokens / seconds,
+            "seconds": seconds,
+            "memory_mb": _memory_mb(device),
+            "grad_norm": grad_norm,
+        }
+        records.append(record)
+        if rank == 0:
+            with (out / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            elif step % config.log_every == 0 or step == config.steps:
+                print(
+                    f"step {step}/{config.steps} loss {step_loss:.4f} lr {learning_rate:.2e} "
+                    f"{record['tokens_per_s']:.0f} tok/s mem {record['memory_mb']:.0f} MB",
+                    flush=True,
+                )
+        if (config.save_every and step % config.save_every == 0) or step == config.steps:
+            trainer_state = {"epoch": epoch, "position": position, "scheduler": scheduler.state_dict()}
+            save_checkpoint(checkpoints, step, wrapped, optimizer, trainer_state, ema)
+    batches.close()  # shuts the DataLoader workers down
+    if bar is not None:
+        bar.close()
+    export_final(wrapped, model, out / "final", rank)
+    return records
+
+
+def export_final(wrapped: nn.Module, model: SigLip2, folder: Path, rank: int) -> None:
+    """Gather the full weights (collective) and write them with ``save_pretrained`` on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        with torch.device("meta"):
+            export = SigLip2(model.config)
+        export.load_state_dict({key.removeprefix("model."): value for key, value in state.items()}, assign=True)
+        export.save_pretrained(folder)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _field_help() -> dict[str, str]:
+    """Each field's description, from the ``Attributes:`` section of :class:`RecipeConfig`'s docstring."""
+    descriptions: dict[str, str] = {}
+    name = None
+    for line in (RecipeConfig.__doc__ or "").split("Attributes:")[-1].splitlines():
+        match = re.match(r"^\s{8}(\w+): (.*)$", line)
+        if match:
+            name, text = match.groups()
+            descriptions[name] = text
+        elif name and line.strip():
+            descriptions[name] += " " + line.strip()
+    return {key: _plain(text) for key, text in descriptions.items()}
+
+
+def _plain(text: str) -> str:
+    """Docstring markup to plain text for ``--help`` (roles and backticks dropped, ``%`` escaped)."""
+    text = re.sub(r":(?:class|func|mod|meth|data):", "", text)
+    return text.replace("`", "").replace("~", "").replace("%", "%%")
+
+
+_CHOICES = {"parallel": PARALLEL_MODES, "precision": PRECISIONS, "distributed_loss": ("all_gather", "ring")}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kornia_siglip2.train", description=__doc__.splitlines()[0])
+    descriptions = _field_help()
+    for item in fields(RecipeConfig):
+        flag = "--" + item.name.replace("_", "-")
+        default = item.default if item.default is not MISSING else None
+        help_text = descriptions.get(item.name, "") + " (default %(default)s)"
+        if item.name in ("data", "out"):
+            parser.add_argument(flag, required=True, help=descriptions.get(item.name))
+        elif item.name == "max_num_patches":
+            parser.add_argument(flag, type=int, nargs="+", default=[256], help=help_text)
+        elif item.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif item.type in ("int", "int | None"):
+            parser.add_argument(flag, type=int, default=default, help=help_text)
+        elif item.type in ("float", "float | None"):
+            parser.add_argument(flag, type=float, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, default=default, choices=_CHOICES.get(item.name), help=help_text)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point (``python -m kornia_siglip2.train --help``)."""
+    args = _parser().parse_args(argv)
+    config = RecipeConfig(**vars(args))
+    try:
+        train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

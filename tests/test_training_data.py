@@ -1,0 +1,163 @@
+"""Tests of kornia_siglip2.training.data: manifests, the token-budget sampler, the packed collate."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from kornia_siglip2.errors import ValueCheckError
+from kornia_siglip2.preprocess import NaFlexImagePreprocessor, naflex_target_size
+from kornia_siglip2.training.data import (
+    ByteTokenizer,
+    ImageTextDataset,
+    TokenBudgetBatchSampler,
+    collate_packed,
+    load_image,
+    read_manifest,
+)
+from kornia_siglip2.training.synthetic import photo_like_sizes, write_synthetic_dataset
+
+CHOICES = (64, 144, 256)
+
+
+def _tokens(size, max_num_patches, patch_size=16):
+    # independent of naflex_num_tokens: the resized size from the preprocessing module, in patches
+    height, width = naflex_target_size(*size, patch_size, max_num_patches)
+    return height * width // patch_size**2
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    return photo_like_sizes(503, seed=1)  # a prime count: uneven tails for 2 and 3 ranks
+
+
+class TestTokenBudgetBatchSampler:
+    @pytest.mark.parametrize("world_size", [1, 2, 3])
+    @pytest.mark.parametrize("budget", [1024, 4096])
+    def test_exactly_once_and_budget(self, sizes, world_size, budget):
+        samplers = [
+            TokenBudgetBatchSampler(sizes, budget, 16, CHOICES, num_replicas=world_size, rank=rank, seed=7)
+            for rank in range(world_size)
+        ]
+        seen = Counter()
+        lengths = []
+        for sampler in samplers:
+            sampler.set_epoch(3)
+            batches = list(sampler)
+            lengths.append(len(batches))
+            assert len(batches) == len(sampler)
+            for batch in batches:
+                assert batch, "empty batch"
+                assert sum(_tokens(sizes[index], patches) for index, patches in batch) <= budget
+                assert all(patches in CHOICES for _, patches in batch)
+                seen.update(index for index, _ in batch)
+        assert seen == Counter(range(len(sizes)))  # every image exactly once across the ranks
+        assert len(set(lengths)) == 1  # every rank takes the same number of steps
+
+    def test_deterministic_per_epoch(self, sizes):
+        first = TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, num_replicas=2, rank=1, seed=3)
+        second = TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, num_replicas=2, rank=1, seed=3)
+        first.set_epoch(5)
+        second.set_epoch(5)
+        assert list(first) == list(second)
+        second.set_epoch(6)
+        assert list(first) != list(second)
+        other_seed = TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, num_replicas=2, rank=1, seed=4)
+        other_seed.set_epoch(5)
+        assert list(first) != list(other_seed)
+
+    def test_no_shuffle_ignores_the_seed(self, sizes):
+        plans = [TokenBudgetBatchSampler(sizes, 4096, 16, 256, shuffle=False, seed=seed).plan() for seed in (0, 1)]
+        assert plans[0] == plans[1]
+
+    def test_start_batch_resumes(self, sizes):
+        sampler = TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, num_replicas=3, rank=2, seed=0)
+        sampler.set_epoch(1)
+        full = list(sampler)
+        sampler.set_epoch(1, start_batch=4)
+        assert list(sampler) == full[4:]
+        assert len(sampler) == len(full) - 4
+        restored = TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, num_replicas=3, rank=2, seed=0)
+        restored.load_state_dict(sampler.state_dict())
+        assert list(restored) == full[4:]
+
+    @pytest.mark.parametrize("world_size", [1, 2, 3])
+    def test_fill_on_photo_like_sizes(self, world_size):
+        """Mean fill of the budget on a web-like size mix, all batches of the epoch counted (tails included)."""
+        sizes = photo_like_sizes(2000, seed=0)
+        sampler = TokenBudgetBatchSampler(sizes, 4096, 16, CHOICES, num_replicas=world_size, seed=0)
+        plan = sampler.plan()
+        fill = sum(_tokens(sizes[i], m) for batch in plan for i, m in batch) / (len(plan) * 4096)
+        assert fill == pytest.approx(sampler.fill())
+        assert fill >= 0.95, f"mean fill {fill:.4f}"
+
+    def test_exception(self, sizes):
+        with pytest.raises(ValueCheckError, match="exceeds token_budget"):
+            TokenBudgetBatchSampler(sizes, 100, 16, 256)
+        with pytest.raises(ValueCheckError, match="rank 2 not in"):
+            TokenBudgetBatchSampler(sizes, 1000, 16, 256, num_replicas=2, rank=2)
+        with pytest.raises(ValueCheckError, match="cannot give each of 3 ranks"):
+            TokenBudgetBatchSampler(sizes[:2], 1000, 16, 256, num_replicas=3)
+        with pytest.raises(ValueCheckError, match="seed"):
+            TokenBudgetBatchSampler(sizes, 1000, 16, 256, seed=1).load_state_dict(
+                {"epoch": 0, "start_batch": 0, "seed": 2}
+            )
+
+
+class TestManifest:
+    def test_jsonl_csv_folder(self, tmp_path):
+        manifest = write_synthetic_dataset(tmp_path / "data", 4, seed=0)
+        records = read_manifest(manifest)
+        assert len(records) == 4 and all(record.image.is_file() for record in records)
+        assert records[0].size == load_image(records[0].image).shape[1:]
+        rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+        csv_path = tmp_path / "data" / "manifest.csv"
+        csv_path.write_text("image,caption\n" + "".join(f"{row['image']},{row['caption']}\n" for row in rows))
+        assert [(r.image, r.caption) for r in read_manifest(csv_path)] == [(r.image, r.caption) for r in records]
+        for row in rows:
+            (tmp_path / "data" / row["image"]).with_suffix(".txt").write_text(row["caption"] + "\n")
+        folder = read_manifest(tmp_path / "data")
+        assert [(r.image, r.caption) for r in folder] == [(r.image, r.caption) for r in records]
+
+    def test_exception(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="No image folder or manifest"):
+            read_manifest(tmp_path / "missing.jsonl")
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"image": "a.png"}\n')
+        with pytest.raises(ValueCheckError, match="line 1 has no 'caption'"):
+            read_manifest(bad)
+        (tmp_path / "x.txt").write_text("")
+        with pytest.raises(ValueCheckError, match=r"must be \.jsonl or \.csv"):
+            read_manifest(tmp_path / "x.txt")
+        folder = tmp_path / "images"
+        folder.mkdir()
+        write_synthetic_dataset(folder, 1)
+        with pytest.raises(FileNotFoundError, match="has no caption file"):
+            read_manifest(folder)
+
+
+def test_loader_packs_without_padding(tmp_path):
+    """Workers preprocess; a batch is the images' patches back to back, equal to preprocessing each alone."""
+    records = read_manifest(write_synthetic_dataset(tmp_path, 12, seed=2))
+    dataset = ImageTextDataset(records, ByteTokenizer(16), patch_size=8, max_num_patches=64)
+    sampler = TokenBudgetBatchSampler(dataset.sizes(), 160, 8, (16, 64), num_replicas=1, seed=0)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=1)
+    seen = []
+    for batch, plan in zip(loader, sampler, strict=True):
+        grid = batch.images.grid_thw
+        assert batch.num_tokens == int(grid.prod(-1).sum()) <= 160  # zero padding tokens
+        assert batch.indices.tolist() == [index for index, _ in plan]
+        offset = 0
+        for row, (index, max_num_patches) in enumerate(plan):
+            expected = NaFlexImagePreprocessor(8, max_num_patches)(load_image(records[index].image)[None])
+            count = expected.patches.shape[0]
+            torch.testing.assert_close(batch.images.patches[offset : offset + count], expected.patches)
+            assert grid[row].tolist() == expected.grid_thw[0].tolist()
+            assert batch.input_ids[row].tolist() == ByteTokenizer(16)([records[index].caption])[0].tolist()
+            offset += count
+        seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(12))

@@ -1,0 +1,201 @@
+"""The training recipe over gloo: DDP and FSDP2 on 2 and 3 processes equal one process on the global batch.
+
+Also resuming from a checkpoint under DDP and FSDP2, and bf16 + activation checkpointing under FSDP2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kornia_siglip2 import SigLip2
+from kornia_siglip2.training.data import (
+    ByteTokenizer,
+    ImageTextDataset,
+    TokenBudgetBatchSampler,
+    collate_packed,
+    read_manifest,
+)
+from kornia_siglip2.training.recipe import RecipeConfig, build_model, train
+from kornia_siglip2.training.synthetic import write_synthetic_dataset
+
+TINY = {
+    "model_type": "siglip2",
+    "vision_config": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "patch_size": 8,
+        "num_patches": 16,
+    },
+    "text_config": {
+        "vocab_size": ByteTokenizer.vocab_size,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 12,
+    },
+}
+STEPS, ACCUMULATION, TEXT_LENGTH, BUDGET, CHOICES = 3, 2, 12, 48, (8, 16)
+LEARNING_RATE, WARMUP, GRAD_CLIP = 0.01, 2, 0.5
+CASES = {2: ("ddp", "fsdp"), 3: ("ddp", "fsdp")}
+SPAWN_TIMEOUT_S = 240
+CLOSE = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def _config(root: Path, out: str, parallel: str, **overrides) -> RecipeConfig:
+    options = dict(
+        data=str(root / "data" / "manifest.jsonl"),
+        out=str(root / out),
+        model_config=str(root / "tiny.json"),
+        text_length=TEXT_LENGTH,
+        parallel=parallel,
+        precision="fp64",
+        token_budget=BUDGET,
+        max_num_patches=CHOICES,
+        steps=STEPS,
+        accumulation=ACCUMULATION,
+        learning_rate=LEARNING_RATE,
+        warmup_steps=WARMUP,
+        grad_clip=GRAD_CLIP,
+        num_workers=0,
+        log_every=100,
+        threads=1,
+        device="cpu",
+        seed=3,
+    )
+    options.update(overrides)
+    return RecipeConfig(**options)
+
+
+def _worker(rank: int, world_size: int, port: int, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=90)
+    )
+    try:
+        results = {}
+        for parallel in CASES[world_size]:
+            config = _config(Path(root), f"w{world_size}-{parallel}", parallel, save_every=2)
+            results[parallel] = [record["loss"] for record in train(config)]
+            # resume from the step-2 checkpoint (collective load, sharded under FSDP); the final export is
+            # then the resumed run's
+            if rank == 0:
+                (Path(config.out) / "checkpoints" / "latest").write_text("step-00000002\n")
+            dist.barrier()
+            results[f"{parallel}-resumed"] = [record["loss"] for record in train(config)]
+        # bf16 autocast with activation checkpointing inside the FSDP2-sharded blocks: one step runs
+        config = _config(Path(root), f"w{world_size}-bf16", "fsdp", precision="bf16", grad_checkpointing=True, steps=1)
+        results["fsdp-bf16"] = [record["loss"] for record in train(config)]
+        torch.save(results, Path(root) / f"w{world_size}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(function, world_size: int, *args) -> None:
+    """Run ``function(rank, world_size, port, *args)`` in ``world_size`` fresh processes; fail if they hang."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+        context = mp.start_processes(function, args=(world_size, _free_port(), *args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the {world_size} spawned gloo processes hung for {SPAWN_TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("recipe")
+    write_synthetic_dataset(root / "data", 37, seed=5, min_side=12, max_side=40)
+    (root / "tiny.json").write_text(json.dumps(TINY))
+    return root
+
+
+def _lr_factor(step: int) -> float:
+    # linear warmup then cosine to 0, written out independently of the recipe
+    if step < WARMUP:
+        return (step + 1) / WARMUP
+    return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (STEPS - WARMUP)))
+
+
+def reference_run(root: Path, world_size: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """One process, no wrapper: micro-batch ``m`` is the concatenation of the ranks' ``m``-th batches.
+
+    The loss is the model's own dense ``return_loss`` (``SigLip2.forward``), not the distributed one.
+    """
+    config = _config(root, "reference", "none")
+    model = build_model(config).train()
+    dataset = ImageTextDataset(read_manifest(config.data), ByteTokenizer(TEXT_LENGTH), 8, max(CHOICES))
+    sampler = TokenBudgetBatchSampler(dataset.sizes(), BUDGET, 8, CHOICES, num_replicas=world_size, seed=3)
+    rounds = []
+    for epoch in range(4):
+        plan = sampler.plan(epoch)
+        rounds += [plan[start : start + world_size] for start in range(0, len(plan), world_size)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=config.weight_decay)
+    losses = []
+    for step in range(STEPS):
+        for group in optimizer.param_groups:
+            group["lr"] = LEARNING_RATE * _lr_factor(step)
+        step_loss = 0.0
+        for micro in range(ACCUMULATION):
+            items = [dataset[item] for batch in rounds[step * ACCUMULATION + micro] for item in batch]
+            batch = collate_packed(items)
+            output = model(
+                input_ids=batch.input_ids,
+                patches=batch.images.patches.double(),
+                grid_thw=batch.images.grid_thw,
+                return_loss=True,
+            )
+            (output.loss / ACCUMULATION).backward()
+            step_loss += output.loss.item() / ACCUMULATION
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(step_loss)
+    return losses, {name: tensor.detach() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_distributed_equals_single_process(run_root, world_size):
+    spawn(_worker, world_size, str(run_root))
+    expected_losses, expected_state = reference_run(run_root, world_size)
+    for parallel in CASES[world_size]:
+        losses = [torch.load(run_root / f"w{world_size}-rank{rank}.pt")[parallel] for rank in range(world_size)]
+        for rank_losses in losses:  # every rank logs the global loss
+            torch.testing.assert_close(torch.tensor(rank_losses), torch.tensor(expected_losses), **CLOSE)
+        for rank in range(world_size):
+            # the resumed run redoes step 3 exactly
+            resumed = torch.load(run_root / f"w{world_size}-rank{rank}.pt")[f"{parallel}-resumed"]
+            assert resumed == losses[rank][2:]
+        exported = SigLip2.from_pretrained(run_root / f"w{world_size}-{parallel}" / "final", dtype=torch.float64)
+        state = exported.state_dict()
+        assert state.keys() == expected_state.keys()
+        for name, tensor in expected_state.items():
+            torch.testing.assert_close(state[name], tensor, **CLOSE, msg=f"{parallel} {name}")
+    for rank in range(world_size):
+        # bf16 autocast: the first step's loss within bf16 rounding of the float64 one
+        (bf16_loss,) = torch.load(run_root / f"w{world_size}-rank{rank}.pt")["fsdp-bf16"]
+        assert bf16_loss == pytest.approx(expected_losses[0], rel=2e-2)

@@ -1,0 +1,161 @@
+"""Tests of kornia_siglip2.training.recipe in one process: schedule, activation checkpointing, bf16, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kornia_siglip2 import SigLip2, SigLip2Config
+from kornia_siglip2.errors import ValueCheckError
+from kornia_siglip2.losses import sigmoid_loss
+from kornia_siglip2.packing import PackedImages
+from kornia_siglip2.training.data import ByteTokenizer, ImageTextDataset, collate_packed, read_manifest
+from kornia_siglip2.training.recipe import ContrastiveForward, RecipeConfig, _parser, train, warmup_cosine
+from kornia_siglip2.training.synthetic import write_synthetic_dataset
+
+TINY = {
+    "model_type": "siglip2",
+    "vision_config": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "patch_size": 8,
+        "num_patches": 16,
+    },
+    "text_config": {
+        "vocab_size": 258,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 12,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("recipe_unit")
+    write_synthetic_dataset(root / "data", 12, seed=0, min_side=12, max_side=40)
+    (root / "tiny.json").write_text(json.dumps(TINY))
+    return root
+
+
+def _options(root: Path, out: str, **overrides) -> dict:
+    options = dict(
+        data=str(root / "data" / "manifest.jsonl"),
+        out=str(root / out),
+        model_config=str(root / "tiny.json"),
+        text_length=12,
+        parallel="none",
+        token_budget=64,
+        max_num_patches=(16,),
+        steps=2,
+        warmup_steps=1,
+        num_workers=0,
+        threads=1,
+        device="cpu",
+    )
+    options.update(overrides)
+    return options
+
+
+def test_warmup_cosine():
+    total, warmup, floor = 20, 5, 0.1
+    for step in range(total + 3):
+        if step < warmup:
+            expected = (step + 1) / warmup
+        else:
+            angle = math.pi * min((step - warmup) / (total - warmup), 1.0)
+            expected = floor + (1 - floor) * (1 + math.cos(angle)) / 2
+        assert warmup_cosine(step, total, warmup, floor) == pytest.approx(expected, abs=1e-15)
+
+
+def _saved_bytes_and_grads(model: SigLip2, packed: PackedImages, input_ids: torch.Tensor):
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        image_embeds, text_embeds, scale, bias = ContrastiveForward(model)(*packed, input_ids)
+        loss = sigmoid_loss(image_embeds, text_embeds, scale, bias)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return sum(saved), grads
+
+
+def test_grad_checkpointing_same_gradients_fewer_saved_activations(root):
+    model = SigLip2(SigLip2Config.from_hf_dict(TINY)).double().train()
+    dataset = ImageTextDataset(read_manifest(root / "data" / "manifest.jsonl"), ByteTokenizer(12), 8, 16)
+    items = [dataset[index] for index in range(4)]
+    batch = collate_packed(items)
+    packed = batch.images.to(dtype=torch.float64)
+    plain_bytes, plain_grads = _saved_bytes_and_grads(model, packed, batch.input_ids)
+    model.set_grad_checkpointing(True)
+    checkpointed_bytes, checkpointed_grads = _saved_bytes_and_grads(model, packed, batch.input_ids)
+    for plain, checkpointed in zip(plain_grads, checkpointed_grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-12, rtol=1e-12)
+    # the tensors autograd keeps for backward (activation memory) with three blocks per tower recomputed
+    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
+
+
+def test_bf16_with_grad_checkpointing_and_accumulation(root):
+    options = _options(root, "bf16", precision="bf16", grad_checkpointing=True, accumulation=2, progress=True)
+    records = train(RecipeConfig(**options))
+    assert [record["step"] for record in records] == [1, 2]
+    assert all(math.isfinite(record["loss"]) and record["tokens"] > 0 for record in records)
+    logged = [json.loads(line) for line in (root / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == records
+    assert {"loss", "lr", "tokens_per_s", "memory_mb", "grad_norm", "images"} <= logged[0].keys()
+    assert (root / "bf16" / "final" / "model.safetensors").is_file()
+
+
+def test_fine_tune_starts_from_the_checkpoint(root):
+    """With a zero learning rate a fine-tuning run keeps the loaded weights; its loss is the model's own."""
+    torch.manual_seed(0)
+    start = SigLip2(SigLip2Config.from_hf_dict(TINY))
+    start.save_pretrained(root / "start")
+    options = _options(root, "finetune", model=str(root / "start"), model_config=None, learning_rate=0.0, steps=1)
+    options["precision"] = "fp64"
+    records = train(RecipeConfig(**options))
+    final = SigLip2.from_pretrained(root / "finetune" / "final").state_dict()
+    for name, tensor in start.state_dict().items():
+        assert torch.equal(final[name], tensor), name
+    assert math.isfinite(records[0]["loss"])
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "--token-budget" in text and "patch tokens per rank and micro-batch" in text and "{none,ddp,fsdp}" in text
+
+
+def test_cli_parses_into_the_config():
+    argv = "--data m.jsonl --out o --model-config c.json --max-num-patches 64 256 --token-budget 4096"
+    argv += " --learning-rate 3e-4 --grad-checkpointing --no-resume --parallel fsdp --grad-clip 0.5"
+    args = _parser().parse_args(argv.split())
+    config = RecipeConfig(**vars(args))
+    assert config.max_num_patches == (64, 256) and config.token_budget == 4096
+    assert config.learning_rate == 3e-4 and config.grad_checkpointing and not config.resume
+    assert config.parallel == "fsdp" and config.grad_clip == 0.5 and config.save_every is None
+    assert RecipeConfig(**{**vars(args), "grad_clip": 0.0}).grad_clip is None  # 0 switches clipping off
+
+
+def test_exception(root):
+    with pytest.raises(ValueCheckError, match="parallel must be one of"):
+        RecipeConfig(**_options(root, "x", parallel="zero"))
+    with pytest.raises(ValueCheckError, match="Give model"):
+        RecipeConfig(**_options(root, "x", model_config=None))
+    with pytest.raises(ValueCheckError, match="ema_momentum is not supported with parallel='fsdp'"):
+        RecipeConfig(**_options(root, "x", parallel="fsdp", ema_momentum=0.9))
+    small = {**TINY, "text_config": {**TINY["text_config"], "vocab_size": 99}}
+    (root / "small.json").write_text(json.dumps(small))
+    with pytest.raises(ValueCheckError, match="has 258 ids but the text tower embeds 99"):
+        train(RecipeConfig(**_options(root, "x", model_config=str(root / "small.json"))))
