@@ -112,6 +112,11 @@ def test_explicit_dtype(siglip_checkpoint, keywords, expected_dtype):
     theirs = load_and_score(transformers.AutoModel, siglip_checkpoint, **keywords)
     ours = load_and_score(SigLip2, siglip_checkpoint, **keywords)
     assert ours[0] == expected_dtype
+    if {"dtype", "torch_dtype"} <= keywords.keys() and theirs[0] != expected_dtype:
+        pytest.skip(
+            f"transformers {transformers.__version__} lets torch_dtype win over dtype (5.6 does); "
+            "kornia_siglip2 follows the pinned 5.24, where dtype wins"
+        )
     _same(theirs, ours, expected_dtype)
 
 

@@ -193,6 +193,24 @@ class TestModelInputDtypes:
             model.get_image_features(patches=patches, grid_thw=torch.tensor([[1, 4, 4]]))
 
 
+def _transformers_rgb(image):
+    """transformers' ``convert_to_rgb`` of ``image``; skips where that release drops alpha instead of compositing.
+
+    transformers 5.24 composites transparent pixels on white (what ``load_image`` does); older releases (5.6)
+    called ``image.convert("RGB")``, which keeps the colour under a transparent pixel.
+    """
+    import transformers
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    probe = convert_to_rgb(Image.new("RGBA", (1, 1), (0, 0, 0, 0)))
+    if probe.getpixel((0, 0)) != (255, 255, 255):
+        pytest.skip(
+            f"transformers {transformers.__version__}'s convert_to_rgb drops alpha; ours composites on white as 5.24"
+        )
+    return convert_to_rgb(image)
+
+
 class TestPilParity:
     """EXIF and transparency of PIL inputs, against transformers' own functions (issue 14's parity gaps)."""
 
@@ -237,12 +255,11 @@ class TestPilParity:
         """Paths and PIL images give the same pixels: transformers' convert_to_rgb (white background)."""
         import numpy as np
         from PIL import Image
-        from transformers.image_transforms import convert_to_rgb
 
         from kornia_siglip2.zero_shot import load_image
 
         with Image.open(transparent_png) as opened:
-            expected = torch.from_numpy(np.asarray(convert_to_rgb(opened, return_numpy=True))).permute(2, 0, 1)
+            expected = torch.from_numpy(np.asarray(_transformers_rgb(opened))).permute(2, 0, 1)
             from_pil = load_image(opened)
         assert torch.equal(load_image(transparent_png), expected) and torch.equal(from_pil, expected)
 
@@ -262,7 +279,6 @@ class TestPilParity:
     def test_rgb_with_transparency_key_is_composited(self, tmp_path):
         import numpy as np
         from PIL import Image
-        from transformers.image_transforms import convert_to_rgb
 
         from kornia_siglip2.zero_shot import load_image
 
@@ -270,6 +286,6 @@ class TestPilParity:
         pixels[0, 0] = (10, 20, 30)
         Image.fromarray(pixels).save(tmp_path / "keyed.png", transparency=(0, 0, 0))
         with Image.open(tmp_path / "keyed.png") as opened:
-            expected = torch.from_numpy(np.asarray(convert_to_rgb(opened, return_numpy=True))).permute(2, 0, 1)
+            expected = torch.from_numpy(np.asarray(_transformers_rgb(opened))).permute(2, 0, 1)
         assert int(expected[:, 1, 1].min()) == 255  # the keyed colour became white
         assert torch.equal(load_image(tmp_path / "keyed.png"), expected)
