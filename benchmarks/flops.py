@@ -94,17 +94,30 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return 2 * _sdpa_cpu_flops(query_shape, key_shape, value_shape)
 
 
+def _fused_linear_flops(input_shape, *args, **kwargs) -> int:
+    """``mkldnn._linear_pointwise`` (and its ``.binary`` overload): the matmul of ``F.linear`` only.
+
+    The default overload is ``(input, weight, bias, attr, scalars, algorithm)``, ``.binary`` is ``(input,
+    other, weight, bias, attr)``; torch's counter looks formulas up per op packet, so one formula serves both.
+    The fused bias, activation and residual add are not counted (as for ``F.linear``).
+    """
+    weight_shape = args[0] if isinstance(args[2], str) else args[1]
+    return 2 * int(torch.Size(input_shape[:-1]).numel()) * input_shape[-1] * weight_shape[0]
+
+
 def count_flops(fn: Callable[[], object]) -> int:
     """FLOPs that :class:`torch.utils.flop_counter.FlopCounterMode` sees while ``fn()`` runs.
 
     Adds the CPU flash-attention kernels (absent from torch's table in 2.13, so SDPA on CPU would count
-    as zero) with the conventions of this module.
+    as zero) and oneDNN's fused linears (the CPU inference path) with the conventions of this module.
     """
     aten = torch.ops.aten
     mapping = {
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
     }
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # the CPU inference fast path of kornia_siglip2.attention
+        mapping[torch.ops.mkldnn._linear_pointwise] = _fused_linear_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()

@@ -16,7 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from kornia_siglip2 import SigLip2, SigLip2Config
+from kornia_siglip2 import SigLip2, SigLip2Config, attention
 from kornia_siglip2.packing import patchify
 
 
@@ -61,8 +61,13 @@ def _model(naflex: bool) -> SigLip2:
 
 
 def _math_count(fn) -> int:
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        fn()
+    """torch's own counter on the plain path: math SDPA, no oneDNN fused linears (which torch's table lacks)."""
+    fused, attention.FUSED_CPU_KERNELS = attention.FUSED_CPU_KERNELS, False
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        attention.FUSED_CPU_KERNELS = fused
     return counter.get_total_flops()
 
 
