@@ -49,6 +49,7 @@ __all__ = [
     "Attention",
     "fused_linear",
     "fused_linear_available",
+    "set_attention_backend",
     "VarlenLayout",
     "varlen_attention",
     "varlen_attention_weights",
@@ -658,3 +659,28 @@ def _plain_linear(module: nn.Module) -> bool:
         and not nn.modules.module._global_forward_hooks
         and not nn.modules.module._global_forward_pre_hooks
     )
+
+
+def set_attention_backend(module: nn.Module, backend: str) -> None:
+    """Use ``backend`` (one of :data:`ATTENTION_BACKENDS`) in every :class:`Attention` inside ``module``.
+
+    Args:
+        module: a model, a tower or any module holding :class:`Attention` layers.
+        backend: the backend name.
+
+    Raises:
+        ValueCheckError: unknown backend.
+
+    Example:
+        >>> block = nn.ModuleList([Attention(8, num_heads=2), Attention(8, num_heads=2)])
+        >>> set_attention_backend(block, "dense")
+        >>> [layer.backend for layer in block]
+        ['dense', 'dense']
+    """
+    check(
+        backend in ATTENTION_BACKENDS,
+        lambda: f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.",
+    )
+    for child in module.modules():
+        if isinstance(child, Attention):
+            child.backend = backend

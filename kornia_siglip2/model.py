@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kornia_siglip2.attention import ATTENTION_BACKENDS, Attention
+from kornia_siglip2.attention import set_attention_backend
 from kornia_siglip2.config import SigLip2Config
 from kornia_siglip2.errors import check
 from kornia_siglip2.hub import from_hf_state_dict, load_pretrained, save_pretrained
@@ -90,13 +90,7 @@ class SigLip2(nn.Module):
         Raises:
             ValueCheckError: unknown backend.
         """
-        check(
-            backend in ATTENTION_BACKENDS,
-            lambda: f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.",
-        )
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.backend = backend
+        set_attention_backend(self, backend)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute every encoder block of both towers in the backward pass (``torch.utils.checkpoint``)."""

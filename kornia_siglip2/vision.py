@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kornia_siglip2.attention import ATTENTION_BACKENDS, Attention
+from kornia_siglip2.attention import Attention, set_attention_backend
 from kornia_siglip2.config import VisionConfig
 from kornia_siglip2.errors import check, check_type
 from kornia_siglip2.hub import conv_to_linear_patch_weight, load_vision_pretrained
@@ -175,13 +175,7 @@ class VisionTransformer(nn.Module):
         Raises:
             ValueCheckError: unknown backend.
         """
-        check(
-            backend in ATTENTION_BACKENDS,
-            lambda: f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.",
-        )
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.backend = backend
+        set_attention_backend(self, backend)
 
     @property
     def naflex(self) -> bool:
