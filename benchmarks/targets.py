@@ -69,8 +69,16 @@ def _unfused(runner):
     return run
 
 
-def measure(case_name: str, dtype: str, size: str, folder: Path, rounds: int, fp32_features: torch.Tensor) -> dict:
-    """Alternating rounds of ours / ours plain / transformers on one case; medians, ratios and errors."""
+def measure(
+    case_name: str,
+    dtype: str,
+    size: str,
+    folder: Path,
+    rounds: int,
+    fp32_features: torch.Tensor,
+    compiled: bool = False,
+) -> dict:
+    """Alternating rounds of ours / ours plain / transformers (/ ours compiled) on one case; medians, ratios, errors."""
     case = CASES[case_name]
     ours = load_model("ours", folder, dtype)
     reference = load_model("transformers", folder, dtype)
@@ -79,6 +87,18 @@ def measure(case_name: str, dtype: str, size: str, folder: Path, rounds: int, fp
         "transformers": make_runner(case, "transformers", reference, case.inputs("transformers", dtype=dtype)),
     }
     runners["ours_plain"] = _unfused(runners["ours"])
+    graphs_before = compile_seconds = None
+    if compiled:
+        from torch._dynamo.utils import counters
+
+        from kornia_siglip2.layers import compile_blocks
+
+        compiled_model = compile_blocks(load_model("ours", folder, dtype))
+        runners["ours_compiled"] = make_runner(case, "ours", compiled_model, case.inputs("ours", dtype=dtype))
+        start = time.perf_counter()
+        runners["ours_compiled"]()  # compiles (or reuses the graphs of an earlier case of the same widths)
+        compile_seconds = time.perf_counter() - start
+        graphs_before = counters["stats"]["unique_graphs"]
     outputs = {name: run().double() for name, run in runners.items()}  # also the warm-up round
     scale = fp32_features.abs().max().item()
     errors = {name: (out - fp32_features).abs().max().item() / scale for name, out in outputs.items()}
@@ -87,7 +107,9 @@ def measure(case_name: str, dtype: str, size: str, folder: Path, rounds: int, fp
         assert difference <= 1e-4 * max(scale, 1.0), f"{case_name}: ours and transformers differ by {difference:.2e}"
     else:
         assert max(errors.values()) <= 0.1, f"{case_name} {dtype}: error vs float32 {errors}"
-    times: dict[str, list[float]] = {name: [] for name in ("ours", "ours_plain", "transformers")}
+    times: dict[str, list[float]] = {name: [] for name in ("ours", "ours_plain", "transformers", "ours_compiled")}
+    if not compiled:
+        del times["ours_compiled"]
     for _ in range(rounds):
         for name in times:
             start = time.perf_counter()
@@ -95,7 +117,15 @@ def measure(case_name: str, dtype: str, size: str, folder: Path, rounds: int, fp
             times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(values) for name, values in times.items()}
     del ours, reference, runners
+    extra = {}
+    if compiled:
+        extra = {
+            "speedup_compiled": medians["transformers"] / medians["ours_compiled"],
+            "compile_s": compile_seconds,
+            "graphs_compiled_during_rounds": counters["stats"]["unique_graphs"] - graphs_before,
+        }
     return {
+        **extra,
         "case": case_name,
         "dtype": dtype,
         "size": size,
@@ -126,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES))
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "targets.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "results" / "targets.md")
+    parser.add_argument(
+        "--compiled", action="store_true", help="also time ours with kornia_siglip2.layers.compile_blocks (inductor)"
+    )
     args = parser.parse_args(argv)
     dtypes, cases = args.dtypes.split(","), args.cases.split(",")
     loads = [load_average()]
@@ -139,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
             full = make_runner(case, "ours", fp32, case.inputs("ours"))().double()
             del fp32
             for dtype in dtypes:
-                result = measure(case_name, dtype, args.size, folders[case.family], args.rounds, full)
+                result = measure(case_name, dtype, args.size, folders[case.family], args.rounds, full, args.compiled)
                 loads.append(load_average())
                 results.append(result)
                 print(
                     f"{case_name:<14} {dtype:<9} ours {result['median_s']['ours'] * 1e3:8.1f} ms  "
-                    f"x{result['speedup']:.2f} vs transformers (plain path x{result['speedup_plain']:.2f})",
+                    f"x{result['speedup']:.2f} vs transformers (plain path x{result['speedup_plain']:.2f}"
+                    + (f", compiled x{result['speedup_compiled']:.2f}" if args.compiled else "")
+                    + ")",
                     flush=True,
                 )
     for dtype in dtypes:
@@ -194,6 +229,23 @@ def render(results: list[dict], machine: dict) -> str:
             f"{r['flops'] / m['ours'] / 1e9:.0f} | {100 * r['peak_fraction']:.0f} | "
             f"{r['rel_err_vs_fp32']['ours']:.1e} |"
         )
+    compiled = [r for r in results if "speedup_compiled" in r]
+    if compiled:
+        lines += [
+            "",
+            "Compiled (`kornia_siglip2.layers.compile_blocks`, inductor, dynamic token count; attention eager):",
+            "",
+            "| case | dtype | compiled ms | ours (eager) ms | transformers ms | compiled speedup | compile s "
+            "| graphs compiled during the rounds |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in compiled:
+            m = r["median_s"]
+            lines.append(
+                f"| {r['case']} | {r['dtype']} | {m['ours_compiled'] * 1e3:.1f} | {m['ours'] * 1e3:.1f} | "
+                f"{m['transformers'] * 1e3:.1f} | {r['speedup_compiled']:.2f} | {r['compile_s']:.0f} | "
+                f"{r['graphs_compiled_during_rounds']} |"
+            )
     peaks = {r["dtype"]: r["peak_flops"] for r in results}
     lines += ["", "Matmul peak: " + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()), ""]
     lines += ["| target | measured (per round) | status |", "|---|---:|---|"]

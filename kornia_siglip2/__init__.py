@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kornia_siglip2.attention import Attention, varlen_attention
     from kornia_siglip2.config import SigLip2Config, TextConfig, VisionConfig
+    from kornia_siglip2.layers import compile_blocks, uncompile_blocks
     from kornia_siglip2.lens import layer_image_features, logit_lens
     from kornia_siglip2.model import SigLip2, SigLip2Output
     from kornia_siglip2.packing import (
@@ -57,6 +58,8 @@ _LAZY = {
     "logit_lens": "kornia_siglip2.lens",
     "SigLip2": "kornia_siglip2.model",
     "SigLip2Output": "kornia_siglip2.model",
+    "compile_blocks": "kornia_siglip2.layers",
+    "uncompile_blocks": "kornia_siglip2.layers",
     "grid_thw_to_cu_seqlens": "kornia_siglip2.packing",
     "grid_thw_to_seqlens": "kornia_siglip2.packing",
     "packed_to_padded": "kornia_siglip2.packing",
@@ -104,6 +107,7 @@ __all__ = [
     "VisionTransformer",
     "ZeroShotClassifier",
     "__version__",
+    "compile_blocks",
     "grid_thw_to_cu_seqlens",
     "grid_thw_to_seqlens",
     "layer_image_features",
@@ -115,6 +119,7 @@ __all__ = [
     "patchify",
     "pil_resize",
     "to_padded",
+    "uncompile_blocks",
     "unpatchify",
     "varlen_attention",
 ]

@@ -589,17 +589,47 @@ class Attention(nn.Module):
             :math:`(N_q, D)` tokens (plus ``residual``) and, on request, one :math:`(H, L_q, L_k)` weight
             tensor per sequence.
         """
+        query, key, value = self.project_heads(hidden_states, key_states)
+        attended, weights = self.attend(query, key, value, layout, output_attentions)
+        return self.project_output(attended, residual), weights
+
+    def project_heads(
+        self, hidden_states: torch.Tensor, key_states: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q/k/v projections split into heads: :math:`(N_q, H, D_h)`, :math:`(N_k, H, D_h)` twice.
+
+        Per token, with no layout: the part before attention that :func:`~kornia_siglip2.layers.compile_blocks`
+        compiles once for every batch.
+        """
         key_states = hidden_states if key_states is None else key_states
         query, key, value = self._project(hidden_states, key_states)
         # [N, D] -> [N, H, Dh]
-        query, key, value = (tensor.unflatten(-1, (self.num_heads, self.head_dim)) for tensor in (query, key, value))
+        return tuple(tensor.unflatten(-1, (self.num_heads, self.head_dim)) for tensor in (query, key, value))
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        layout: VarlenLayout,
+        output_attentions: bool = False,
+        merge_heads: bool = True,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Attention within each sequence of ``layout`` with this module's backend: :math:`(N_q, D)` and weights.
+
+        ``merge_heads=False`` returns the attended tokens as :math:`(N_q, H, D_h)`.
+        """
         backend = "eager" if output_attentions else self.backend
         attended, weights = _attend(query, key, value, None, None, layout, None, backend, output_attentions)
+        return (attended.flatten(1) if merge_heads else attended), weights
+
+    def project_output(self, attended: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The output projection of attended tokens, :math:`(N_q, D)` or :math:`(N_q, H, D_h)`, plus ``residual``."""
         attended = attended.flatten(1)
         if _plain_linear(self.out_proj) and fused_linear_available(attended, self.out_proj.weight):
-            return fused_linear(attended, self.out_proj.weight, self.out_proj.bias, residual=residual), weights
+            return fused_linear(attended, self.out_proj.weight, self.out_proj.bias, residual=residual)
         output = self.out_proj(attended)
-        return (output if residual is None else residual + output), weights
+        return output if residual is None else residual + output
 
     def _project(
         self, hidden_states: torch.Tensor, key_states: torch.Tensor

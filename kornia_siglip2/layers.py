@@ -6,7 +6,9 @@ says which tokens attend to each other; a text batch is the special case of equa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +26,10 @@ __all__ = [
     "EncoderBlock",
     "EncoderOutput",
     "activation",
+    "compile_blocks",
     "init_transformer_weights",
     "lecun_normal_",
+    "uncompile_blocks",
 ]
 
 #: ``(last tokens, hidden states or None, attention weights per layer or None)``
@@ -165,15 +169,106 @@ class EncoderBlock(nn.Module):
         self.layer_norm2 = nn.LayerNorm(width, eps=layer_norm_eps)
         self.mlp = MLP(width, hidden_width, hidden_act)
 
+        #: ``torch.compile`` options of :func:`compile_blocks` (``None``: eager), a hashable tuple of items
+        self.compile_options: tuple[tuple[str, Any], ...] | None = None
+
     def forward(
         self, hidden_states: torch.Tensor, layout: VarlenLayout, output_attentions: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Transform packed tokens :math:`(N, D)`; returns them and, on request, the attention weights."""
-        # the skip connections go into the projections: fused into their matmuls on the CPU inference path
-        hidden_states, weights = self.self_attn(
-            self.layer_norm1(hidden_states), layout, None, output_attentions, residual=hidden_states
-        )
-        return self.mlp(self.layer_norm2(hidden_states), residual=hidden_states), weights
+        if self.compile_options is None:
+            query, key, value = self.attention_input(hidden_states)
+            attended, weights = self.self_attn.attend(query, key, value, layout, output_attentions)
+            return self.attention_output(attended, hidden_states), weights
+        before, after = _compiled_regions(self.compile_options)
+        query, key, value = before(self, hidden_states)
+        attended, weights = self.self_attn.attend(query, key, value, layout, output_attentions, merge_heads=False)
+        if attended._base is not None:
+            # a view: its base, whose shape depends on the layout (one group of sequences or several), would
+            # enter the graph's guards and recompile it; a fresh tensor keeps one graph for every batch
+            attended = attended.clone()
+        return after(self, attended, hidden_states), weights
+
+    def attention_input(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """LayerNorm, then q/k/v split into heads, :math:`(N, H, D_h)` each: the block before attention."""
+        return self.self_attn.project_heads(self.layer_norm1(hidden_states))
+
+    def attention_output(self, attended: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The block after attention: output projection + skip, then LayerNorm, MLP + skip, :math:`(N, D)`.
+
+        ``attended`` is :math:`(N, D)` or :math:`(N, H, D_h)`.
+
+        The skip connections go into the projections: fused into their matmuls on the CPU inference path.
+        """
+        hidden_states = self.self_attn.project_output(attended, residual=hidden_states)
+        return self.mlp(self.layer_norm2(hidden_states), residual=hidden_states)
+
+
+@functools.cache
+def _compiled_regions(options: tuple[tuple[str, Any], ...]) -> tuple[Callable, Callable]:
+    """``torch.compile`` of the two per-token halves of :class:`EncoderBlock`, one pair per option set.
+
+    Compiled as functions of the block (not per module), so every block of a model, of either tower and of
+    any model with the same options shares one cache: a layer of the same widths reuses the graph of the
+    first. Neither half sees the sequence layout, so the graphs hold for any packed batch.
+    """
+    kwargs = dict(options)
+    return torch.compile(EncoderBlock.attention_input, **kwargs), torch.compile(EncoderBlock.attention_output, **kwargs)
+
+
+def compile_blocks(module: nn.Module, *, dynamic: bool | None = True, **options: Any) -> nn.Module:
+    """Compile every :class:`EncoderBlock` below ``module`` around its attention; returns ``module``.
+
+    Each block runs as three parts: LayerNorm + q/k/v projection, attention, output projection + MLP.
+    The first and last are per token, with no knowledge of which tokens form an image, so they are compiled
+    (``torch.compile``, dynamic in the token count by default) and the same graphs serve every batch, whatever
+    its grids and number of images: no recompilation from one NaFlex batch to the next. The attention in
+    between runs eagerly with the module's varlen backend (``"grouped"``, ``"flash"`` ...), which reads the
+    per-batch layout on the host; the compiled parts fuse what eager runs as separate memory passes
+    (LayerNorm, bias, GELU, skip additions). Regional compilation: one pair of graphs for all blocks of
+    the same widths, so compile time does not grow with depth. Embeddings, pooling heads and the
+    un-padding of other input layouts stay eager. Works for inference and training (gradients flow through
+    the compiled parts; :meth:`Encoder.set_grad_checkpointing` composes with it). ``output_attentions=True``
+    keeps working (the eager backend computes the weights).
+
+    Args:
+        module: a model, a tower or an encoder; every :class:`EncoderBlock` inside it is compiled.
+        dynamic: ``torch.compile``'s ``dynamic``; ``True`` (default) traces the token count as a symbol at the
+            first call, so that batches of another size do not recompile; ``None`` is torch's default
+            (specialise first, then recompile once as dynamic); ``False`` compiles per token count.
+        **options: other ``torch.compile`` keyword arguments (``mode``, ``backend``, ``options``); hashable
+            values only, as they key the shared cache.
+
+    Returns:
+        ``module`` (changed in place; :func:`uncompile_blocks` undoes it).
+
+    Raises:
+        ValueCheckError: ``module`` holds no :class:`EncoderBlock`.
+
+    Example:
+        >>> encoder = Encoder(2, width=8, num_heads=2, hidden_width=16)
+        >>> _ = compile_blocks(encoder, backend="aot_eager")
+        >>> [block.compile_options for block in encoder.layers]  # doctest: +NORMALIZE_WHITESPACE
+        [(('backend', 'aot_eager'), ('dynamic', True)), (('backend', 'aot_eager'), ('dynamic', True))]
+        >>> for seqlens in ([4, 3], [9, 1, 6]):  # any layout, the same two graphs
+        ...     tokens, _, _ = encoder(torch.rand(sum(seqlens), 8), VarlenLayout.from_seqlens(seqlens))
+        >>> _ = uncompile_blocks(encoder)
+    """
+    blocks = [child for child in module.modules() if isinstance(child, EncoderBlock)]
+    check(len(blocks) > 0, lambda: f"compile_blocks: {type(module).__name__} holds no EncoderBlock to compile.")
+    key = tuple(sorted({**options, "dynamic": dynamic}.items()))
+    _compiled_regions(key)  # builds the compiled functions (no tracing yet); fails early on unhashable options
+    for block in blocks:
+        block.compile_options = key
+    return module
+
+
+def uncompile_blocks(module: nn.Module) -> nn.Module:
+    """Run every :class:`EncoderBlock` below ``module`` eagerly again (undoes :func:`compile_blocks`)."""
+    for child in module.modules():
+        if isinstance(child, EncoderBlock):
+            child.compile_options = None
+    return module
 
 
 class Encoder(nn.Module):

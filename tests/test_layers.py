@@ -4,7 +4,14 @@ from conftest import tolerance
 
 from kornia_siglip2.attention import Attention, fused_linear, fused_linear_available
 from kornia_siglip2.errors import ValueCheckError
-from kornia_siglip2.layers import Encoder, EncoderBlock, activation, lecun_normal_
+from kornia_siglip2.layers import (
+    Encoder,
+    EncoderBlock,
+    activation,
+    compile_blocks,
+    lecun_normal_,
+    uncompile_blocks,
+)
 from kornia_siglip2.packing import VarlenLayout
 
 
@@ -273,3 +280,88 @@ class TestFusedLinear:
             fused_linear(x, w, None, "relu")
         with pytest.raises(ValueCheckError, match="residual only without an activation"):
             fused_linear(x, w, None, "gelu", residual=torch.rand(2, 3))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters emptied before and after (the compiled regions are shared process-wide)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+class TestCompileBlocks:
+    """Regional compilation: the per-token halves of every block compiled once, attention eager in between."""
+
+    layouts = ((5, 7, 7), (16,), (3, 1, 9, 2, 4), (11, 11))
+
+    def _encoder(self, dtype=torch.float32):
+        torch.manual_seed(0)
+        encoder = Encoder(3, width=16, num_heads=4, hidden_width=32).to(dtype)
+        with torch.no_grad():  # biases and norms off their init, so that a dropped one would show
+            for parameter in encoder.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        return encoder
+
+    def _reference(self, encoder, tokens, seqlens):
+        for block in encoder.layers:
+            tokens = _block_reference(block, tokens, seqlens)
+        return tokens
+
+    def test_no_recompilation_across_layouts(self, fresh_dynamo):
+        """Batches of other sizes, sequence counts and lengths reuse the two graphs of the first batch."""
+        encoder = compile_blocks(self._encoder(), backend="aot_eager")
+        with torch.no_grad():
+            for index, seqlens in enumerate(self.layouts):
+                tokens = torch.randn(sum(seqlens), 16)
+                out, _, _ = encoder(tokens, VarlenLayout.from_seqlens(list(seqlens)))
+                torch.testing.assert_close(
+                    out.double(), self._reference(encoder, tokens, seqlens), **tolerance(torch.float32)
+                )
+                if index == 0:
+                    first = dict(fresh_dynamo["stats"])
+        # two graphs (before / after attention) for three blocks and four layouts
+        assert first["unique_graphs"] == 2
+        assert fresh_dynamo["stats"]["unique_graphs"] == 2
+
+    def test_inductor_matches_formula(self, fresh_dynamo, dtype):
+        """The inductor-generated kernels against the blocks written out in float64, on two layouts."""
+        from torch._inductor import config
+
+        encoder = compile_blocks(self._encoder(dtype))
+        with config.patch(compile_threads=1), torch.inference_mode():
+            for seqlens in self.layouts[:2]:
+                tokens = torch.randn(sum(seqlens), 16, dtype=dtype)
+                out, _, _ = encoder(tokens, VarlenLayout.from_seqlens(list(seqlens)))
+                torch.testing.assert_close(out.double(), self._reference(encoder, tokens, seqlens), **tolerance(dtype))
+        assert fresh_dynamo["stats"]["unique_graphs"] == 2
+
+    def test_gradients_match_eager(self, fresh_dynamo):
+        encoder, eager = compile_blocks(self._encoder(), backend="aot_eager"), self._encoder()
+        gradients = []
+        for module in (encoder, eager):
+            tokens = torch.randn(19, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+            out, _, _ = module(tokens, VarlenLayout.from_seqlens([5, 7, 7]))
+            out.square().sum().backward()
+            gradients.append([tokens.grad] + [p.grad for p in module.parameters()])
+        for actual, expected in zip(*gradients, strict=True):
+            torch.testing.assert_close(actual, expected, **tolerance(torch.float32))
+
+    def test_attention_weights_and_uncompile(self, fresh_dynamo):
+        encoder = compile_blocks(self._encoder(), backend="aot_eager")
+        layout = VarlenLayout.from_seqlens([4, 3])
+        tokens = torch.randn(7, 16)
+        _, _, weights = encoder(tokens, layout, output_attentions=True)
+        assert [tuple(w.shape) for w in weights[0]] == [(4, 4, 4), (4, 3, 3)]
+        assert uncompile_blocks(encoder) is encoder
+        assert all(block.compile_options is None for block in encoder.layers)
+        assert set(encoder.state_dict()) == set(self._encoder().state_dict())  # compiling adds no state
+
+    def test_exception(self):
+        with pytest.raises(ValueCheckError, match="Linear holds no EncoderBlock"):
+            compile_blocks(torch.nn.Linear(2, 2))
+        with pytest.raises(TypeError, match="unhashable"):
+            compile_blocks(self._encoder(), options={"max_autotune": True})

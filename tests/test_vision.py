@@ -127,3 +127,30 @@ class TestVisionTransformer:
         grid = PackedGrid.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
         compiled = torch.compile(lambda x: tower(x, grid).pooler_output, fullgraph=True)
         torch.testing.assert_close(compiled(patches), tower(patches, grid).pooler_output, **tolerance(dtype))
+
+
+class TestCompiledBlocks:
+    def test_mixed_grids_one_pair_of_graphs(self):
+        """Compiled blocks: eager answers on batches of other grids, no new graph after the first batch."""
+        from torch._dynamo.utils import counters
+
+        from kornia_siglip2 import compile_blocks
+
+        torch._dynamo.reset()
+        counters.clear()
+        tower, eager = _tower(True), _tower(True)
+        compile_blocks(tower, backend="aot_eager")
+        try:
+            for grids in ([(3, 5), (8, 2)], [(4, 4)], [(1, 1), (7, 9), (4, 4), (2, 6)]):
+                grid_thw = torch.tensor([[1, h, w] for h, w in grids])
+                patches = torch.rand(int(grid_thw.prod(-1).sum()), 48)
+                with torch.no_grad():
+                    out = tower(patches, grid_thw)
+                    expected = eager(patches, grid_thw)
+                torch.testing.assert_close(out.pooler_output, expected.pooler_output, **tolerance(torch.float32))
+                torch.testing.assert_close(
+                    out.last_hidden_state, expected.last_hidden_state, **tolerance(torch.float32)
+                )
+            assert counters["stats"]["unique_graphs"] == 2
+        finally:
+            torch._dynamo.reset()
