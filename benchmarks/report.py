@@ -255,8 +255,10 @@ def _machine_line(summary: dict) -> str:
     if machine.get("load_average_max") is not None:
         line += (
             f"; 1-minute load average during the entries {machine['load_average_min']:.1f} to "
-            f"{machine['load_average_max']:.1f} (above the core count: other processes shared the cores)"
+            f"{machine['load_average_max']:.1f}"
         )
+        if machine["threads"] and machine["load_average_max"] > machine["threads"] + 0.5:
+            line += " (above the thread count: other processes shared the cores)"
     return line + "."
 
 

@@ -359,6 +359,24 @@ class TestFiniteWeights:
         assert not torch.isfinite(model.vision_model.head.probe).all()
         assert VisionTransformer.from_pretrained(folder, check_finite=False) is not None
 
+    @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+    @pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+    def test_finite_test_against_the_elementwise_one(self, value, tensor_dtype):
+        """The one-pass check (a sum) against ``isfinite(...).all()``: one bad element, and finite tensors whose
+        sum overflows (they must pass: the exact test decides then)."""
+        from kornia_siglip2.hub import _all_finite
+
+        tensor = torch.randn(64, 33).to(tensor_dtype)
+        assert _all_finite(tensor)
+        for index in (0, 1000, 64 * 33 - 1):
+            bad = tensor.clone()
+            bad.view(-1)[index] = value
+            assert not _all_finite(bad)
+        if tensor_dtype != torch.float16:  # float16's largest values cannot overflow a float32 sum
+            huge = torch.full((4, 1000), torch.finfo(tensor_dtype).max, dtype=tensor_dtype)
+            assert not bool(torch.isfinite(huge.sum(dtype=torch.float32)))
+            assert _all_finite(huge)
+
     def test_non_finite_in_a_shard_names_the_shard(self, hf_siglip2, tmp_path):
         folder = _sharded(hf_siglip2, tmp_path / "ckpt")
         shard = folder / _index(folder)["weight_map"]["logit_scale"]
