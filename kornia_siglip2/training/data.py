@@ -164,17 +164,17 @@ def _regions(value: Any, line: int, source: Path) -> tuple[Region, ...]:
     for entry in value:
         check(
             isinstance(entry, dict) and "box" in entry and entry.get("text") not in (None, ""),
-            lambda: f"{where}: every region needs a 'box' and a non-empty 'text', got {entry!r}.",
+            lambda entry=entry: f"{where}: every region needs a 'box' and a non-empty 'text', got {entry!r}.",
         )
         box = entry["box"]
         check(
             isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box),
-            lambda: f"{where}: a region box must be 4 numbers [x0, y0, x1, y1], got {box!r}.",
+            lambda box=box: f"{where}: a region box must be 4 numbers [x0, y0, x1, y1], got {box!r}.",
         )
         x0, y0, x1, y1 = (float(v) for v in box)
         check(
             0.0 <= x0 <= x1 <= 1.0 and 0.0 <= y0 <= y1 <= 1.0,
-            lambda: f"{where}: region box {box} must be normalized xyxy with 0 <= x0 <= x1 <= 1, 0 <= y0 <= y1 <= 1.",
+            lambda box=box: f"{where}: box {box} must be normalized xyxy: 0 <= x0 <= x1 <= 1, 0 <= y0 <= y1 <= 1.",
         )
         regions.append(Region((x0, y0, x1, y1), str(entry["text"])))
     return tuple(regions)
@@ -345,9 +345,7 @@ class PackedBatch:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
         """Move to ``device``, casting the patches to ``dtype`` if given."""
         images = self.images.to(device=device, dtype=dtype) if dtype else self.images.to(device)
-        return PackedBatch(
-            images, self.input_ids.to(device), self.indices.to(device), self.caption_ids, self.regions
-        )
+        return PackedBatch(images, self.input_ids.to(device), self.indices.to(device), self.caption_ids, self.regions)
 
 
 def collate_packed(items: Sequence[dict[str, Any]]) -> PackedBatch:

@@ -307,9 +307,7 @@ def _fsdp_units(module: nn.Module) -> list[nn.Module]:
     return units
 
 
-def wrap_model(
-    module: nn.Module, parallel: str, device: torch.device, ema: EMATeacher | None = None
-) -> nn.Module:
+def wrap_model(module: nn.Module, parallel: str, device: torch.device, ema: EMATeacher | None = None) -> nn.Module:
     """DDP, FSDP2 (every transformer block, the teacher, then the root) or nothing, on ``device``.
 
     The full objective (:class:`SigLip2Objective`) leaves the distillation heads without gradient before the
