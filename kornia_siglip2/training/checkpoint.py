@@ -170,11 +170,17 @@ def load_checkpoint(
         load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
     )
     set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
-    # not strict: a parameter that had no gradient yet (a head that switches on later) has no AdamW state,
-    # as in the uninterrupted run
+    # not strict: a parameter that had no gradient yet (a head that switches on later) has no AdamW state
     set_optimizer_state_dict(
         model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True, strict=False)
     )
+    # torch fills missing state with a zero-gradient step (``_init_optim_state``): drop it again, so that such a
+    # parameter's first real step is AdamW's first step, as in the uninterrupted run
+    saved = set(optimizer_state["state"])
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    for name, parameter in module.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(parameter, None)
     if ema is not None:
         check((path / "ema.safetensors").is_file(), lambda: f"{path} holds no EMA weights (ema.safetensors).")
         set_model_state_dict(ema, load_file(path / "ema.safetensors"), options=StateDictOptions(full_state_dict=True))
