@@ -135,6 +135,7 @@ def test_cli_help(capsys):
         _parser().parse_args(["--help"])
     text = capsys.readouterr().out
     assert "--token-budget" in text and "patch tokens per rank and micro-batch" in text and "{none,ddp,fsdp}" in text
+    assert "{sigmoid,siglip2}" in text and "--distill-start" in text and "--size-factor" in text
 
 
 def test_cli_parses_into_the_config():
@@ -146,6 +147,11 @@ def test_cli_parses_into_the_config():
     assert config.learning_rate == 3e-4 and config.grad_checkpointing and not config.resume
     assert config.parallel == "fsdp" and config.grad_clip == 0.5 and config.save_every is None
     assert RecipeConfig(**{**vars(args), "grad_clip": 0.0}).grad_clip is None  # 0 switches clipping off
+    argv = "--data m.jsonl --out o --model-config c.json --objective siglip2 --distill-heads 64 16 128"
+    argv += " --size-factor 0.5 --distill-start 0.75 --ema-momentum 0.99 --parallel fsdp"
+    config = RecipeConfig(**vars(_parser().parse_args(argv.split())))
+    assert config.objective == "siglip2" and config.distill_heads == (64, 16, 128) and config.size_factor == 0.5
+    assert config.distill_start == 0.75 and config.ema_momentum == 0.99  # EMA under FSDP2 is allowed
 
 
 def test_exception(root):
@@ -153,8 +159,12 @@ def test_exception(root):
         RecipeConfig(**_options(root, "x", parallel="zero"))
     with pytest.raises(ValueCheckError, match="Give model"):
         RecipeConfig(**_options(root, "x", model_config=None))
-    with pytest.raises(ValueCheckError, match="ema_momentum is not supported with parallel='fsdp'"):
-        RecipeConfig(**_options(root, "x", parallel="fsdp", ema_momentum=0.9))
+    with pytest.raises(ValueCheckError, match="objective must be one of"):
+        RecipeConfig(**_options(root, "x", objective="locca"))
+    with pytest.raises(ValueCheckError, match="distill_heads needs 3 widths"):
+        RecipeConfig(**_options(root, "x", distill_heads=(8, 8)))
+    with pytest.raises(ValueError, match=r"not a SigLIP 2 size.*--size-factor"):  # a 16-wide tower has no size
+        train(RecipeConfig(**_options(root, "x", objective="siglip2")))
     small = {**TINY, "text_config": {**TINY["text_config"], "vocab_size": 99}}
     (root / "small.json").write_text(json.dumps(small))
     with pytest.raises(ValueCheckError, match="has 258 ids but the text tower embeds 99"):
