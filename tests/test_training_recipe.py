@@ -116,6 +116,25 @@ def test_bf16_with_grad_checkpointing_and_accumulation(root):
     assert (root / "bf16" / "final" / "model.safetensors").is_file()
 
 
+FULL = dict(objective="siglip2", distill_start=0.5, size_factor=0.25, locca_num_bins=16, distill_heads=(16, 8, 32))
+
+
+def test_full_objective_bf16_with_grad_checkpointing(root):
+    """Both sides of the switch under bf16 autocast with recomputed blocks; the first step near float64's."""
+    reference = train(RecipeConfig(**_options(root, "full-fp64", precision="fp64", **FULL)))
+    options = _options(root, "full-bf16", precision="bf16", grad_checkpointing=True, accumulation=2, **FULL)
+    records = train(RecipeConfig(**options))
+    assert [record["distillation"] for record in records] == [False, True]
+    assert records[0]["consistency"] is None and math.isfinite(records[1]["consistency"])
+    assert all(math.isfinite(record[name]) for record in records for name in ("loss", "sigmoid", "locca"))
+    # accumulation 2 vs 1 covers the same first micro-batch and more: compare the term of one micro-batch
+    single = train(RecipeConfig(**{**options, "out": str(root / "full-bf16-1"), "accumulation": 1}))
+    for name in ("loss", "sigmoid", "locca"):
+        assert single[0][name] == pytest.approx(reference[0][name], rel=2e-2), name
+    final = SigLip2.from_pretrained(root / "full-bf16" / "final").state_dict()
+    assert final.keys() == SigLip2(SigLip2Config.from_hf_dict(TINY)).state_dict().keys()  # the model only
+
+
 def test_fine_tune_starts_from_the_checkpoint(root):
     """With a zero learning rate a fine-tuning run keeps the loaded weights; its loss is the model's own."""
     torch.manual_seed(0)
