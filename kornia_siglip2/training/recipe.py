@@ -292,11 +292,9 @@ def build_objective(model: SigLip2, config: RecipeConfig, tokenizer: Any, world_
     return SigLip2Objective(model, loss, vocabulary)
 
 
-def _fsdp_units(module: nn.Module) -> list[nn.Module]:
+def _fsdp_units(model: SigLip2, loss: SigLip2Loss | None = None) -> list[nn.Module]:
     """The modules that get their own ``fully_shard``: every transformer block, and the frozen teacher."""
-    model = module.model
     units: list[nn.Module] = [*model.vision_model.encoder.layers, *model.text_model.encoder.layers]
-    loss = getattr(module, "loss", None)
     if loss is not None:
         units += list(loss.locca.decoder.layers)
         if loss.distillation is not None:
@@ -326,10 +324,10 @@ def wrap_model(module: nn.Module, parallel: str, device: torch.device, ema: EMAT
     if parallel == "fsdp" and dist.is_initialized():
         from torch.distributed.fsdp import fully_shard
 
-        for unit in _fsdp_units(module):
+        for unit in _fsdp_units(module.model, getattr(module, "loss", None)):
             fully_shard(unit)
         if ema is not None:
-            for unit in [*_fsdp_units(ContrastiveForward(ema.module)), ema.module]:
+            for unit in [*_fsdp_units(ema.module), ema.module]:
                 fully_shard(unit)
         return fully_shard(module)
     return module
@@ -556,8 +554,9 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
             "step": step,
             "epoch": epoch,
             "loss": step_loss,
-            **{name: step_terms[name] for name in LOSS_TERMS if objective is not None},
-            "distillation": distilling,
+            # the full objective: each unweighted term of the global batch, and whether SILC / TIPS were on
+            **({name: step_terms[name] for name in LOSS_TERMS} if objective is not None else {}),
+            **({"distillation": distilling} if objective is not None else {}),
             "lr": learning_rate,
             "images": step_images,
             "tokens": step_tokens,
@@ -574,8 +573,9 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             elif step % config.log_every == 0 or step == config.steps:
+                terms = "".join(f" {name} {record[name]:.4f}" for name in LOSS_TERMS if record.get(name) is not None)
                 print(
-                    f"step {step}/{config.steps} loss {step_loss:.4f} lr {learning_rate:.2e} "
+                    f"step {step}/{config.steps} loss {step_loss:.4f}{terms} lr {learning_rate:.2e} "
                     f"{record['tokens_per_s']:.0f} tok/s mem {record['memory_mb']:.0f} MB",
                     flush=True,
                 )
