@@ -96,7 +96,8 @@ class RecipeConfig:
         objective: ``"sigmoid"`` (the image-text loss only: fine-tuning) or ``"siglip2"`` (pre-training with
             :class:`~kornia_siglip2.losses.siglip2.SigLip2Loss`: sigmoid + LocCa from the start, SILC + TIPS
             self-distillation against an EMA teacher from ``distill_start`` of the steps on; LocCa uses the
-            manifest's ``regions``, images without trains its captioning task only).
+            manifest's ``regions``; an image without regions
+            trains its captioning task only).
         distill_start: with ``objective="siglip2"``, the fraction of ``steps`` (progress ``step / steps``) from
             which SILC + TIPS are on and the teacher starts as a copy of the student (SigLIP 2: 0.8).
         size_factor: with ``objective="siglip2"``, the factor on both self-distillation weights (SigLIP 2:
@@ -645,7 +646,14 @@ def _parser() -> argparse.ArgumentParser:
         elif item.name == "max_num_patches":
             parser.add_argument(flag, type=int, nargs="+", default=[256], help=help_text)
         elif item.name == "distill_heads":
-            parser.add_argument(flag, type=int, nargs=3, default=[2048, 256, 4096], help=help_text)
+            parser.add_argument(
+                flag,
+                type=int,
+                nargs=3,
+                default=[2048, 256, 4096],
+                metavar=("HIDDEN", "BOTTLENECK", "PROTOTYPES"),
+                help=help_text,
+            )
         elif item.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif item.type in ("int", "int | None"):
