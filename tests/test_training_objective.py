@@ -9,6 +9,7 @@ import torch
 
 from kornia_siglip2 import SigLip2, SigLip2Config
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
+from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.losses.siglip2 import SigLip2Loss, SigLip2LossSchedule
 from kornia_siglip2.training.data import ByteTokenizer, ImageTextDataset, collate_packed, read_manifest
 from kornia_siglip2.training.objective import (
@@ -109,6 +110,13 @@ def test_locca_targets_regions_and_fallback(items):
         assert box_tokens in candidates  # the referring expression's box is one of the image's regions
         text = regions[candidates.index(box_tokens)][1]
         assert targets.labels[row, 2][targets.loss_mask[row, 2]].tolist() == [*text[:7], 257]
+
+
+def test_locca_targets_exception(items):
+    batch = collate_packed(items)
+    batch.caption_ids = []
+    with pytest.raises(ValueCheckError, match="6 images but 0 caption_ids"):
+        locca_targets(batch, VOCABULARY, 12, epoch=0, seed=0)
 
 
 def test_distillation_inputs_do_not_depend_on_the_split(items, loss_fn):

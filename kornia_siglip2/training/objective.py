@@ -19,6 +19,7 @@ from torch import nn
 
 from kornia_siglip2.decoders.targets import LocCaTargets
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
+from kornia_siglip2.errors import check
 from kornia_siglip2.losses.distill import SelfDistillationLoss
 from kornia_siglip2.losses.siglip2 import SigLip2Loss
 from kornia_siglip2.model import SigLip2
@@ -74,7 +75,17 @@ def locca_targets(
 
     Returns:
         :class:`~kornia_siglip2.decoders.targets.LocCaTargets` :math:`(n, 3, L)` on the CPU.
+
+    Raises:
+        ValueCheckError: the batch carries no ``caption_ids`` for its images.
     """
+    check(
+        len(batch.caption_ids) == batch.indices.shape[0],
+        lambda: (
+            f"The batch has {batch.indices.shape[0]} images but {len(batch.caption_ids)} caption_ids: build it with "
+            "collate_packed from ImageTextDataset items."
+        ),
+    )
     parts = []
     for position, index in enumerate(batch.indices.tolist()):
         generator = sample_generator(seed, epoch, index, _LOCCA_STREAM)
