@@ -1,16 +1,18 @@
-"""Plot the ``metrics.jsonl`` of a ``python -m kornia_siglip2.train`` run: loss, learning rate, tokens/s.
+"""Plot the ``metrics.jsonl`` of a ``python -m kornia_siglip2.train`` run: losses, learning rate, tokens/s.
 
 Usage::
 
     python examples/plot_metrics.py runs/a/metrics.jsonl --out docs/_static/training_recipe_curves.png
 
-A resumed run logs the steps after its checkpoint again; the last line of each step is plotted.
+A resumed run logs the steps after its checkpoint again; the last line of each step is plotted. A run of the
+full objective (``--objective siglip2``) gets one panel per term, with the self-distillation switch marked.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -44,18 +46,48 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     records = read_metrics(args.metrics)
     steps = [record["step"] for record in records]
-    figure, axes = plt.subplots(1, 3, figsize=(15, 3.6))
-    losses = [record["loss"] for record in records]
-    axes[0].plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8)
-    axes[0].plot(steps, running_mean(losses, 20), color="tab:blue", linewidth=1.6)
-    axes[0].set_title("sigmoid loss (global batch)")
-    axes[1].plot(steps, [record["lr"] for record in records], color="tab:green")
-    axes[1].set_title("learning rate (warmup + cosine)")
-    axes[2].plot(steps, [record["tokens_per_s"] for record in records], color="tab:orange", alpha=0.6)
-    axes[2].set_title("patch tokens / s (all ranks)")
-    for axis in axes:
+    full = "sigmoid" in records[0]  # --objective siglip2 logs every term
+    panels = (
+        ["loss", "sigmoid", "locca", "distillation", "lr", "tokens_per_s"] if full else ["loss", "lr", "tokens_per_s"]
+    )
+    columns = 3
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(15, 3.6 * rows), squeeze=False)
+    switch = next((record["step"] for record in records if record.get("distillation")), None)
+    titles = {
+        "loss": "total loss, weighted (global batch)" if full else "sigmoid loss (global batch)",
+        "sigmoid": "sigmoid (image-text)",
+        "locca": "LocCa (3 decoder tasks)",
+        "lr": "learning rate (warmup + cosine)",
+        "tokens_per_s": "patch tokens / s (all ranks)",
+    }
+    for axis, panel in zip(axes.flat, panels, strict=False):
+        if panel == "distillation":
+            for name, color in (("consistency", "tab:purple"), ("masked", "tab:brown")):
+                pairs = [(r["step"], r[name]) for r in records if r.get(name) is not None]
+                if pairs:
+                    xs, ys = zip(*pairs, strict=True)
+                    axis.plot(xs, ys, color=color, alpha=0.3, linewidth=0.8)
+                    axis.plot(xs, running_mean(list(ys), 10), color=color, linewidth=1.6, label=name)
+            # computed from the switch on only: zoom in
+            axis.set_xlim((switch or 0) - 0.02 * steps[-1], steps[-1])
+            axis.legend(loc="upper right")
+            axis.set_title("SILC consistency / TIPS masked (unweighted)")
+        elif panel in ("loss", "sigmoid", "locca"):
+            values = [record[panel] for record in records]
+            axis.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8)
+            axis.plot(steps, running_mean(values, 20), color="tab:blue", linewidth=1.6)
+            axis.set_title(titles[panel])
+        else:
+            color = "tab:green" if panel == "lr" else "tab:orange"
+            axis.plot(steps, [record[panel] for record in records], color=color, alpha=0.6 if panel != "lr" else 1)
+            axis.set_title(titles[panel])
+        if switch is not None and panel not in ("lr",):
+            axis.axvline(switch, color="tab:red", linestyle="--", linewidth=1.0)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
     figure.suptitle(args.title)
     figure.tight_layout()
     figure.savefig(args.out, dpi=110, metadata={"Software": None})

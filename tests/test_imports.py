@@ -34,6 +34,7 @@ LAYERS = {
     "kornia_siglip2.zero_shot": 7,
     "kornia_siglip2.losses": 8,
     "kornia_siglip2.training.data": 9,
+    "kornia_siglip2.training.objective": 9,
     "kornia_siglip2.training.recipe": 9,
     "kornia_siglip2.training.checkpoint": 9,
     "kornia_siglip2.training.synthetic": 9,

@@ -1,4 +1,7 @@
-"""Checkpoints: a run killed mid-way (SIGKILL) and resumed equals the uninterrupted run, bit for bit in float64."""
+"""Checkpoints: a run killed mid-way (SIGKILL) and resumed equals the uninterrupted run, bit for bit in float64.
+
+Also with the full SigLIP 2 objective, killed after the self-distillation switch.
+"""
 
 from __future__ import annotations
 
@@ -117,6 +120,58 @@ def test_kill_and_resume_equals_uninterrupted(root):
     ema_reference = load_file(root / "uninterrupted" / "checkpoints" / f"step-{STEPS:08d}" / "ema.safetensors")
     assert ema.keys() == ema_reference.keys()
     assert all(torch.equal(ema[name], ema_reference[name]) for name in ema)
+
+
+FULL_STEPS = 8
+FULL = dict(
+    objective="siglip2",
+    distill_start=0.5,  # self-distillation from step 5 on
+    size_factor=0.25,
+    locca_num_bins=16,
+    distill_heads=(16, 8, 32),
+    num_local_views=2,
+    teacher_momentum=0.9,
+    steps=FULL_STEPS,
+)
+
+
+def test_kill_and_resume_equals_uninterrupted_full_objective(root):
+    """Killed after the switch: the resumed run needs the saved teacher, centers, heads and switch flag."""
+    options = {**_options(root, "full-uninterrupted"), **FULL}
+    reference = train(RecipeConfig(**options))
+    assert [record["distillation"] for record in reference] == [False] * 4 + [True] * 4
+    options = {**_options(root, "full-killed"), **FULL}
+    metrics = root / "full-killed" / "metrics.jsonl"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(_command(options), env=environment, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # step 7 is logged after the step-6 checkpoint is complete: the teacher was reset at step 5, updated twice
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 7):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "the run did not reach step 7"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    killed_at = latest_checkpoint(root / "full-killed" / "checkpoints")
+    assert killed_at is not None and killed_at.name in ("step-00000006", "step-00000008")
+    if killed_at.name == "step-00000008":
+        pytest.skip("the run finished its last checkpoint before the kill landed")
+    saved = load_file(killed_at / "model.safetensors")
+    assert bool(saved["loss._extra_state"]) and saved["loss.distillation.global_center"].abs().sum() > 0
+    subprocess.run(_command(options), env=environment, check=True, stdout=subprocess.DEVNULL, timeout=180)
+
+    expected = {record["step"]: record["loss"] for record in reference}
+    assert _last_losses(metrics) == expected  # bit for bit
+    for name in ("model.safetensors", "ema.safetensors"):
+        resumed = load_file(root / "full-killed" / "checkpoints" / f"step-{FULL_STEPS:08d}" / name)
+        uninterrupted = load_file(root / "full-uninterrupted" / "checkpoints" / f"step-{FULL_STEPS:08d}" / name)
+        assert resumed.keys() == uninterrupted.keys()
+        for key, tensor in uninterrupted.items():
+            assert torch.equal(resumed[key], tensor), key
 
 
 def test_files_are_safetensors_and_json_written_atomically(tmp_path):

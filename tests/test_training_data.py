@@ -140,6 +140,55 @@ class TestManifest:
             read_manifest(folder)
 
 
+class TestRegions:
+    def test_jsonl_regions_reach_the_batch(self, tmp_path):
+        manifest = tmp_path / "m.jsonl"
+        write_synthetic_dataset(tmp_path, 2, seed=0)
+        rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+        rows[1].pop("regions")  # an image without regions
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        records = read_manifest(manifest)
+        assert records[1].regions == ()
+        assert [region.text for region in records[0].regions] == [r["text"] for r in rows[0]["regions"]]
+        assert records[0].regions[1].box == (0.0, 0.0, 1.0, 1.0)
+        tokenizer = ByteTokenizer(12)
+        dataset = ImageTextDataset(records, tokenizer, patch_size=8, max_num_patches=16)
+        batch = collate_packed([dataset[0], dataset[1]])
+        # ids up to EOS: the caption's UTF-8 bytes + 1, truncated to L - 1 = 11 by the tokenizer
+        assert batch.caption_ids[0] == [byte + 1 for byte in rows[0]["caption"].encode()[:11]]
+        box, text = batch.regions[0][0]
+        assert box.tolist() == rows[0]["regions"][0]["box"]
+        assert text == [byte + 1 for byte in rows[0]["regions"][0]["text"].encode()[:11]]
+        assert batch.regions[1] == []
+
+    def test_synthetic_region_is_the_rectangle(self, tmp_path):
+        records = read_manifest(write_synthetic_dataset(tmp_path, 3, seed=1))
+        for record in records:
+            image = load_image(record.image)
+            x0, y0, x1, y1 = record.regions[0].box
+            height, width = image.shape[1:]
+            inside = image[:, round(y0 * height) : round(y1 * height), round(x0 * width) : round(x1 * width)]
+            colour = record.regions[0].text.split()[1]  # "a <colour> rectangle"
+            assert record.caption.startswith(f"a {colour} rectangle")
+            assert (inside == inside[:, :1, :1]).all()  # one colour inside the box
+            assert not (image == inside[:, :1, :1]).all()  # and another outside
+
+    @pytest.mark.parametrize(
+        ("regions", "match"),
+        [
+            ('{"box": [0, 0, 1, 1]}', "needs a 'box' and a non-empty 'text'"),
+            ('{"box": [0, 0, 1], "text": "x"}', "must be 4 numbers"),
+            ('{"box": [0.5, 0, 0.2, 1], "text": "x"}', "must be normalized xyxy"),
+            ('{"box": [0, 0, 1, 1.5], "text": "x"}', "must be normalized xyxy"),
+        ],
+    )
+    def test_exception(self, tmp_path, regions, match):
+        manifest = tmp_path / "m.jsonl"
+        manifest.write_text('{"image": "a.png", "caption": "c", "regions": [' + regions + "]}\n")
+        with pytest.raises(ValueCheckError, match=match):
+            read_manifest(manifest)
+
+
 def test_loader_packs_without_padding(tmp_path):
     """Workers preprocess; a batch is the images' patches back to back, equal to preprocessing each alone."""
     records = read_manifest(write_synthetic_dataset(tmp_path, 12, seed=2))

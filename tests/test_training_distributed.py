@@ -1,6 +1,7 @@
 """The training recipe over gloo: DDP and FSDP2 on 2 and 3 processes equal one process on the global batch.
 
-Also resuming from a checkpoint under DDP and FSDP2, and bf16 + activation checkpointing under FSDP2.
+Also resuming from a checkpoint under DDP and FSDP2, bf16 + activation checkpointing under FSDP2, and the
+full SigLIP 2 objective (LocCa, SILC/TIPS with the EMA teacher sharded under FSDP2) across the switch.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from kornia_siglip2 import SigLip2
+from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
 from kornia_siglip2.training.data import (
     ByteTokenizer,
     ImageTextDataset,
@@ -199,3 +202,143 @@ def test_distributed_equals_single_process(run_root, world_size):
         # bf16 autocast: the first step's loss within bf16 rounding of the float64 one
         (bf16_loss,) = torch.load(run_root / f"w{world_size}-rank{rank}.pt")["fsdp-bf16"]
         assert bf16_loss == pytest.approx(expected_losses[0], rel=2e-2)
+
+
+# ---- the full SigLIP 2 objective (sigmoid + LocCa + SILC/TIPS with the EMA teacher) ----------------------------
+
+FULL_STEPS = 5  # progress 0, 0.2, 0.4 without self-distillation; 0.6 (teacher reset) and 0.8 with it
+FULL = dict(
+    objective="siglip2",
+    distill_start=0.6,
+    size_factor=0.25,
+    locca_num_bins=16,
+    distill_heads=(16, 8, 32),
+    num_local_views=2,
+    teacher_momentum=0.9,
+    ema_momentum=0.8,
+    steps=FULL_STEPS,
+)
+TERMS = ("loss", "sigmoid", "locca", "consistency", "masked")
+
+
+def _full_worker(rank: int, world_size: int, port: int, root: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=90)
+    )
+    try:
+        results = {}
+        for parallel in ("ddp", "fsdp"):
+            config = _config(Path(root), f"full-w{world_size}-{parallel}", parallel, save_every=3, **FULL)
+            results[parallel] = [{name: record[name] for name in TERMS} for record in train(config)]
+            # resume from the step-3 checkpoint, taken before the switch: the resumed run crosses it
+            if rank == 0:
+                (Path(config.out) / "checkpoints" / "latest").write_text("step-00000003\n")
+            dist.barrier()
+            results[f"{parallel}-resumed"] = [{name: record[name] for name in TERMS} for record in train(config)]
+        torch.save(results, Path(root) / f"full-w{world_size}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def full_reference_run(root: Path, world_size: int) -> tuple[list[dict[str, float]], dict, dict, dict]:
+    """One process: ``SigLip2Loss`` called directly on the concatenated global micro-batches, dense sigmoid.
+
+    The teacher is reset by ``SigLip2Loss.forward`` itself at the switch; the model EMA is written out.
+    """
+    from kornia_siglip2.training.objective import distillation_inputs, locca_targets
+    from kornia_siglip2.training.recipe import build_objective
+
+    config = _config(root, "full-reference", "none", **FULL)
+    model = build_model(config).train()
+    loss_fn = build_objective(model, config, ByteTokenizer(TEXT_LENGTH), world_size=1).loss.train()
+    vocabulary = LocCaVocabulary(258, num_bins=16, pad_token_id=0, eos_token_id=257)
+    dataset = ImageTextDataset(read_manifest(config.data), ByteTokenizer(TEXT_LENGTH), 8, max(CHOICES))
+    sampler = TokenBudgetBatchSampler(dataset.sizes(), BUDGET, 8, CHOICES, num_replicas=world_size, seed=3)
+    rounds = []
+    for epoch in range(4):
+        plan = sampler.plan(epoch)
+        rounds += [(epoch, plan[start : start + world_size]) for start in range(0, len(plan), world_size)]
+    parameters = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=config.weight_decay)
+    ema = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    records = []
+    for step in range(FULL_STEPS):
+        for group in optimizer.param_groups:
+            group["lr"] = LEARNING_RATE * _lr_factor_of(step, FULL_STEPS)
+        progress = step / FULL_STEPS
+        record = dict.fromkeys(TERMS, 0.0)
+        for micro in range(ACCUMULATION):
+            epoch, group = rounds[step * ACCUMULATION + micro]
+            batch = collate_packed([dataset[item] for batch in group for item in batch])
+            patches, grid_thw = batch.images.patches.double(), batch.images.grid_thw
+            targets = locca_targets(batch, vocabulary, TEXT_LENGTH, epoch=epoch, seed=3)
+            local_views = mask = None
+            if progress >= FULL["distill_start"]:
+                local_views, mask = distillation_inputs(
+                    loss_fn.distillation, patches, grid_thw, batch.indices, epoch=epoch, seed=3
+                )
+            output = loss_fn(
+                model,
+                batch.input_ids,
+                targets,
+                progress=progress,
+                patches=patches,
+                grid_thw=grid_thw,
+                local_views=local_views,
+                mask=mask,
+            )
+            (output.loss / ACCUMULATION).backward()
+            for name, value in zip(TERMS, (output.loss, *output.terms().values()), strict=True):
+                record[name] += value.item() / ACCUMULATION
+        torch.nn.utils.clip_grad_norm_(parameters, GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+        loss_fn.update_teacher(model)
+        with torch.no_grad():
+            for name, tensor in model.named_parameters():
+                ema[name] = 0.8 * ema[name] + 0.2 * tensor
+        records.append(record)
+    model_state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    return records, model_state, {name: t.detach() for name, t in loss_fn.state_dict().items()}, ema
+
+
+def _lr_factor_of(step: int, steps: int) -> float:
+    if step < WARMUP:
+        return (step + 1) / WARMUP
+    return 0.5 * (1 + math.cos(math.pi * (step - WARMUP) / (steps - WARMUP)))
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_full_objective_distributed_equals_single_process(run_root, world_size):
+    spawn(_full_worker, world_size, str(run_root))
+    expected, model_state, loss_state, ema = full_reference_run(run_root, world_size)
+    switch = round(FULL["distill_start"] * FULL_STEPS)
+    assert all(record["consistency"] > 0 and record["masked"] > 0 for record in expected[switch:])
+    for parallel in ("ddp", "fsdp"):
+        for rank in range(world_size):
+            results = torch.load(run_root / f"full-w{world_size}-rank{rank}.pt")
+            for step, (record, reference) in enumerate(zip(results[parallel], expected, strict=True)):
+                for name in TERMS:
+                    if step < switch and name in ("consistency", "masked"):
+                        assert record[name] is None  # not computed before the switch
+                        continue
+                    assert record[name] == pytest.approx(reference[name], rel=1e-10, abs=1e-10), (parallel, step, name)
+            # resumed from step 3 (before the switch): steps 4 and 5 again, the teacher reset after the resume
+            assert results[f"{parallel}-resumed"] == results[parallel][3:]
+        run = run_root / f"full-w{world_size}-{parallel}"
+        exported = SigLip2.from_pretrained(run / "final", dtype=torch.float64).state_dict()
+        assert exported.keys() == model_state.keys()
+        for name, tensor in model_state.items():
+            torch.testing.assert_close(exported[name], tensor, **CLOSE, msg=f"{parallel} {name}")
+        # the LocCa decoder, the heads, the teacher, the centers and the switch flag, from the last checkpoint
+        saved = load_file(run / "checkpoints" / f"step-{FULL_STEPS:08d}" / "model.safetensors")
+        saved_loss = {key.removeprefix("loss."): value for key, value in saved.items() if key.startswith("loss.")}
+        assert saved_loss.keys() == loss_state.keys()
+        assert any(key.startswith("distillation.teacher.") for key in saved_loss)
+        for name, tensor in loss_state.items():
+            torch.testing.assert_close(saved_loss[name], tensor, **CLOSE, msg=f"{parallel} loss.{name}")
+        saved_ema = load_file(run / "checkpoints" / f"step-{FULL_STEPS:08d}" / "ema.safetensors")
+        for name, tensor in ema.items():
+            torch.testing.assert_close(saved_ema[f"module.{name}"], tensor, **CLOSE, msg=f"{parallel} ema {name}")

@@ -116,6 +116,25 @@ def test_bf16_with_grad_checkpointing_and_accumulation(root):
     assert (root / "bf16" / "final" / "model.safetensors").is_file()
 
 
+FULL = dict(objective="siglip2", distill_start=0.5, size_factor=0.25, locca_num_bins=16, distill_heads=(16, 8, 32))
+
+
+def test_full_objective_bf16_with_grad_checkpointing(root):
+    """Both sides of the switch under bf16 autocast with recomputed blocks; the first step near float64's."""
+    reference = train(RecipeConfig(**_options(root, "full-fp64", precision="fp64", **FULL)))
+    options = _options(root, "full-bf16", precision="bf16", grad_checkpointing=True, accumulation=2, **FULL)
+    records = train(RecipeConfig(**options))
+    assert [record["distillation"] for record in records] == [False, True]
+    assert records[0]["consistency"] is None and math.isfinite(records[1]["consistency"])
+    assert all(math.isfinite(record[name]) for record in records for name in ("loss", "sigmoid", "locca"))
+    # accumulation 2 vs 1 covers the same first micro-batch and more: compare the term of one micro-batch
+    single = train(RecipeConfig(**{**options, "out": str(root / "full-bf16-1"), "accumulation": 1}))
+    for name in ("loss", "sigmoid", "locca"):
+        assert single[0][name] == pytest.approx(reference[0][name], rel=2e-2), name
+    final = SigLip2.from_pretrained(root / "full-bf16" / "final").state_dict()
+    assert final.keys() == SigLip2(SigLip2Config.from_hf_dict(TINY)).state_dict().keys()  # the model only
+
+
 def test_fine_tune_starts_from_the_checkpoint(root):
     """With a zero learning rate a fine-tuning run keeps the loaded weights; its loss is the model's own."""
     torch.manual_seed(0)
@@ -135,6 +154,7 @@ def test_cli_help(capsys):
         _parser().parse_args(["--help"])
     text = capsys.readouterr().out
     assert "--token-budget" in text and "patch tokens per rank and micro-batch" in text and "{none,ddp,fsdp}" in text
+    assert "{sigmoid,siglip2}" in text and "--distill-start" in text and "--size-factor" in text
 
 
 def test_cli_parses_into_the_config():
@@ -146,6 +166,11 @@ def test_cli_parses_into_the_config():
     assert config.learning_rate == 3e-4 and config.grad_checkpointing and not config.resume
     assert config.parallel == "fsdp" and config.grad_clip == 0.5 and config.save_every is None
     assert RecipeConfig(**{**vars(args), "grad_clip": 0.0}).grad_clip is None  # 0 switches clipping off
+    argv = "--data m.jsonl --out o --model-config c.json --objective siglip2 --distill-heads 64 16 128"
+    argv += " --size-factor 0.5 --distill-start 0.75 --ema-momentum 0.99 --parallel fsdp"
+    config = RecipeConfig(**vars(_parser().parse_args(argv.split())))
+    assert config.objective == "siglip2" and config.distill_heads == (64, 16, 128) and config.size_factor == 0.5
+    assert config.distill_start == 0.75 and config.ema_momentum == 0.99  # EMA under FSDP2 is allowed
 
 
 def test_exception(root):
@@ -153,8 +178,12 @@ def test_exception(root):
         RecipeConfig(**_options(root, "x", parallel="zero"))
     with pytest.raises(ValueCheckError, match="Give model"):
         RecipeConfig(**_options(root, "x", model_config=None))
-    with pytest.raises(ValueCheckError, match="ema_momentum is not supported with parallel='fsdp'"):
-        RecipeConfig(**_options(root, "x", parallel="fsdp", ema_momentum=0.9))
+    with pytest.raises(ValueCheckError, match="objective must be one of"):
+        RecipeConfig(**_options(root, "x", objective="locca"))
+    with pytest.raises(ValueCheckError, match="distill_heads needs 3 widths"):
+        RecipeConfig(**_options(root, "x", distill_heads=(8, 8)))
+    with pytest.raises(ValueError, match=r"not a SigLIP 2 size.*--size-factor"):  # a 16-wide tower has no size
+        train(RecipeConfig(**_options(root, "x", objective="siglip2")))
     small = {**TINY, "text_config": {**TINY["text_config"], "vocab_size": 99}}
     (root / "small.json").write_text(json.dumps(small))
     with pytest.raises(ValueCheckError, match="has 258 ids but the text tower embeds 99"):

@@ -419,13 +419,17 @@ class SigLip2Loss(nn.Module):
         if self.distillation is not None and self.distillation_started:
             self.distillation.update_teacher(model)
 
-    def get_extra_state(self) -> dict[str, bool]:
-        """Saved in ``state_dict()``: whether the teacher was already reset at the switch."""
-        return {"distillation_started": self.distillation_started}
+    def get_extra_state(self) -> torch.Tensor:
+        """Saved in ``state_dict()``: whether the teacher was already reset at the switch, as a bool tensor.
 
-    def set_extra_state(self, state: dict[str, bool]) -> None:
-        """Restore :meth:`get_extra_state`."""
-        self.distillation_started = bool(state["distillation_started"])
+        A tensor, not a dict, so that safetensors checkpoints (which hold tensors only) can store it.
+        """
+        return torch.tensor(self.distillation_started)
+
+    def set_extra_state(self, state: torch.Tensor | dict[str, bool]) -> None:
+        """Restore :meth:`get_extra_state` (also the ``{"distillation_started": ...}`` dict of release 0.1)."""
+        value = state["distillation_started"] if isinstance(state, dict) else state
+        self.distillation_started = bool(value)
 
     def extra_repr(self) -> str:
         """The schedule, shown by ``repr``."""

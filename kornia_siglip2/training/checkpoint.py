@@ -25,7 +25,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from kornia_siglip2.errors import check
 
@@ -86,7 +92,7 @@ def save_checkpoint(
         model: the trained module (plain, DDP or FSDP2-sharded).
         optimizer: its optimizer.
         trainer_state: JSON-serialisable state (scheduler, sampler position, metrics...).
-        ema: an EMA module (saved from rank 0's copy), if any.
+        ema: an EMA module, if any (plain, or FSDP2-sharded like the model: gathered collectively).
         keep: how many complete checkpoints to keep (older ones are removed).
 
     Returns:
@@ -97,9 +103,9 @@ def save_checkpoint(
     final = folder / f"step-{step:08d}"
     temporary = folder / f".tmp-step-{step:08d}"
     # collective: every rank takes part in gathering the full state
-    model_state, optimizer_state = get_state_dict(
-        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=full)
+    ema_state = get_model_state_dict(ema, options=full) if ema is not None else None
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
@@ -113,9 +119,8 @@ def save_checkpoint(
         tensors, structure = _flatten_optimizer(optimizer_state)
         save_file(tensors, temporary / "optimizer.safetensors")
         (temporary / "optimizer.json").write_text(json.dumps(structure))
-        if ema is not None:
-            ema_state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
-            save_file(ema_state, temporary / "ema.safetensors")
+        if ema_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, temporary / "ema.safetensors")
         state = {"step": step, "world_size": world_size, **trainer_state}
         (temporary / "trainer.json").write_text(json.dumps(state, indent=2))
     _barrier()
@@ -164,16 +169,21 @@ def load_checkpoint(
     optimizer_state = _unflatten_optimizer(
         load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
     )
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=model_state,
-        optim_state_dict=optimizer_state,
-        options=StateDictOptions(full_state_dict=True),
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+    # not strict: a parameter that had no gradient yet (a head that switches on later) has no AdamW state
+    set_optimizer_state_dict(
+        model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True, strict=False)
     )
+    # torch fills missing state with a zero-gradient step (``_init_optim_state``): drop it again, so that such a
+    # parameter's first real step is AdamW's first step, as in the uninterrupted run
+    saved = set(optimizer_state["state"])
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    for name, parameter in module.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(parameter, None)
     if ema is not None:
         check((path / "ema.safetensors").is_file(), lambda: f"{path} holds no EMA weights (ema.safetensors).")
-        ema.load_state_dict(load_file(path / "ema.safetensors"))
+        set_model_state_dict(ema, load_file(path / "ema.safetensors"), options=StateDictOptions(full_state_dict=True))
     rng_file = path / f"rng-rank{rank:05d}.safetensors"
     if state["world_size"] == world_size and rng_file.is_file():
         rng = load_file(rng_file)

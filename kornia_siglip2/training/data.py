@@ -1,7 +1,8 @@
 """Image-text data for training: manifests, NaFlex preprocessing in the workers, token-budget packing.
 
 A manifest lists ``(image path, caption)`` pairs (:func:`read_manifest`: a folder of images with ``.txt``
-captions beside them, a JSONL file or a CSV file). :class:`ImageTextDataset` loads and preprocesses one
+captions beside them, a JSONL file or a CSV file), and in JSONL optionally region boxes with their texts for
+LocCa. :class:`ImageTextDataset` loads and preprocesses one
 image per item, in the ``DataLoader`` workers. :class:`TokenBudgetBatchSampler` packs images into batches of
 at most ``token_budget`` patch tokens (NaViT-style greedy packing, Dehghani et al. 2023, section 2.2): no
 batch is padded, so every step sees a near-constant number of tokens. :func:`collate_packed` concatenates
@@ -16,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "ImageTextDataset",
     "ImageTextRecord",
     "PackedBatch",
+    "Region",
     "TokenBudgetBatchSampler",
     "collate_packed",
     "image_size",
@@ -47,6 +49,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
+class Region:
+    """A box of an image and the text that describes it (a LocCa referring expression / grounded caption).
+
+    Attributes:
+        box: ``(x0, y0, x1, y1)`` normalized to :math:`[0, 1]` by the image width and height, ``x0 <= x1``,
+            ``y0 <= y1``. NaFlex resizing keeps the whole image, so the box stays valid after preprocessing.
+        text: the region's text.
+    """
+
+    box: tuple[float, float, float, float]
+    text: str
+
+
+@dataclass(frozen=True)
 class ImageTextRecord:
     """One training pair.
 
@@ -54,11 +70,14 @@ class ImageTextRecord:
         image: path of the image file.
         caption: its caption.
         size: ``(height, width)`` in pixels if the manifest gives it (then the sampler opens no file).
+        regions: boxes with their texts, for LocCa's referring-expression and grounded-captioning tasks
+            (empty: the image trains LocCa's captioning task only).
     """
 
     image: Path
     caption: str
     size: tuple[int, int] | None = None
+    regions: tuple[Region, ...] = ()
 
 
 def read_manifest(source: str | Path, image_key: str = "image", caption_key: str = "caption") -> list[ImageTextRecord]:
@@ -67,8 +86,10 @@ def read_manifest(source: str | Path, image_key: str = "image", caption_key: str
     - folder: every image (:data:`IMAGE_EXTENSIONS`, recursively, sorted by path) with a caption file of the
       same name and a ``.txt`` suffix beside it.
     - ``.jsonl``: one JSON object per line with ``image_key`` and ``caption_key`` (optional ``width`` and
-      ``height``).
-    - ``.csv``: a header row naming ``image_key`` and ``caption_key`` (optional ``width`` and ``height``).
+      ``height``, and ``regions``: a list of ``{"box": [x0, y0, x1, y1], "text": "..."}`` with the box
+      normalized to :math:`[0, 1]`, see :class:`Region`).
+    - ``.csv``: a header row naming ``image_key`` and ``caption_key`` (optional ``width`` and ``height``; no
+      regions).
 
     Relative image paths are relative to the manifest's folder.
 
@@ -83,7 +104,8 @@ def read_manifest(source: str | Path, image_key: str = "image", caption_key: str
     Raises:
         FileNotFoundError: ``source`` or a folder image's caption file does not exist.
         ValueCheckError: an unknown manifest suffix, a line that is not a JSON object, a missing field (named
-            with its line), or an empty manifest.
+            with its line), a malformed region (box not 4 numbers with ``0 <= x0 <= x1 <= 1`` and
+            ``0 <= y0 <= y1 <= 1``, or no text), or an empty manifest.
     """
     source = Path(source)
     if not source.exists():
@@ -128,7 +150,34 @@ def _record(row: dict[str, Any], line: int, source: Path, image_key: str, captio
     size = None
     if row.get("width") not in (None, "") and row.get("height") not in (None, ""):
         size = (int(row["height"]), int(row["width"]))
-    return ImageTextRecord(image if image.is_absolute() else source.parent / image, str(row[caption_key]), size)
+    regions = _regions(row.get("regions"), line, source)
+    path = image if image.is_absolute() else source.parent / image
+    return ImageTextRecord(path, str(row[caption_key]), size, regions)
+
+
+def _regions(value: Any, line: int, source: Path) -> tuple[Region, ...]:
+    if value in (None, ""):
+        return ()
+    where = f"{source} line {line}"
+    check(isinstance(value, list), lambda: f"{where}: regions must be a list of {{'box': [...], 'text': ...}}.")
+    regions = []
+    for entry in value:
+        check(
+            isinstance(entry, dict) and "box" in entry and entry.get("text") not in (None, ""),
+            lambda entry=entry: f"{where}: every region needs a 'box' and a non-empty 'text', got {entry!r}.",
+        )
+        box = entry["box"]
+        check(
+            isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box),
+            lambda box=box: f"{where}: a region box must be 4 numbers [x0, y0, x1, y1], got {box!r}.",
+        )
+        x0, y0, x1, y1 = (float(v) for v in box)
+        check(
+            0.0 <= x0 <= x1 <= 1.0 and 0.0 <= y0 <= y1 <= 1.0,
+            lambda box=box: f"{where}: box {box} must be normalized xyxy: 0 <= x0 <= x1 <= 1, 0 <= y0 <= y1 <= 1.",
+        )
+        regions.append(Region((x0, y0, x1, y1), str(entry["text"])))
+    return tuple(regions)
 
 
 @lru_cache(maxsize=65536)
@@ -208,7 +257,8 @@ class ImageTextDataset(Dataset):
 
     Items are indexed by ``index`` or by ``(index, max_num_patches)`` (what :class:`TokenBudgetBatchSampler`
     yields) and are dicts with ``patches`` :math:`(t, p \\cdot p \\cdot C)` float32, ``grid_thw`` :math:`(1, 3)`,
-    ``input_ids`` :math:`(L,)` and ``index``.
+    ``input_ids`` :math:`(L,)`, ``index``, and for LocCa ``caption_ids`` (the caption's ids up to the first
+    EOS / padding id) and ``regions`` (a list of ``(box (4,), text ids)``).
     """
 
     def __init__(
@@ -245,13 +295,28 @@ class ImageTextDataset(Dataset):
         image = self.loader(record.image)
         with torch.no_grad():
             packed = self._preprocessor(max_num_patches)(image[None] if image.ndim == 3 else image)
-        input_ids = self.tokenizer([record.caption])
+        input_ids = self.tokenizer([record.caption, *(region.text for region in record.regions)])
         return {
             "patches": packed.patches.float(),
             "grid_thw": packed.grid_thw,
             "input_ids": input_ids[0],
             "index": index,
+            "caption_ids": self._text_ids(input_ids[0]),
+            "regions": [
+                (torch.tensor(region.box, dtype=torch.float64), self._text_ids(ids))
+                for region, ids in zip(record.regions, input_ids[1:], strict=True)
+            ],
         }
+
+    def _text_ids(self, ids: torch.Tensor) -> list[int]:
+        """The ids before the first EOS or padding id (LocCa appends its own EOS)."""
+        ends = {getattr(self.tokenizer, name, None) for name in ("eos_token_id", "pad_token_id")} - {None}
+        text = []
+        for token in ids.tolist():
+            if token in ends:
+                break
+            text.append(token)
+        return text
 
 
 @dataclass
@@ -262,11 +327,15 @@ class PackedBatch:
         images: :class:`~kornia_siglip2.packing.PackedImages` of the :math:`n` images.
         input_ids: :math:`(n, L)` token ids; row ``i`` is the caption of image ``i``.
         indices: :math:`(n,)` dataset indices.
+        caption_ids: per image, the caption's text ids without EOS or padding (LocCa targets).
+        regions: per image, its ``(box (4,), text ids)`` regions (LocCa targets; empty lists without regions).
     """
 
     images: PackedImages
     input_ids: torch.Tensor
     indices: torch.Tensor
+    caption_ids: list[list[int]] = field(default_factory=list)
+    regions: list[list[tuple[torch.Tensor, list[int]]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -276,7 +345,7 @@ class PackedBatch:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
         """Move to ``device``, casting the patches to ``dtype`` if given."""
         images = self.images.to(device=device, dtype=dtype) if dtype else self.images.to(device)
-        return PackedBatch(images, self.input_ids.to(device), self.indices.to(device))
+        return PackedBatch(images, self.input_ids.to(device), self.indices.to(device), self.caption_ids, self.regions)
 
 
 def collate_packed(items: Sequence[dict[str, Any]]) -> PackedBatch:
@@ -295,7 +364,9 @@ def collate_packed(items: Sequence[dict[str, Any]]) -> PackedBatch:
     )
     input_ids = torch.stack([item["input_ids"] for item in items])
     indices = torch.tensor([item["index"] for item in items], dtype=torch.long)
-    return PackedBatch(images, input_ids, indices)
+    caption_ids = [list(item.get("caption_ids", ())) for item in items]
+    regions = [list(item.get("regions", ())) for item in items]
+    return PackedBatch(images, input_ids, indices, caption_ids, regions)
 
 
 Batch = list[tuple[int, int]]

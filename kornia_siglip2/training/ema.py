@@ -22,6 +22,9 @@ class EMATeacher(nn.Module):
     :meth:`forward` runs under ``torch.no_grad``. It stays in eval mode whatever ``train()`` says, as the
     teacher is an average of weights, not a second stochastic network. Buffers are copied, not averaged.
 
+    Sharded like the student (FSDP2 ``fully_shard`` on both, the same mesh), the update and the reset run on
+    each rank's local shards: no communication, and elementwise the same numbers as unsharded.
+
     Args:
         student: the module to copy (structure and current weights).
         momentum: EMA momentum :math:`m` in ``[0, 1]``.
@@ -114,4 +117,18 @@ class EMATeacher(nn.Module):
                     f"Shape of {name!r} differs: teacher {tuple(tensor.shape)}, student {tuple(source[name].shape)}."
                 )
         names = list(teacher)
-        return [teacher[name] for name in names], [source[name].detach() for name in names]
+        pairs = [_local_pair(name, teacher[name], source[name].detach()) for name in names]
+        return [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+
+
+def _local_pair(name: str, teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain tensors, or the local shards of two DTensors sharded alike (foreach ops have no DTensor rule)."""
+    sharded = [hasattr(tensor, "placements") for tensor in (teacher, student)]
+    if not any(sharded):
+        return teacher, student
+    if not all(sharded) or (teacher.placements, teacher.device_mesh) != (student.placements, student.device_mesh):
+        raise ValueError(
+            f"{name!r}: the teacher and the student must be sharded alike (fully_shard both on the same mesh), "
+            f"or neither."
+        )
+    return teacher.to_local(), student.to_local()

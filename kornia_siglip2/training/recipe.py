@@ -1,4 +1,4 @@
-"""The multi-process training recipe: packed NaFlex batches, DDP or FSDP2, the distributed sigmoid loss.
+"""The multi-process training recipe: packed NaFlex batches, DDP or FSDP2, the sigmoid or full SigLIP 2 loss.
 
 Run it with ``torchrun`` (one process per device; a single process without it)::
 
@@ -14,8 +14,13 @@ from the micro-batch, as open_clip accumulates). The learning rate warms up line
 metrics go to the terminal and to ``metrics.jsonl`` on rank 0; checkpoints are resumable
 (:mod:`kornia_siglip2.training.checkpoint`); the final model is written with ``save_pretrained``.
 
-Only the sigmoid term of the SigLIP 2 objective is trained here: the manifest carries no region boxes for
-LocCa, and SILC/TIPS (which need the EMA teacher under FSDP) are not wired into the recipe yet.
+``--objective siglip2`` trains the full SigLIP 2 objective instead
+(:class:`~kornia_siglip2.losses.siglip2.SigLip2Loss`: sigmoid + LocCa, SILC + TIPS self-distillation from
+``distill_start`` of the steps on), wrapped with the model in one
+:class:`~kornia_siglip2.training.objective.SigLip2Objective`. Every term is a mean over images, so the same
+:math:`W n_r / n` weight makes each of them the global batch's; the teacher centers average the teacher
+outputs of all ranks; the random views, masks and LocCa draws come from each image's index and epoch. Under
+FSDP2 the EMA teacher is sharded like the student, so that its EMA update is local to each shard.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kornia_siglip2.config import SigLip2Config
+from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
 from kornia_siglip2.errors import check
-from kornia_siglip2.losses.sigmoid import sigmoid_loss
+from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSchedule
+from kornia_siglip2.losses.sigmoid import SigmoidLoss, sigmoid_loss
 from kornia_siglip2.model import SigLip2
 from kornia_siglip2.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kornia_siglip2.training.data import (
@@ -53,11 +60,25 @@ from kornia_siglip2.training.data import (
     read_manifest,
 )
 from kornia_siglip2.training.ema import EMATeacher
+from kornia_siglip2.training.objective import SigLip2Objective, distillation_inputs, locca_targets
 
-__all__ = ["PARALLEL_MODES", "PRECISIONS", "ContrastiveForward", "RecipeConfig", "main", "train", "warmup_cosine"]
+__all__ = [
+    "OBJECTIVES",
+    "PARALLEL_MODES",
+    "PRECISIONS",
+    "ContrastiveForward",
+    "RecipeConfig",
+    "build_objective",
+    "build_model",
+    "main",
+    "train",
+    "warmup_cosine",
+    "wrap_model",
+]
 
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16", "fp64")
+OBJECTIVES = ("sigmoid", "siglip2")
 
 
 @dataclass
@@ -71,7 +92,20 @@ class RecipeConfig:
         model_config: with ``model=None``, a ``config.json`` (transformers layout) of the model to initialise.
         tokenizer: ``"bytes"`` (:class:`~kornia_siglip2.training.data.ByteTokenizer`, from scratch) or a folder
             with a tokenizer (:class:`~kornia_siglip2.tokenizer.SigLipTokenizer`).
-        text_length: token ids per caption.
+        text_length: token ids per caption (and the LocCa decoder length, up to the text tower's position table).
+        objective: ``"sigmoid"`` (the image-text loss only: fine-tuning) or ``"siglip2"`` (pre-training with
+            :class:`~kornia_siglip2.losses.siglip2.SigLip2Loss`: sigmoid + LocCa from the start, SILC + TIPS
+            self-distillation against an EMA teacher from ``distill_start`` of the steps on; LocCa uses the
+            manifest's ``regions``; an image without regions
+            trains its captioning task only).
+        distill_start: with ``objective="siglip2"``, the fraction of ``steps`` (progress ``step / steps``) from
+            which SILC + TIPS are on and the teacher starts as a copy of the student (SigLIP 2: 0.8).
+        size_factor: with ``objective="siglip2"``, the factor on both self-distillation weights (SigLIP 2:
+            0.25 B, 0.5 L, 1.0 So400m, 0.5 g); ``None``: from the vision width, which must be one of these sizes.
+        locca_num_bins: box coordinate bins of the LocCa vocabulary (text ids, then the bins).
+        distill_heads: hidden, bottleneck and output widths of the two DINO heads of self-distillation.
+        num_local_views: SILC local views per image.
+        teacher_momentum: EMA momentum of the self-distillation teacher (fixed, as SILC).
         parallel: ``"none"``, ``"ddp"`` or ``"fsdp"`` (FSDP2 ``fully_shard``).
         distributed_loss: ``"all_gather"`` or ``"ring"`` (see :func:`~kornia_siglip2.losses.sigmoid_loss`).
         precision: ``"fp32"``, ``"bf16"`` (autocast; weights and loss in float32) or ``"fp64"`` (tests).
@@ -85,7 +119,8 @@ class RecipeConfig:
         min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio``.
         grad_clip: clip the global gradient norm to this (``None`` or 0: no clipping).
         grad_checkpointing: recompute every encoder block in backward (``Encoder.set_grad_checkpointing``).
-        ema_momentum: keep an EMA copy of the model with this momentum (``None``: none; not with FSDP).
+        ema_momentum: keep an EMA copy of the model with this momentum (``None``: none; sharded like the model
+            under FSDP).
         seed: seed of the initialisation and of the data order.
         num_workers: ``DataLoader`` workers per rank.
         log_every: steps between metric lines.
@@ -102,6 +137,13 @@ class RecipeConfig:
     model_config: str | None = None
     tokenizer: str = "bytes"
     text_length: int = 64
+    objective: Literal["sigmoid", "siglip2"] = "sigmoid"
+    distill_start: float = 0.8
+    size_factor: float | None = None
+    locca_num_bins: int = 1000
+    distill_heads: Sequence[int] = field(default_factory=lambda: (2048, 256, 4096))
+    num_local_views: int = 8
+    teacher_momentum: float = 0.996
     parallel: Literal["none", "ddp", "fsdp"] = "ddp"
     distributed_loss: Literal["all_gather", "ring"] = "all_gather"
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"
@@ -128,14 +170,14 @@ class RecipeConfig:
     def __post_init__(self) -> None:
         check(self.parallel in PARALLEL_MODES, lambda: f"parallel must be one of {PARALLEL_MODES}: {self.parallel!r}")
         check(self.precision in PRECISIONS, lambda: f"precision must be one of {PRECISIONS}: {self.precision!r}")
+        check(self.objective in OBJECTIVES, lambda: f"objective must be one of {OBJECTIVES}: {self.objective!r}")
+        check(0.0 <= self.distill_start <= 1.0, lambda: f"distill_start must be in [0, 1]: {self.distill_start}.")
+        self.distill_heads = tuple(int(value) for value in self.distill_heads)
+        check(len(self.distill_heads) == 3, lambda: f"distill_heads needs 3 widths, got {self.distill_heads}.")
         check(self.steps >= 1 and self.accumulation >= 1, "steps and accumulation must be positive.")
         check(
             self.model is not None or self.model_config is not None,
             "Give model (a checkpoint to fine-tune) or model_config (a config.json to train from scratch).",
-        )
-        check(
-            not (self.ema_momentum is not None and self.parallel == "fsdp"),
-            "ema_momentum is not supported with parallel='fsdp' yet: use ddp.",
         )
         self.max_num_patches = tuple(int(value) for value in self.max_num_patches)
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -213,17 +255,81 @@ def build_model(config: RecipeConfig) -> SigLip2:
     return model.double() if config.precision == "fp64" else model.float()
 
 
-def wrap_model(module: nn.Module, parallel: str, device: torch.device) -> nn.Module:
-    """DDP, FSDP2 (every encoder block, then the root) or nothing, on ``device``."""
+def build_objective(model: SigLip2, config: RecipeConfig, tokenizer: Any, world_size: int) -> SigLip2Objective:
+    """The model with its :class:`~kornia_siglip2.losses.siglip2.SigLip2Loss` (``objective="siglip2"``), seeded.
+
+    The LocCa vocabulary is the text tower's ids (with the tokenizer's padding and EOS ids) followed by
+    ``locca_num_bins`` box bins; the decoder is sized from the model (:meth:`SigLip2Loss.from_model`). With
+    several processes the sigmoid term is distributed (``distributed_loss``).
+
+    Raises:
+        ValueError: ``size_factor`` is ``None`` and the vision width is not a SigLIP 2 size.
+    """
+    vocabulary = LocCaVocabulary(
+        text_vocab_size=model.config.text_config.vocab_size,
+        num_bins=config.locca_num_bins,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    size_factor = config.size_factor
+    if size_factor is None:
+        try:
+            size_factor = SigLip2LossSchedule.from_vision_width(model.config.vision_config.hidden_size).size_factor
+        except ValueError as error:
+            raise ValueError(f"{error} On the command line: --size-factor.") from error
+    schedule = SigLip2LossSchedule(size_factor=size_factor, distill_start=config.distill_start)
+    hidden_dim, bottleneck_dim, num_prototypes = config.distill_heads
+    options = dict(
+        hidden_dim=hidden_dim,
+        bottleneck_dim=bottleneck_dim,
+        num_prototypes=num_prototypes,
+        num_local_views=config.num_local_views,
+        teacher_momentum=config.teacher_momentum,
+    )
+    sigmoid = SigmoidLoss(None, None, distributed=config.distributed_loss if world_size > 1 else None)
+    # the same initialisation on every rank: FSDP2 shards each rank's own copy, it does not broadcast
+    torch.manual_seed(config.seed + 1)
+    loss = SigLip2Loss.from_model(model, vocabulary, schedule, distillation_options=options, sigmoid=sigmoid)
+    return SigLip2Objective(model, loss, vocabulary)
+
+
+def _fsdp_units(model: SigLip2, loss: SigLip2Loss | None = None) -> list[nn.Module]:
+    """The modules that get their own ``fully_shard``: every transformer block, and the frozen teacher."""
+    units: list[nn.Module] = [*model.vision_model.encoder.layers, *model.text_model.encoder.layers]
+    if loss is not None:
+        units += list(loss.locca.decoder.layers)
+        if loss.distillation is not None:
+            # the teacher: the same shards as the student, so the EMA update is a local op on each shard; its
+            # forward (no grad) all-gathers block by block like the student's
+            teacher = loss.distillation.teacher.module
+            units += [*teacher.vision.encoder.layers, teacher]
+    return units
+
+
+def wrap_model(module: nn.Module, parallel: str, device: torch.device, ema: EMATeacher | None = None) -> nn.Module:
+    """DDP, FSDP2 (every transformer block, the teacher, then the root) or nothing, on ``device``.
+
+    The full objective (:class:`SigLip2Objective`) leaves the distillation heads without gradient before the
+    switch: DDP runs with ``find_unused_parameters=True``; FSDP2 reduces only the gradients that exist. An
+    EMA copy of the model (``ema``) is sharded like the model under FSDP2.
+    """
     module = module.to(device)
+    if ema is not None:
+        ema.to(device)
     if parallel == "ddp" and dist.is_initialized():
-        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=isinstance(module, SigLip2Objective),
+        )
     if parallel == "fsdp" and dist.is_initialized():
         from torch.distributed.fsdp import fully_shard
 
-        for tower in (module.model.vision_model, module.model.text_model):
-            for block in tower.encoder.layers:
-                fully_shard(block)
+        for unit in _fsdp_units(module.model, getattr(module, "loss", None)):
+            fully_shard(unit)
+        if ema is not None:
+            for unit in [*_fsdp_units(ema.module), ema.module]:
+                fully_shard(unit)
         return fully_shard(module)
     return module
 
@@ -268,6 +374,52 @@ def _micro_step(
     return global_loss, num_images, int(counts[1])
 
 
+def _objective_micro_step(
+    model: nn.Module,
+    objective: SigLip2Objective,
+    batch: PackedBatch,
+    epoch: int,
+    progress: float,
+    config: RecipeConfig,
+    world_size: int,
+    device: torch.device,
+) -> tuple[dict[str, float], int, int]:
+    """Forward and backward of the full objective on one micro-batch; returns the global terms, images, tokens."""
+    dtype = torch.float64 if config.precision == "fp64" else torch.float32
+    loss_module = objective.loss
+    max_length = min(config.text_length, loss_module.locca.decoder.max_length)
+    targets = locca_targets(batch, objective.vocabulary, max_length, epoch=epoch, seed=config.seed).to(device)
+    local_views = mask = None
+    if loss_module.schedule.distillation_active(progress):
+        local_views, mask = distillation_inputs(
+            loss_module.distillation,
+            batch.images.patches.to(dtype),
+            batch.images.grid_thw,
+            batch.indices,
+            epoch=epoch,
+            seed=config.seed,
+        )
+        local_views, mask = local_views.to(device), mask.to(device)
+    batch = batch.to(device, dtype)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
+    )
+    with autocast:
+        output = model(
+            batch.images.patches, batch.images.grid_thw, batch.input_ids, targets, progress, local_views, mask
+        )
+    counts = _all_reduce(torch.tensor([batch.images.num_images, batch.num_tokens], dtype=torch.float64))
+    num_images = int(counts[0])
+    # every term is a mean over this rank's images: weighted by W n_r / n, the averaged gradients are the
+    # global batch's
+    weight = world_size * batch.images.num_images / num_images
+    (output["loss"] * weight / config.accumulation).backward()
+    names = ("loss", *LOSS_TERMS)
+    local = torch.stack([output[name].detach().to(torch.float64) for name in names])
+    terms = _all_reduce(local * batch.images.num_images / num_images)
+    return dict(zip(names, terms.tolist(), strict=True)), num_images, int(counts[1])
+
+
 def _batches(
     loader: DataLoader, sampler: TokenBudgetBatchSampler, epoch: int, position: int
 ) -> Iterator[tuple[int, int, PackedBatch]]:
@@ -307,14 +459,17 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
     model = build_model(config)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    ema = EMATeacher(model, config.ema_momentum).to(device) if config.ema_momentum is not None else None
-    wrapped = wrap_model(ContrastiveForward(model), config.parallel, device)
-    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    tokenizer = _tokenizer(config)
+    objective = build_objective(model, config, tokenizer, world_size) if config.objective == "siglip2" else None
+    ema = EMATeacher(model, config.ema_momentum) if config.ema_momentum is not None else None
+    wrapped = wrap_model(objective or ContrastiveForward(model), config.parallel, device, ema)
+    # the frozen teacher is not optimized
+    trained = [parameter for parameter in wrapped.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
     )
 
-    tokenizer = _tokenizer(config)
     vocab_size = model.config.text_config.vocab_size
     check(
         tokenizer.vocab_size <= vocab_size,
@@ -359,17 +514,30 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
     wrapped.train()
     while step < config.steps:
         start = time.perf_counter()
-        step_loss, step_images, step_tokens = 0.0, 0, 0
+        progress = step / config.steps
+        distilling = objective is not None and objective.loss.schedule.distillation_active(progress)
+        if distilling:
+            objective.start_distillation()  # the teacher becomes the student, once (a resumed run knows)
+        step_terms: dict[str, float] = {}
+        step_images, step_tokens = 0, 0
         for micro in range(config.accumulation):
             epoch, position, batch = next(batches)
             with _sync_context(wrapped, config.parallel, sync=micro == config.accumulation - 1):
-                loss, images, tokens = _micro_step(wrapped, batch, config, world_size, device)
-            step_loss += float(loss) / config.accumulation
+                if objective is None:
+                    loss, images, tokens = _micro_step(wrapped, batch, config, world_size, device)
+                    terms = {"loss": float(loss)}
+                else:
+                    terms, images, tokens = _objective_micro_step(
+                        wrapped, objective, batch, epoch, progress, config, world_size, device
+                    )
+            for name, value in terms.items():
+                step_terms[name] = step_terms.get(name, 0.0) + value / config.accumulation
             step_images += images
             step_tokens += tokens
+        step_loss = step_terms["loss"]
         grad_norm = None
         if config.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
             grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -377,12 +545,19 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
         scheduler.step()
         if ema is not None:
             ema.update(model)
+        if objective is not None:
+            objective.update_teacher()
         step += 1
         seconds = time.perf_counter() - start
+        if objective is not None and not distilling:
+            step_terms["consistency"] = step_terms["masked"] = None  # not computed before the switch
         record = {
             "step": step,
             "epoch": epoch,
             "loss": step_loss,
+            # the full objective: each unweighted term of the global batch, and whether SILC / TIPS were on
+            **({name: step_terms[name] for name in LOSS_TERMS} if objective is not None else {}),
+            **({"distillation": distilling} if objective is not None else {}),
             "lr": learning_rate,
             "images": step_images,
             "tokens": step_tokens,
@@ -399,8 +574,9 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             elif step % config.log_every == 0 or step == config.steps:
+                terms = "".join(f" {name} {record[name]:.4f}" for name in LOSS_TERMS if record.get(name) is not None)
                 print(
-                    f"step {step}/{config.steps} loss {step_loss:.4f} lr {learning_rate:.2e} "
+                    f"step {step}/{config.steps} loss {step_loss:.4f}{terms} lr {learning_rate:.2e} "
                     f"{record['tokens_per_s']:.0f} tok/s mem {record['memory_mb']:.0f} MB",
                     flush=True,
                 )
@@ -422,7 +598,9 @@ def export_final(wrapped: nn.Module, model: SigLip2, folder: Path, rank: int) ->
     if rank == 0:
         with torch.device("meta"):
             export = SigLip2(model.config)
-        export.load_state_dict({key.removeprefix("model."): value for key, value in state.items()}, assign=True)
+        # the model's weights only (the objective also holds the LocCa decoder, the heads and the teacher)
+        weights = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+        export.load_state_dict(weights, assign=True)
         export.save_pretrained(folder)
     if dist.is_initialized():
         dist.barrier()
@@ -448,7 +626,12 @@ def _plain(text: str) -> str:
     return text.replace("`", "").replace("~", "").replace("%", "%%")
 
 
-_CHOICES = {"parallel": PARALLEL_MODES, "precision": PRECISIONS, "distributed_loss": ("all_gather", "ring")}
+_CHOICES = {
+    "parallel": PARALLEL_MODES,
+    "precision": PRECISIONS,
+    "distributed_loss": ("all_gather", "ring"),
+    "objective": OBJECTIVES,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -462,6 +645,15 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, required=True, help=descriptions.get(item.name))
         elif item.name == "max_num_patches":
             parser.add_argument(flag, type=int, nargs="+", default=[256], help=help_text)
+        elif item.name == "distill_heads":
+            parser.add_argument(
+                flag,
+                type=int,
+                nargs=3,
+                default=[2048, 256, 4096],
+                metavar=("HIDDEN", "BOTTLENECK", "PROTOTYPES"),
+                help=help_text,
+            )
         elif item.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif item.type in ("int", "int | None"):

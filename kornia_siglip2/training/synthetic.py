@@ -2,7 +2,8 @@
 
 :func:`photo_like_sizes` draws image sizes from a mix like a web image-text corpus (short side 200-1024
 pixels, aspect ratios from 1:3 to 3:1, mostly near 4:3); :func:`write_synthetic_dataset` writes PNG files
-and a JSONL manifest that :func:`~kornia_siglip2.training.data.read_manifest` reads.
+and a JSONL manifest that :func:`~kornia_siglip2.training.data.read_manifest` reads, with the rectangle's box
+and name as a LocCa region.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def write_synthetic_dataset(
         max_side: largest short side in pixels.
 
     Returns:
-        the manifest path; each line holds ``image``, ``caption``, ``width`` and ``height``.
+        the manifest path; each line holds ``image``, ``caption``, ``width``, ``height`` and ``regions``: the
+        rectangle's normalized box with the text ``"a <colour> rectangle"``, and the background's with
+        ``"a <colour> background"`` (the whole image).
     """
     from PIL import Image
 
@@ -77,7 +80,18 @@ def write_synthetic_dataset(
         name = f"{index:06d}.png"
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / name)
         caption = f"a {names[fg]} rectangle on a {names[bg]} background"
-        lines.append(json.dumps({"image": name, "caption": caption, "width": width, "height": height}))
+        box = [
+            cols.start / width,
+            rows.start / height,
+            min(cols.stop, width) / width,
+            min(rows.stop, height) / height,
+        ]
+        regions = [
+            {"box": [round(value, 6) for value in box], "text": f"a {names[fg]} rectangle"},
+            {"box": [0.0, 0.0, 1.0, 1.0], "text": f"a {names[bg]} background"},
+        ]
+        record = {"image": name, "caption": caption, "width": width, "height": height, "regions": regions}
+        lines.append(json.dumps(record))
     manifest = folder / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
