@@ -594,15 +594,17 @@ class TestOverfit:
             patches, packed = torch.cat(patches), PackedGrid.from_grid_thw(torch.cat(grid_thw), torch.device("cpu"))
             layout = decoder.cross_attention_layout(packed.attention.cu_seqlens_q, 3 * LENGTH)
             generator = torch.Generator().manual_seed(0)
-            for step in range(400):  # noqa: B007
+            for step in range(800):  # noqa: B007
                 targets = LocCaTargets.build(captions, regions, boxes, vocabulary, LENGTH, generator=generator)
                 output = loss_fn(vision(patches, packed).last_hidden_state, None, targets, layout=layout)
                 optimizer.zero_grad()
                 output.loss.backward()
                 optimizer.step()
-                if output.loss.item() < 0.05:
+                # memorized well below the loss at which greedy decoding could still flip a token: machines
+                # whose float rounding differs (AVX-512 vs AMX kernels) take other trajectories to it
+                if output.loss.item() < 0.005:
                     break
-            assert output.loss.item() < 0.05, (step, output.as_dict())
+            assert output.loss.item() < 0.005, (step, output.as_dict())
 
             with torch.no_grad():
                 encoded = vision(patches, packed)
