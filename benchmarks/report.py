@@ -1,4 +1,8 @@
-"""Turn a pytest-benchmark JSON of the encoder benchmarks into a summary JSON, a markdown table and a plot.
+"""Turn a pytest-benchmark JSON of ``make bench`` into a summary JSON, a markdown table and a plot.
+
+Three kinds of entries are summarized: the encoder cases (``case`` in ``extra_info``), the end-to-end embedding
+of a folder of JPEGs (``embed_case``, ``benchmarks/test_bench_embed.py``) and loading a checkpoint
+(``load_case``, ``benchmarks/test_bench_load.py``).
 
 Usage (after ``make bench``, which writes ``benchmarks/results/latest.json``)::
 
@@ -114,6 +118,73 @@ GOALS = (
 )
 
 
+#: (kind, case, metric, threshold, goal text): goals of the embedding and loading entries, all ``>=``
+PIPELINE_GOALS = (
+    ("embed", "embed_vitb4_float32", "speedup_vs_transformers", 1.5, "end-to-end embedding, 200 JPEGs, fp32"),
+    ("embed", "embed_vitb4_bfloat16", "speedup_vs_transformers", 1.5, "end-to-end embedding, 200 JPEGs, bf16"),
+    ("load", "so400m", "load_s_speedup_vs_transformers", 1.0, "from_pretrained time, So400m width, fixed"),
+    ("load", "so400m-naflex", "load_s_speedup_vs_transformers", 1.0, "from_pretrained time, So400m width, NaFlex"),
+)
+LOAD_TITLES = {
+    "tiny": "tiny checkpoint",
+    "so400m": "So400m width (1152, 8 + 4 layers), fixed 224",
+    "so400m-naflex": "So400m width (1152, 8 + 4 layers), NaFlex",
+}
+
+
+def pipeline_entries(paths: list[Path]) -> dict[str, list[dict]]:
+    """The embedding (``embed_case``) and loading (``load_case``) entries of pytest-benchmark JSONs, as rows."""
+    rows: dict[str, list[dict]] = {"embed": [], "load": []}
+    for path in paths:
+        for bench in json.loads(Path(path).read_text()).get("benchmarks", []):
+            info = bench.get("extra_info", {})
+            stats = bench.get("stats") or {}
+            if "embed_case" in info:
+                rows["embed"].append({**info, "median_s": stats.get("median"), "rounds": stats.get("rounds")})
+            elif "load_case" in info:
+                rows["load"].append({**info, "rounds": stats.get("rounds")})
+    # speedups again from the medians of the same run (a file may hold entries the test did not pair)
+    for kind, key, time_keys in (
+        ("embed", "embed_case", ("median_s",)),
+        ("load", "load_case", ("load_s", "process_s")),
+    ):
+        by_case: dict[str, dict[str, dict]] = {}
+        for row in rows[kind]:
+            by_case.setdefault(row[key], {})[row["implementation"]] = row
+        for implementations in by_case.values():
+            reference = implementations.get("transformers")
+            for name, row in implementations.items():
+                if reference is None or name == "transformers":
+                    continue
+                for time_key in time_keys:
+                    if row.get(time_key) and reference.get(time_key):
+                        metric = "speedup_vs_transformers" if kind == "embed" else f"{time_key}_speedup_vs_transformers"
+                        row[metric] = reference[time_key] / row[time_key]
+    return rows
+
+
+def evaluate_pipeline_goals(pipeline: dict[str, list[dict]]) -> list[dict]:
+    """Each goal of :data:`PIPELINE_GOALS` with the value measured for ours (``None`` if not measured)."""
+    goals = []
+    for kind, case, metric, threshold, text in PIPELINE_GOALS:
+        key = "embed_case" if kind == "embed" else "load_case"
+        row = next((r for r in pipeline[kind] if r[key] == case and r["implementation"] == "ours"), None)
+        value = None if row is None else row.get(metric)
+        met = None if value is None else value >= threshold
+        size = "vitb4" if kind == "embed" else case
+        goals.append(
+            {
+                "goal": text,
+                "size": size,
+                "case": case,
+                "dtype": row.get("dtype") if row else None,
+                "reference": "transformers",
+            }
+            | {"metric": metric, "target": f">= {threshold}", "value": value, "met": met, "source": "issue 17"}
+        )
+    return goals
+
+
 def load_entries(paths: list[Path]) -> tuple[list[dict], dict]:
     """Encoder entries (those with a ``case`` in ``extra_info``) and the machine info of pytest-benchmark JSONs.
 
@@ -151,8 +222,12 @@ def load_entries(paths: list[Path]) -> tuple[list[dict], dict]:
     return entries, machine
 
 
-def summarize(entries: list[dict], machine: dict) -> dict:
-    """Group entries by (size, dtype, case), add ratios against ours, and evaluate the goals on ViT-B sizes."""
+def summarize(entries: list[dict], machine: dict, pipeline: dict[str, list[dict]] | None = None) -> dict:
+    """Group entries by (size, dtype, case), add ratios against ours, and evaluate the goals on ViT-B sizes.
+
+    ``pipeline``: the embedding and loading rows of :func:`pipeline_entries`, kept and evaluated beside.
+    """
+    pipeline = pipeline or {"embed": [], "load": []}
     cases: dict[tuple[str, str, str], dict[str, dict]] = {}
     for entry in entries:
         cases.setdefault((entry["size"], entry["dtype"], entry["case"]), {})[entry["implementation"]] = entry
@@ -212,8 +287,11 @@ def summarize(entries: list[dict], machine: dict) -> dict:
             "minus RSS after load; see benchmarks/memory.py"
         ),
         "goal_sizes": [size for size in GOAL_SIZES if size in sizes],
-        "goals": [goal for size in GOAL_SIZES if size in sizes for goal in evaluate_goals(results, size)],
+        "goals": [goal for size in GOAL_SIZES if size in sizes for goal in evaluate_goals(results, size)]
+        + [goal for goal in evaluate_pipeline_goals(pipeline) if goal["value"] is not None or sizes & set(GOAL_SIZES)],
         "results": results,
+        "embed": pipeline["embed"],
+        "load": pipeline["load"],
     }
 
 
@@ -316,6 +394,7 @@ def markdown(summary: dict) -> str:
                     f"| {_fmt(row.get('rel_err_vs_fp32'), '.1e')} | {_fmt(row.get('min_cos_vs_fp32'), '.5f')} |"
                 )
             lines.append("")
+    lines += _pipeline_markdown(summary)
     lines += ["## Goals", ""]
     if not summary["goal_sizes"]:
         lines += [
@@ -339,6 +418,71 @@ def markdown(summary: dict) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def _pipeline_markdown(summary: dict) -> list[str]:
+    """The end-to-end embedding and the loading tables (empty when the run measured neither)."""
+    lines: list[str] = []
+    embed_rows = sorted(
+        summary.get("embed", []),
+        key=lambda r: (
+            SIZE_ORDER.index(r["size"]) if r.get("size") in SIZE_ORDER else 9,
+            DTYPE_ORDER.index(r["dtype"]),
+            ("ours", "ours-draft", "transformers").index(r["implementation"]),
+        ),
+    )
+    if embed_rows:
+        first = embed_rows[0]
+        lines += [
+            "## End-to-end embedding of a folder of photos",
+            "",
+            f"{first['images']} generated JPEGs of phone / camera / web sizes (480x640 to 3024x4032, both "
+            "orientations) -> decode -> NaFlex preprocessing (256-patch budget) -> encode -> one embeddings file "
+            "(`benchmarks/test_bench_embed.py`). *ours*: the `embed` command's pipeline (DataLoader workers, "
+            "token-budget packed batches, Pillow decoding: transformers' pixels); *ours-draft*: the same with "
+            "`--decoder pillow-draft` (JPEGs decoded at a reduced scale, >= 2x the model input; not pixel-exact, "
+            "*cos*: smallest cosine of its embeddings to the exact ones); *transformers*: `load_image` + "
+            "`Siglip2ImageProcessorPil` + `get_image_features` in batches of 32. Model loading is not timed. "
+            "bf16 is what `--dtype auto` picks on a CPU with native bf16 matmul.",
+            "",
+            "| model | dtype | impl | s | images/s | speedup | cos |",
+            "|---|---|---|---:|---:|---:|---:|",
+        ]
+        for row in embed_rows:
+            lines.append(
+                f"| {row.get('size', '-')} | {row['dtype']} | {row['implementation']} | {row['median_s']:.2f} "
+                f"| {row['images'] / row['median_s']:.2f} | {_fmt(row.get('speedup_vs_transformers'), '.2f')} "
+                f"| {_fmt(row.get('min_cos_vs_exact_decode'), '.5f')} |"
+            )
+        lines.append("")
+    load_rows = sorted(
+        summary.get("load", []),
+        key=lambda r: (
+            list(LOAD_TITLES).index(r["load_case"]) if r["load_case"] in LOAD_TITLES else 9,
+            r["implementation"],
+        ),
+    )
+    if load_rows:
+        lines += [
+            "## Loading a checkpoint",
+            "",
+            "Each round a fresh process (`benchmarks/test_bench_load.py`, `benchmarks/load.py`): *load s*: "
+            "`from_pretrained` alone (median); *process s*: interpreter start, imports, load and one forward; "
+            "*RSS*: resident memory after load (MiB); *speedup*: transformers' time / ours.",
+            "",
+            "| checkpoint | impl | load s | process s | RSS after load | load speedup | process speedup |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in load_rows:
+            lines.append(
+                f"| {LOAD_TITLES.get(row['load_case'], row['load_case'])} | {row['implementation']} "
+                f"| {_fmt(row.get('load_s'), '.2f')} | {_fmt(row.get('process_s'), '.2f')} "
+                f"| {_fmt(row.get('rss_load_mib'), '.0f')} "
+                f"| {_fmt(row.get('load_s_speedup_vs_transformers'), '.2f')} "
+                f"| {_fmt(row.get('process_s_speedup_vs_transformers'), '.2f')} |"
+            )
+        lines.append("")
+    return lines
 
 
 def short_table(summary: dict) -> str:
@@ -468,7 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     entries, machine = load_entries(args.inputs)
     if not entries:
         raise SystemExit(f"{', '.join(map(str, args.inputs))} holds no encoder benchmark entries.")
-    summary = summarize(entries, machine)
+    summary = summarize(entries, machine, pipeline_entries(args.inputs))
     _write(args.summary, json.dumps(summary, indent=2) + "\n")
     _write(args.markdown, markdown(summary))
     written = [("summary", args.summary), ("table", args.markdown)]

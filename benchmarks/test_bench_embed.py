@@ -3,9 +3,12 @@
 ours: the ``embed`` command's pipeline (``kornia_siglip2._embed``: decoding + NaFlex preprocessing in DataLoader
 workers, token-budget packed batches, chunks, one output file). transformers: the loop a user writes with its
 processor and model (``load_image`` -> ``Siglip2ImageProcessor`` (PIL backend) in batches of 32 ->
-``get_image_features`` -> normalize -> one safetensors file). Same checkpoint, same dtype (float32), same files;
-model loading is outside the timing for both. Ours' entry gets ``speedup_vs_transformers`` (reference median /
-our median, images/s ratio) in ``extra_info``; the target of the speed issue is >= 1.5x.
+``get_image_features`` -> normalize -> one safetensors file). Same checkpoint, same dtype, same files; model
+loading is outside the timing for both. Two dtypes: float32, and bfloat16 where the CPU has native bf16 matmul
+(what ``--dtype auto`` picks there; skipped elsewhere). ``ours-draft`` is ours with ``--decoder pillow-draft``
+(JPEGs decoded at a reduced scale: not pixel-exact, its embeddings' smallest cosine to the exact ones is in
+``extra_info``). Ours' entries get ``speedup_vs_transformers`` (reference median / our median, images/s ratio)
+in ``extra_info``; the target of the speed issue is >= 1.5x.
 
 A second benchmark times the JPEG decoders alone (Pillow vs ``kornia_rs``) on the same photos.
 
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from benchmarks.machine import cpu_description, load_average
 
 NUM_IMAGES = int(os.environ.get("BENCH_EMBED_IMAGES", "200"))
 # (height, width) of phone / camera photos and web images, both orientations
@@ -75,11 +80,11 @@ def _files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*.jpg"))
 
 
-def _ours(folder: Path, checkpoint: Path, out: Path):
+def _ours(folder: Path, checkpoint: Path, out: Path, dtype: torch.dtype, decoder: str = "pillow"):
     from kornia_siglip2 import _embed as embed
     from kornia_siglip2.zero_shot import ZeroShotClassifier
 
-    classifier = ZeroShotClassifier.from_pretrained(checkpoint, load_tokenizer=False)
+    classifier = ZeroShotClassifier.from_pretrained(checkpoint, load_tokenizer=False, dtype=dtype)
     workers = int(os.environ.get("BENCH_EMBED_WORKERS", max(1, min(8, os.cpu_count() or 1))))
     listing = embed.list_images(folder)
 
@@ -90,10 +95,11 @@ def _ours(folder: Path, checkpoint: Path, out: Path):
             out=out,
             listing=listing,
             model_name=str(checkpoint),
-            dtype=torch.float32,
+            dtype=dtype,
             batch_size=BATCH_SIZE,
             max_tokens=BATCH_SIZE * classifier.preprocessor.max_num_patches,
             workers=workers,
+            decoder=decoder,
             progress=False,
         )
         embed.run_embed(job, classifier)
@@ -102,13 +108,13 @@ def _ours(folder: Path, checkpoint: Path, out: Path):
     return run
 
 
-def _transformers(folder: Path, checkpoint: Path, out: Path):
+def _transformers(folder: Path, checkpoint: Path, out: Path, dtype: torch.dtype):
     from safetensors.torch import save_file
     from transformers import Siglip2Model
     from transformers.image_utils import load_image
     from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
-    model = Siglip2Model.from_pretrained(checkpoint).eval()
+    model = Siglip2Model.from_pretrained(checkpoint, dtype=dtype).eval()
     vision = model.config.vision_config
     processor = Siglip2ImageProcessorPil(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
     files = _files(folder)
@@ -119,9 +125,10 @@ def _transformers(folder: Path, checkpoint: Path, out: Path):
             for start in range(0, len(files), BATCH_SIZE):
                 images = [load_image(str(path)) for path in files[start : start + BATCH_SIZE]]
                 inputs = processor(images=images, return_tensors="pt")
+                inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
                 features = model.get_image_features(**inputs)
                 pooled = features if isinstance(features, torch.Tensor) else features.pooler_output
-                embeddings.append(torch.nn.functional.normalize(pooled, dim=-1))
+                embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
         matrix = torch.cat(embeddings).contiguous()
         save_file({"image_embeds": matrix}, out, metadata={"files": "\n".join(map(str, files))})
         return matrix
@@ -132,28 +139,51 @@ def _transformers(folder: Path, checkpoint: Path, out: Path):
 def _record(benchmark, case: str, implementation: str) -> None:
     _MEDIANS[(case, implementation)] = benchmark.stats.stats.median
     _INFOS[(case, implementation)] = benchmark.extra_info
-    ours, reference = ("ours", "transformers") if case.startswith("embed") else ("kornia_rs", "pillow")
-    if (case, ours) in _MEDIANS and (case, reference) in _MEDIANS:
-        ratio = _MEDIANS[(case, reference)] / _MEDIANS[(case, ours)]
-        _INFOS[(case, ours)][f"speedup_vs_{reference}"] = round(ratio, 3)
-        print(f"\n{case}: {ours} {ratio:.2f}x {reference} (images/s ratio)")
+    reference = "transformers" if case.startswith("embed") else "pillow"
+    for ours in ("ours", "ours-draft", "kornia_rs"):
+        if (case, ours) in _MEDIANS and (case, reference) in _MEDIANS:
+            ratio = _MEDIANS[(case, reference)] / _MEDIANS[(case, ours)]
+            _INFOS[(case, ours)][f"speedup_vs_{reference}"] = round(ratio, 3)
+            print(f"\n{case}: {ours} {ratio:.2f}x {reference} (images/s ratio)")
 
 
-@pytest.mark.parametrize("implementation", ["ours", "transformers"])
-def test_embed_folder(benchmark, photos, naflex_checkpoint, encoder_size, implementation, tmp_path):
-    run = (_ours if implementation == "ours" else _transformers)(photos, naflex_checkpoint, tmp_path / "e.safetensors")
+_EXACT: dict[str, torch.Tensor] = {}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("implementation", ["ours", "ours-draft", "transformers"])
+def test_embed_folder(benchmark, photos, naflex_checkpoint, encoder_size, implementation, dtype, tmp_path):
+    from kornia_siglip2._embed import cpu_has_native_bf16
+
+    if dtype == "bfloat16" and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 matmul (AMX / AVX512-BF16): --dtype auto picks float32 here")
+    torch_dtype = getattr(torch, dtype)
+    out = tmp_path / "e.safetensors"
+    if implementation == "transformers":
+        run = _transformers(photos, naflex_checkpoint, out, torch_dtype)
+    else:
+        decoder = "pillow-draft" if implementation == "ours-draft" else "pillow"
+        run = _ours(photos, naflex_checkpoint, out, torch_dtype, decoder)
     rounds = int(os.environ.get("BENCH_ROUNDS", 3))
     result = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1 if encoder_size == "tiny" else 0)
     assert result.shape[0] == NUM_IMAGES
-    case = f"embed_{encoder_size}"
+    case = f"embed_{encoder_size}_{dtype}"
     benchmark.extra_info.update(
         embed_case=case,
+        size=encoder_size,
         implementation=implementation,
         images=NUM_IMAGES,
         images_per_s=round(NUM_IMAGES / benchmark.stats.stats.median, 2),
-        dtype="float32",
+        dtype=dtype,
         threads=torch.get_num_threads(),
+        cpu=cpu_description(),
+        load_average=load_average(),
     )
+    if implementation == "ours":
+        _EXACT[case] = result
+    elif implementation == "ours-draft" and case in _EXACT:
+        cosine = (torch.nn.functional.normalize(result, dim=-1) * _EXACT[case]).sum(-1)
+        benchmark.extra_info["min_cos_vs_exact_decode"] = round(cosine.min().item(), 6)
     _record(benchmark, case, implementation)
 
 

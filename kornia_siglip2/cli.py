@@ -104,8 +104,10 @@ def _build_parser() -> argparse.ArgumentParser:
     embed.add_argument(
         "--decoder",
         default="pillow",
-        choices=["pillow", "kornia-rs"],
-        help="pillow (default: pixels equal transformers') or kornia-rs (faster JPEGs, pixels may differ slightly)",
+        choices=["pillow", "kornia-rs", "pillow-draft"],
+        help="pillow (default: pixels equal transformers'), kornia-rs (faster JPEGs, pixels may differ slightly) or "
+        "pillow-draft (JPEGs decoded at a reduced scale, >= 2x the model's input size: much faster on large photos, "
+        "pixels differ from pillow's by 0.2-1.7 levels on average after the resize)",
     )
     embed.add_argument("--chunk-size", type=_positive, default=1024, help="rows per kept chunk (default 1024)")
     embed.add_argument("--rank", type=int, default=None, help="this process's rank (default $RANK or 0)")

@@ -116,6 +116,54 @@ class TestOutput:
             embed.decode_pillow(folder / "b" / "blue_square.png"),
         )
 
+    def test_draft_decoder(self, checkpoint, tmp_path):
+        """pillow-draft: a reduced decode of large JPEGs, the same grid, pixels within a few levels.
+
+        Reference: Pillow's full decode + ``Image.resize`` (what transformers' processor does), then the same
+        patchify; the draft path must give the grid of the full image (not of the reduced decode).
+        """
+        from PIL import Image
+
+        classifier = ZeroShotClassifier.from_pretrained(checkpoint, load_tokenizer=False)
+        preprocessor = classifier.preprocessor
+        rng = np.random.default_rng(3)
+        small = rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)
+        for index, (height, width) in enumerate(((1203, 1601), (700, 333))):
+            smooth = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), np.int16)
+            photo = np.clip(smooth + rng.normal(0, 5, (height, width, 1)), 0, 255).astype(np.uint8)
+            path = tmp_path / f"photo{index}.jpg"
+            Image.fromarray(photo).save(path, quality=90)
+            pixels, source = embed.decode_pillow_draft(path, lambda h, w: embed.target_size(preprocessor, h, w))
+            assert source == (height, width)
+            target = embed.target_size(preprocessor, height, width)
+            # the reduced decode really is reduced, and still >= 2x the target on both sides
+            assert pixels.shape[-2] < height and pixels.shape[-1] < width
+            assert pixels.shape[-2] >= 2 * target[0] and pixels.shape[-1] >= 2 * target[1]
+            draft = embed.preprocess_with_pillow(preprocessor, pixels, source)
+            with Image.open(path) as opened:
+                full = np.asarray(opened.convert("RGB").resize(target[::-1], Image.Resampling.BICUBIC, None))
+            exact = preprocessor([torch.from_numpy(full.copy()).permute(2, 0, 1)])
+            assert torch.equal(draft.grid_thw, exact.grid_thw)
+            levels = (draft.patches - exact.patches).abs() * 255 / 2  # normalized with mean = std = 0.5
+            # measured 1.66 / 11 levels (mean / max) at a 21x reduction of this noisy image, 0.2 / 6 on photos
+            assert levels.mean() < 2.5 and levels.max() < 20, (levels.mean(), levels.max())
+            assert levels.max() > 0  # not the full decode in disguise
+        # a PNG and a JPEG too small to reduce: the full decode, exactly
+        png = tmp_path / "small.png"
+        Image.fromarray(small).save(png)
+        for path in (png, tmp_path / "photo1.jpg"):
+            pixels, _ = embed.decode_pillow_draft(path, lambda h, w: (h, w))
+            assert torch.equal(pixels, embed.decode_pillow(path))
+
+    def test_draft_decoder_command(self, checkpoint, folder, tmp_path):
+        exact, draft = tmp_path / "exact.safetensors", tmp_path / "draft.safetensors"
+        assert run_embed(folder, "--out", exact, "--model", checkpoint) == 0
+        assert run_embed(folder, "--out", draft, "--model", checkpoint, "--decoder", "pillow-draft") == 0
+        (first, meta_exact), (second, meta_draft) = read_safetensors(exact), read_safetensors(draft)
+        assert meta_exact["files"] == meta_draft["files"]
+        # the test images are too small to reduce: the same rows
+        torch.testing.assert_close(first, second, rtol=1e-5, atol=1e-6)
+
     def test_auto_dtype(self, monkeypatch):
         monkeypatch.setattr(embed, "cpu_has_native_bf16", lambda: True)
         assert embed.auto_dtype(torch.device("cpu")) == torch.bfloat16
