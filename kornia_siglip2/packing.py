@@ -8,6 +8,10 @@ This module holds the package's one packed-batch type, :class:`PackedImages`, an
 derived from it once per batch: :class:`VarlenLayout` (which tokens attend to which, as flash-attention's
 ``cu_seqlens``) and :class:`ImageLayout` (the layouts of a packed image batch: per-frame self-attention and
 per-frame MAP-head pooling).
+
+A batch may carry only some of each image's patches (NaViT token dropping, Dehghani et al. 2023, section 3.2):
+``keep_mask`` over the full grids says which are present, and only those are in ``patches``. Position
+embeddings still come from each patch's place in its full grid; attention and pooling see the kept patches.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "VarlenLayout",
     "check_cu_seqlens",
     "check_grid_thw",
+    "check_keep_mask",
     "grid_thw_to_cu_seqlens",
     "grid_thw_to_seqlens",
     "pack_inputs",
@@ -129,6 +134,40 @@ def check_grid_thw(grid_thw: torch.Tensor, num_tokens: int | None = None) -> Non
         total = int(grid_thw.prod(-1).sum())
         if total != num_tokens:
             raise ValueError(f"grid_thw describes {total} patches (sum of t*h*w) but patches has {num_tokens} rows.")
+
+
+def check_keep_mask(keep_mask: torch.Tensor, grid_thw: torch.Tensor, num_tokens: int | None = None) -> None:
+    """Check a token-dropping mask: bool :math:`(\\sum t h w,)` over the full grids, ``num_tokens`` True.
+
+    Raises:
+        TypeCheckError: ``keep_mask`` is not a bool tensor.
+        ValueCheckError: ``keep_mask`` is not 1-D of the length ``grid_thw`` describes, or it keeps a number of
+            patches different from ``num_tokens`` (the rows of ``patches``).
+    """
+    check_type(
+        isinstance(keep_mask, torch.Tensor) and keep_mask.dtype == torch.bool,
+        lambda: (
+            "keep_mask must be a bool tensor (sum of t*h*w,), True at the patches present in patches, got "
+            f"{getattr(keep_mask, 'dtype', type(keep_mask).__name__)}."
+        ),
+    )
+    check_grid_thw(grid_thw)
+    if torch.compiler.is_compiling():
+        return
+    full = int(grid_thw.long().prod(-1).sum())
+    check(
+        tuple(keep_mask.shape) == (full,),
+        lambda: (
+            f"keep_mask must have shape ({full},): one entry per patch of the full grids (sum of t*h*w of "
+            f"grid_thw), got {tuple(keep_mask.shape)}."
+        ),
+    )
+    if num_tokens is not None:
+        kept = int(keep_mask.sum())
+        check(
+            kept == num_tokens,
+            lambda: f"keep_mask keeps {kept} patches but patches has {num_tokens} rows; they must match.",
+        )
 
 
 def grid_thw_to_seqlens(grid_thw: torch.Tensor) -> torch.Tensor:
@@ -441,30 +480,48 @@ class ImageLayout:
     """Host-side layouts of a packed image batch: per-frame self-attention and per-frame MAP pooling.
 
     Attributes:
-        grids: ``(t, h, w)`` per image as Python ints.
-        attention: self-attention layout, one block of ``h * w`` tokens per frame.
+        grids: ``(t, h, w)`` per image as Python ints (the full grids, also when tokens are dropped).
+        attention: self-attention layout, one block per frame: its ``h * w`` tokens, or its kept ones.
         pooling: MAP-head layout, one probe query per frame attending to that frame's tokens.
+        position_index: with dropped tokens, int64 :math:`(N,)` place of every kept token in the full grids
+            (index into the frames' ``h * w`` position tables laid end to end); ``None`` when every patch is
+            present.
 
     Example:
         >>> layout = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [2, 1, 4]]))
         >>> layout.attention.seqlens_q, layout.pooling.seqlens_q, layout.num_tokens
         ((6, 4, 4), (1, 1, 1), 14)
+        >>> keep_mask = torch.tensor([1, 0, 1, 1, 0, 0] + [1, 1, 0, 1] + [0, 0, 0, 1]).bool()
+        >>> dropped = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [2, 1, 4]]), keep_mask=keep_mask)
+        >>> dropped.attention.seqlens_q, dropped.position_index.tolist()
+        ((3, 3, 1), [0, 2, 3, 6, 7, 9, 13])
     """
 
     grids: tuple[tuple[int, int, int], ...]
     attention: VarlenLayout
     pooling: VarlenLayout
+    position_index: torch.Tensor | None = None
 
     @classmethod
     def from_grid_thw(
-        cls, grid_thw: torch.Tensor | Sequence[Sequence[int]], device: torch.device | str | None = None
+        cls,
+        grid_thw: torch.Tensor | Sequence[Sequence[int]],
+        device: torch.device | str | None = None,
+        keep_mask: torch.Tensor | None = None,
     ) -> ImageLayout:
-        """Read ``grid_thw`` :math:`(n, 3)` once and derive both attention layouts.
+        """Read ``grid_thw`` :math:`(n, 3)` (and ``keep_mask``) once and derive both attention layouts.
+
+        Args:
+            grid_thw: :math:`(n, 3)` rows ``(t, h, w)``.
+            device: device of the index tensors (default: that of ``grid_thw``).
+            keep_mask: optional bool :math:`(\\sum t h w,)`, True at the patches present (token dropping);
+                every frame must keep at least one.
 
         Raises:
             ValueCheckError: ``grid_thw`` is not an :math:`(n, 3)` grid of positive integers (a list of floats
                 such as ``[[1, 2.7, 3]]`` included), describes no image, or more tokens than int32
-                ``cu_seqlens`` can index.
+                ``cu_seqlens`` can index; ``keep_mask`` has the wrong length or keeps no patch of a frame.
+            TypeCheckError: ``keep_mask`` is not a bool tensor.
         """
         if not isinstance(grid_thw, torch.Tensor):  # a list: the same checks as a tensor (no silent int())
             try:
@@ -480,13 +537,29 @@ class ImageLayout:
             grid_thw.shape[0] > 0,
             "grid_thw describes no image (shape (0, 3)); pass at least one image.",
         )
+        position_index = None
+        if keep_mask is not None:
+            check_keep_mask(keep_mask, grid_thw)
         grid_thw = grid_thw.tolist()
         grids = tuple((int(t), int(h), int(w)) for t, h, w in grid_thw)
         seqlens = [h * w for t, h, w in grids for _ in range(t)]
+        if keep_mask is not None:
+            # kept tokens per frame: differences of the running count at the frame boundaries (one host read)
+            running = torch.nn.functional.pad(keep_mask.long().cumsum(0), (1, 0))
+            boundaries = torch.tensor(_cumsum(seqlens), device=keep_mask.device)
+            kept = torch.diff(running[boundaries]).tolist()
+            empty = [frame for frame, count in enumerate(kept) if count == 0]
+            check(
+                not empty,
+                lambda: f"keep_mask keeps no patch of frame(s) {empty}: keep at least one patch of every frame.",
+            )
+            seqlens = kept
+            position_index = keep_mask.nonzero().flatten().to(device)
         return cls(
             grids=grids,
             attention=VarlenLayout.from_seqlens(seqlens, device=device),
             pooling=VarlenLayout.from_seqlens([1] * len(seqlens), seqlens, device=device),
+            position_index=position_index,
         )
 
     @property
@@ -508,24 +581,38 @@ class PackedImages:
     the zero-shot classifier and the logit lens). Its host-side :attr:`layout` is computed on first use and
     cached, so reading ``grid_thw`` from the device happens once per batch however often it is used.
 
+    With token dropping (NaViT), ``keep_mask`` marks which patches of the full grids are present: ``patches``
+    holds only those (in grid order), ``grid_thw`` still gives the full grids, so that each kept patch gets the
+    position embedding of its place.
+
     Attributes:
         patches: :math:`(N, p \\cdot p \\cdot C)` flattened patches, image after image.
-        grid_thw: :math:`(n, 3)` integer rows ``(t, h, w)`` with :math:`\\sum t h w = N`.
+        grid_thw: :math:`(n, 3)` integer rows ``(t, h, w)`` with :math:`\\sum t h w = N` (without ``keep_mask``).
+        keep_mask: optional bool :math:`(\\sum t h w,)`, True at the :math:`N` patches present; every frame
+            keeps at least one. ``None``: every patch is present.
 
     Example:
         >>> packed = PackedImages.from_images(torch.rand(2, 3, 8, 12), patch_size=4)
         >>> packed.patches.shape, packed.grid_thw.tolist(), packed.layout.num_frames
         (torch.Size([12, 48]), [[1, 2, 3], [1, 2, 3]], 2)
         >>> patches, grid_thw = packed  # unpacks like a (patches, grid_thw) pair
+        >>> keep_mask = torch.tensor([True, False] * 6)
+        >>> dropped = PackedImages(packed.patches[keep_mask], packed.grid_thw, keep_mask)
+        >>> dropped.layout.attention.seqlens_q
+        (3, 3)
     """
 
     patches: torch.Tensor
     grid_thw: torch.Tensor
+    keep_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         check_type(isinstance(self.patches, torch.Tensor), "PackedImages.patches must be a tensor (N, p*p*C).")
         check(self.patches.ndim == 2, lambda: f"patches must be (N, p*p*C), got {tuple(self.patches.shape)}.")
-        check_grid_thw(self.grid_thw, self.patches.shape[0])
+        if self.keep_mask is None:
+            check_grid_thw(self.grid_thw, self.patches.shape[0])
+        else:
+            check_keep_mask(self.keep_mask, self.grid_thw, self.patches.shape[0])
 
     def __iter__(self):
         return iter((self.patches, self.grid_thw))
@@ -533,7 +620,7 @@ class PackedImages:
     @cached_property
     def layout(self) -> ImageLayout:
         """Attention and pooling layouts, read from ``grid_thw`` once and cached."""
-        return ImageLayout.from_grid_thw(self.grid_thw, self.patches.device)
+        return ImageLayout.from_grid_thw(self.grid_thw, self.patches.device, self.keep_mask)
 
     @property
     def num_images(self) -> int:
@@ -541,9 +628,10 @@ class PackedImages:
         return self.grid_thw.shape[0]
 
     def to(self, *args, **kwargs) -> PackedImages:
-        """Move or cast ``patches`` (as ``Tensor.to``); ``grid_thw`` follows the device only."""
+        """Move or cast ``patches`` (as ``Tensor.to``); ``grid_thw`` and ``keep_mask`` follow the device only."""
         patches = self.patches.to(*args, **kwargs)
-        return PackedImages(patches, self.grid_thw.to(patches.device))
+        keep_mask = None if self.keep_mask is None else self.keep_mask.to(patches.device)
+        return PackedImages(patches, self.grid_thw.to(patches.device), keep_mask)
 
     @classmethod
     def from_images(cls, images: torch.Tensor, patch_size: int, drop_remainder: bool = False) -> PackedImages:
@@ -610,6 +698,7 @@ def pack_inputs(
     *,
     patches: torch.Tensor | None = None,
     grid_thw: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
     patch_size: int,
     drop_remainder: bool = False,
 ) -> PackedImages:
@@ -621,7 +710,8 @@ def pack_inputs(
     - ``pixel_values`` :math:`(B, L, p \\cdot p \\cdot C)` padded NaFlex patches with ``spatial_shapes``
       :math:`(B, 2)` (and ``pixel_attention_mask`` :math:`(B, L)`, derived from the shapes when absent),
     - ``pixel_values`` as a :class:`PackedImages`,
-    - ``patches`` :math:`(N, p \\cdot p \\cdot C)` with ``grid_thw`` :math:`(n, 3)`.
+    - ``patches`` :math:`(N, p \\cdot p \\cdot C)` with ``grid_thw`` :math:`(n, 3)` (and ``keep_mask`` when
+      tokens are dropped).
 
     Args:
         pixel_values: images, padded patches or a packed batch.
@@ -629,6 +719,8 @@ def pack_inputs(
         spatial_shapes: patch grid ``(h, w)`` of each padded image.
         patches: packed patches.
         grid_thw: grid of each packed image.
+        keep_mask: bool :math:`(\\sum t h w,)`, True at the patches present in ``patches`` (token dropping; see
+            :class:`PackedImages`); packed patches only.
         patch_size: patch side :math:`p`, to cut 4-D images.
         drop_remainder: 4-D images whose sides ``p`` does not divide lose their last ``H % p`` rows and
             ``W % p`` columns (the Conv2d patch embedding of fixed-resolution checkpoints); ``False`` (NaFlex)
@@ -638,8 +730,8 @@ def pack_inputs(
         the packed batch.
 
     Raises:
-        ValueCheckError: no input, two conventions at once, an input of the wrong rank, or a padded input
-            without ``spatial_shapes``.
+        ValueCheckError: no input, two conventions at once, an input of the wrong rank, a padded input
+            without ``spatial_shapes``, or ``keep_mask`` without packed patches.
         TypeCheckError: raw integer (e.g. ``uint8``) pixel values: preprocess them first.
 
     Example:
@@ -654,7 +746,11 @@ def pack_inputs(
             "Pass either images or patches with grid_thw: the packed path needs both patches and grid_thw.",
         )
         check(pixel_values is None, "Pass either images (pixel_values) or patches + grid_thw, not both.")
-        return PackedImages(patches, grid_thw)
+        return PackedImages(patches, grid_thw, keep_mask)
+    check(
+        keep_mask is None,
+        "keep_mask (token dropping) goes with packed patches + grid_thw only (or a PackedImages that holds it).",
+    )
     check(
         pixel_values is not None,
         "pixel_values is required. Pass either images (pixel_values) or patches (N, p*p*C) with grid_thw (n, 3).",

@@ -73,6 +73,7 @@ class VisionEmbeddings(nn.Module):
         grids: Sequence[tuple[int, int, int]],
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
+        position_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Embed packed patches.
 
@@ -82,6 +83,9 @@ class VisionEmbeddings(nn.Module):
             mask: optional bool :math:`(N,)`; True positions get ``mask_token`` instead of their patch
                 embedding (masked prediction, before the position embedding is added).
             mask_token: :math:`(D,)` learned token used where ``mask`` is True.
+            position_index: with dropped tokens, int64 :math:`(N,)` place of each patch in the frames' full
+                ``h * w`` grids laid end to end (:attr:`~kornia_siglip2.packing.ImageLayout.position_index`);
+                ``None``: all patches of every grid, in order.
 
         Returns:
             :math:`(N, D)` token embeddings.
@@ -91,6 +95,12 @@ class VisionEmbeddings(nn.Module):
             check(mask_token is not None, "mask_token is required when mask is given.")
             tokens = torch.where(mask[:, None], mask_token.to(tokens.dtype), tokens)
         resized = {size: self.resized_positions(*size) for size in dict.fromkeys((h, w) for _, h, w in grids)}
+        if position_index is not None:
+            if len(resized) == 1:  # one grid: the place within its frame indexes the one resized table
+                (positions,) = resized.values()
+                return tokens + positions[position_index.remainder(positions.shape[0])]
+            positions = torch.cat([resized[(h, w)] for t, h, w in grids for _ in range(t)])
+            return tokens + positions[position_index]
         if len(resized) == 1:
             # one grid for the whole batch: broadcast the table over frames instead of tiling it
             (positions,) = resized.values()
@@ -210,13 +220,16 @@ class VisionTransformer(nn.Module):
         patches: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
+        keep_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool | None = None,
         return_dict: bool | None = None,
     ) -> VisionOutput | tuple:
         """Encode images given in any convention; the output's layout follows the input's.
 
         - packed: a :class:`~kornia_siglip2.packing.PackedImages`, or patches :math:`(N, p \\cdot p \\cdot C)`
-          (first argument or ``patches=``) with ``grid_thw`` :math:`(n, 3)`: tokens :math:`(N, D)`.
+          (first argument or ``patches=``) with ``grid_thw`` :math:`(n, 3)`: tokens :math:`(N, D)`. With
+          ``keep_mask`` (NaViT token dropping) the :math:`N` patches are the kept ones of the full grids:
+          each gets the position embedding of its place, attention and pooling see the kept patches only.
         - transformers' padded NaFlex input: ``pixel_values`` :math:`(B, L, p \\cdot p \\cdot C)` with
           ``spatial_shapes`` :math:`(B, 2)` (and ``pixel_attention_mask``): tokens :math:`(B, L, D)`, zeros at
           padding.
@@ -238,6 +251,9 @@ class VisionTransformer(nn.Module):
             patches: packed patches, as the first argument.
             pixel_attention_mask: :math:`(B, L)` valid-patch mask of padded input.
             spatial_shapes: :math:`(B, 2)` patch grids of padded input.
+            keep_mask: bool :math:`(\\sum t h w,)` over the full grids of ``grid_thw``, True at the :math:`N`
+                patches present in ``patches`` (packed patches only; a ``PackedImages`` carries its own).
+                Every frame keeps at least one. ``None``: every patch is present.
             interpolate_pos_encoding: accepted for transformers' code; position tables are always resized
                 to each image's grid.
             return_dict: ``False`` returns ``to_tuple()``, as transformers.
@@ -248,8 +264,19 @@ class VisionTransformer(nn.Module):
 
         Raises:
             ValueCheckError: patches of the wrong width, a ``grid_thw`` that does not describe them, an input
-                of the wrong rank, or two inputs at once.
-            TypeCheckError: the pixels are not a floating tensor.
+                of the wrong rank, or two inputs at once; a ``keep_mask`` of the wrong length, keeping another
+                number of patches than ``patches`` has, keeping none of a frame, or given with unpacked input.
+            TypeCheckError: the pixels are not a floating tensor, or ``keep_mask`` is not bool.
+
+        Example:
+            >>> config = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            ...                       num_attention_heads=4, patch_size=4, num_patches=16)
+            >>> tower = VisionTransformer(config)
+            >>> patches, grid_thw = PackedImages.from_images(torch.rand(2, 3, 8, 12), patch_size=4)  # 2 x 3 grids
+            >>> keep_mask = torch.tensor([1, 0, 1, 1, 0, 1] + [0, 0, 1, 0, 0, 0]).bool()  # 4 + 1 kept
+            >>> out = tower(patches[keep_mask], grid_thw, keep_mask=keep_mask)
+            >>> out.last_hidden_state.shape, out.pooler_output.shape, out.cu_seqlens.tolist()
+            (torch.Size([5, 32]), torch.Size([2, 32]), [0, 4, 5])
         """
         del interpolate_pos_encoding  # the position table is resized to every grid anyway
         patch_size = self.config.patch_size
@@ -263,9 +290,16 @@ class VisionTransformer(nn.Module):
                 patches, pixel_values = pixel_values, None
             if isinstance(grid_thw, ImageLayout):
                 check(pixel_values is None and patches is not None, "An ImageLayout goes with patches only.")
+                check(
+                    keep_mask is None,
+                    "keep_mask goes into the ImageLayout (ImageLayout.from_grid_thw(grid_thw, keep_mask=...)), "
+                    "not beside it.",
+                )
                 packed_patches, layout = patches, grid_thw
             else:
-                packed = pack_inputs(pixel_values, patches=patches, grid_thw=grid_thw, patch_size=patch_size)
+                packed = pack_inputs(
+                    pixel_values, patches=patches, grid_thw=grid_thw, keep_mask=keep_mask, patch_size=patch_size
+                )
                 packed_patches, layout = packed.patches, packed.layout
         else:
             check(mask is None, "mask (masked prediction) takes packed input: pass patches and grid_thw.")
@@ -273,6 +307,7 @@ class VisionTransformer(nn.Module):
                 pixel_values,
                 pixel_attention_mask,
                 spatial_shapes,
+                keep_mask=keep_mask,
                 patch_size=patch_size,
                 drop_remainder=not self.config.is_naflex,
             )
@@ -310,15 +345,16 @@ class VisionTransformer(nn.Module):
         check(
             layout.num_tokens == patches.shape[0],
             lambda: (
-                f"grid_thw describes {layout.num_tokens} patches (sum of t*h*w) but patches has "
-                f"{patches.shape[0]} rows."
+                f"grid_thw describes {layout.num_tokens} patches "
+                f"({'kept by keep_mask' if layout.position_index is not None else 'sum of t*h*w'}) but patches "
+                f"has {patches.shape[0]} rows."
             ),
         )
         check(
             mask is None or tuple(mask.shape) == (patches.shape[0],),
             lambda: f"mask must have shape ({patches.shape[0]},), got {tuple(mask.shape)}.",
         )
-        tokens = self.embeddings(patches, layout.grids, mask, mask_token)
+        tokens = self.embeddings(patches, layout.grids, mask, mask_token, layout.position_index)
         tokens, hidden_states, attentions = self.encoder(
             tokens, layout.attention, output_hidden_states, output_attentions
         )

@@ -2,9 +2,12 @@ import pytest
 import torch
 
 from kornia_siglip2.packing import (
+    ImageLayout,
+    PackedImages,
     check_grid_thw,
     grid_thw_to_cu_seqlens,
     grid_thw_to_seqlens,
+    pack_inputs,
     packed_to_padded,
     padded_to_packed,
     patchify,
@@ -113,3 +116,41 @@ class TestPaddedPacked:
     def test_gradcheck(self):
         tokens = torch.rand(5, 2, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda x: packed_to_padded(x, torch.tensor([3, 2]))[0], (tokens,))
+
+
+class TestKeepMask:
+    """Token dropping: ``keep_mask`` over the full grids, the kept patches packed."""
+
+    def test_layout_counts_kept_tokens_per_frame(self):
+        grid_thw = torch.tensor([[1, 2, 3], [2, 1, 4]])
+        keep_mask = torch.tensor([1, 0, 1, 1, 0, 0, 0, 1, 1, 1, 0, 1, 0, 0]).bool()  # frames of 6, 4, 4
+        layout = ImageLayout.from_grid_thw(grid_thw, keep_mask=keep_mask)
+        # by hand: frame 0 keeps places 0, 2, 3; frame 1 (t = 0 of the video) 7, 8, 9; frame 2 11
+        assert layout.attention.seqlens_q == (3, 3, 1) and layout.pooling.seqlens_k == (3, 3, 1)
+        assert layout.position_index.tolist() == [0, 2, 3, 7, 8, 9, 11]
+        assert layout.grids == ((1, 2, 3), (2, 1, 4)) and layout.num_tokens == 7
+        assert ImageLayout.from_grid_thw(grid_thw).position_index is None
+
+    def test_packed_images_carries_mask(self):
+        keep_mask = torch.tensor([True, False, True, True])
+        packed = PackedImages(torch.rand(3, 12), torch.tensor([[1, 2, 2]]), keep_mask)
+        moved = packed.to(torch.float64)
+        assert moved.keep_mask is not None and torch.equal(moved.keep_mask, keep_mask)
+        assert moved.layout.attention.seqlens_q == (3,)
+        assert (
+            pack_inputs(patches=packed.patches, grid_thw=packed.grid_thw, keep_mask=keep_mask, patch_size=2).keep_mask
+            is not None
+        )
+
+    def test_exception(self):
+        grid_thw = torch.tensor([[1, 2, 2]])
+        with pytest.raises(TypeError, match="keep_mask must be a bool tensor"):
+            PackedImages(torch.rand(3, 12), grid_thw, torch.tensor([1, 0, 1, 1]))
+        with pytest.raises(ValueError, match=r"keep_mask must have shape \(4,\)"):
+            PackedImages(torch.rand(3, 12), grid_thw, torch.ones(3, dtype=torch.bool))
+        with pytest.raises(ValueError, match="keeps 4 patches but patches has 3 rows"):
+            PackedImages(torch.rand(3, 12), grid_thw, torch.ones(4, dtype=torch.bool))
+        with pytest.raises(ValueError, match="keeps no patch of frame"):
+            _ = PackedImages(torch.rand(0, 12), grid_thw, torch.zeros(4, dtype=torch.bool)).layout
+        with pytest.raises(ValueError, match=r"keep_mask .* packed patches"):
+            pack_inputs(torch.rand(1, 3, 4, 4), keep_mask=torch.ones(4, dtype=torch.bool), patch_size=2)

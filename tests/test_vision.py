@@ -154,3 +154,135 @@ class TestCompiledBlocks:
             assert counters["stats"]["unique_graphs"] == 2
         finally:
             torch._dynamo.reset()
+
+
+# grids of several shapes (smaller, larger and equal to the 4 x 4 table, one patch) for token dropping
+DROP_GRIDS = [(3, 5), (7, 9), (4, 4), (1, 1), (2, 6)]
+
+
+def _dropped_padded_inputs(dtype, grids=DROP_GRIDS, keep=0.5, seed=0):
+    """transformers' padded NaFlex input with holes: ``pixel_attention_mask`` False at dropped patches.
+
+    Each image keeps a random ``max(1, round(keep * h * w))`` of its ``h * w`` patches; padding is False too.
+    Returns the padded inputs and our packed equivalent ``(patches, grid_thw, keep_mask)``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    length = max(h * w for h, w in grids)
+    pixel_values = torch.randn(len(grids), length, 48, generator=generator, dtype=torch.float64).to(dtype)
+    mask = torch.zeros(len(grids), length, dtype=torch.bool)
+    for row, (h, w) in enumerate(grids):
+        kept = torch.randperm(h * w, generator=generator)[: max(1, round(keep * h * w))]
+        mask[row, kept] = True
+    spatial_shapes = torch.tensor(grids)
+    padded = dict(pixel_values=pixel_values, pixel_attention_mask=mask, spatial_shapes=spatial_shapes)
+    keep_mask = torch.cat([mask[row, : h * w] for row, (h, w) in enumerate(grids)])
+    grid_thw = torch.tensor([[1, h, w] for h, w in grids])
+    return padded, (pixel_values[mask], grid_thw, keep_mask)
+
+
+class TestTokenDropping:
+    """NaViT token dropping: ``keep_mask`` over the full grids, only the kept patches packed."""
+
+    @staticmethod
+    def _pair(hf_siglip2, siglip2_checkpoint, dtype):
+        import copy
+
+        reference = copy.deepcopy(hf_siglip2.vision_model).to(dtype).eval()
+        ours = VisionTransformer.from_pretrained(siglip2_checkpoint).to(dtype).eval()
+        return reference, ours
+
+    def _compare(self, hf_siglip2, siglip2_checkpoint, dtype, atol):
+        reference, ours = self._pair(hf_siglip2, siglip2_checkpoint, dtype)
+        padded, (patches, grid_thw, keep_mask) = _dropped_padded_inputs(dtype)
+        with torch.no_grad():
+            expected = reference(**padded)
+            out = ours(patches, grid_thw, keep_mask=keep_mask)
+        kept = padded["pixel_attention_mask"]
+        assert out.last_hidden_state.shape == (int(kept.sum()), 32)
+        assert out.cu_seqlens.tolist()[1:] == kept.sum(-1).cumsum(0).tolist()
+        pooled_error = (out.pooler_output - expected.pooler_output).abs().max().item()
+        token_error = (out.last_hidden_state - expected.last_hidden_state[kept]).abs().max().item()
+        assert pooled_error < atol and token_error < atol, (pooled_error, token_error)
+        # the test can fail: the same images with all their patches give other features
+        full = ours(patches.new_zeros(int(grid_thw.prod(-1).sum()), 48).index_put_((keep_mask,), patches), grid_thw)
+        assert (full.pooler_output - out.pooler_output).abs().max() > 1e-2
+
+    def test_matches_transformers_masked_full_grid_float32(self, hf_siglip2, siglip2_checkpoint):
+        """Dropped tokens == transformers on the full padded grid with pixel_attention_mask False there."""
+        self._compare(hf_siglip2, siglip2_checkpoint, torch.float32, atol=1e-5)
+
+    def test_matches_transformers_masked_full_grid_float64(
+        self, hf_siglip2, siglip2_checkpoint, float64_naflex_positions
+    ):
+        """float64 with transformers' position resize in float64 (conftest): agreement to 1e-12."""
+        self._compare(hf_siglip2, siglip2_checkpoint, torch.float64, atol=1e-12)
+
+    @pytest.mark.parametrize("grids", [[(3, 5), (8, 2), (3, 5)], [(4, 4), (4, 4)]], ids=["mixed", "one-grid"])
+    def test_keep_all_is_bitwise_no_mask(self, grids):
+        """Every patch kept: bit for bit the output without keep_mask (the one-grid and mixed-grid paths)."""
+        tower = _tower(True)
+        grid_thw = torch.tensor([[1, h, w] for h, w in grids])
+        patches = torch.rand(int(grid_thw.prod(-1).sum()), 48)
+        keep_mask = torch.ones(patches.shape[0], dtype=torch.bool)
+        with torch.no_grad():
+            expected = tower(patches, grid_thw)
+            out = tower(patches, grid_thw, keep_mask=keep_mask)
+        assert torch.equal(out.last_hidden_state, expected.last_hidden_state)
+        assert torch.equal(out.pooler_output, expected.pooler_output)
+
+    def test_one_grid_positions_independent(self):
+        """Positions of kept tokens, one grid and several frames: the resized table at each kept place."""
+        tower = _tower(True, dtype=torch.float64)
+        grids = [(1, 3, 5), (2, 3, 5)]  # 3 frames of the one grid
+        keep_mask = torch.rand(45, generator=torch.Generator().manual_seed(3)) < 0.5
+        keep_mask[[0, 15, 30]] = True
+        patches = torch.zeros(int(keep_mask.sum()), 48, dtype=torch.float64)
+        position_index = keep_mask.nonzero().flatten()
+        embedded = tower.embeddings(patches, grids, position_index=position_index)
+        table = naflex_positions_reference(tower.embeddings.position_embedding.weight.reshape(4, 4, -1), 3, 5)
+        bias = tower.embeddings.patch_embedding.bias
+        torch.testing.assert_close(embedded, table.repeat(3, 1)[keep_mask] + bias, atol=1e-12, rtol=1e-12)
+
+    def test_gradients_flow(self):
+        tower = _tower(True, dtype=torch.float64)
+        _, (patches, grid_thw, keep_mask) = _dropped_padded_inputs(torch.float64)
+        patches.requires_grad_(True)
+        tower(patches, grid_thw, keep_mask=keep_mask).pooler_output.square().sum().backward()
+        assert patches.grad is not None and bool((patches.grad.abs().sum(-1) > 0).all())
+        table_grad = tower.embeddings.position_embedding.weight.grad
+        assert table_grad is not None and bool(table_grad.abs().sum() > 0)
+        assert all(parameter.grad is not None for parameter in tower.parameters())
+
+    def test_gradcheck(self):
+        tower = _tower(True, dtype=torch.float64, num_hidden_layers=1)
+        grid_thw = torch.tensor([[1, 2, 2], [1, 1, 3]])
+        keep_mask = torch.tensor([True, False, False, True, False, True, True])
+        patches = torch.rand(4, 48, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x: tower(x, grid_thw, keep_mask=keep_mask).pooler_output, (patches,))
+
+    def test_exception(self):
+        tower = _tower(True)
+        grid_thw = torch.tensor([[1, 2, 3]])
+        keep = torch.tensor([True, False, True, True, False, False])
+        with pytest.raises(TypeError, match="keep_mask must be a bool tensor"):
+            tower(torch.rand(3, 48), grid_thw, keep_mask=keep.long())
+        with pytest.raises(ValueError, match=r"keep_mask must have shape \(6,\)"):
+            tower(torch.rand(3, 48), grid_thw, keep_mask=keep[:5])
+        with pytest.raises(ValueError, match="keep_mask keeps 3 patches but patches has 4 rows"):
+            tower(torch.rand(4, 48), grid_thw, keep_mask=keep)
+        with pytest.raises(ValueError, match=r"keeps no patch of frame\(s\) \[1\]"):
+            tower(torch.rand(3, 48), torch.tensor([[1, 2, 3], [1, 1, 2]]), keep_mask=torch.cat([keep, keep[4:]]))
+        with pytest.raises(ValueError, match=r"keep_mask .* packed patches"):
+            tower(torch.rand(1, 3, 8, 12), keep_mask=keep)
+        with pytest.raises(ValueError, match="keep_mask goes into the ImageLayout"):
+            tower(torch.rand(6, 48), PackedGrid.from_grid_thw(grid_thw), keep_mask=keep)
+
+    def test_dynamo_fullgraph(self):
+        tower = _tower(True)
+        grid_thw = torch.tensor([[1, 2, 3], [1, 4, 4]])
+        keep_mask = torch.rand(22, generator=torch.Generator().manual_seed(0)) < 0.6
+        keep_mask[[0, 6]] = True
+        layout = PackedGrid.from_grid_thw(grid_thw, keep_mask=keep_mask)
+        patches = torch.rand(int(keep_mask.sum()), 48)
+        compiled = torch.compile(lambda x: tower(x, layout).pooler_output, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(patches), tower(patches, layout).pooler_output, **tolerance(torch.float32))
