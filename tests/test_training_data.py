@@ -16,6 +16,7 @@ from kornia_siglip2.training.data import (
     ImageTextDataset,
     TokenBudgetBatchSampler,
     collate_packed,
+    drop_tokens,
     load_image,
     read_manifest,
 )
@@ -209,4 +210,119 @@ def test_loader_packs_without_padding(tmp_path):
             assert batch.input_ids[row].tolist() == ByteTokenizer(16)([records[index].caption])[0].tolist()
             offset += count
         seen += batch.indices.tolist()
+    assert sorted(seen) == list(range(12))
+
+
+def _kept(tokens, token_drop):
+    # independent of num_kept_tokens: drop the floor of the fraction, keep at least one
+    return max(1, tokens - int(tokens * token_drop))
+
+
+class TestTokenDrop:
+    """NaViT token dropping: the budget counts kept tokens; each image draws its own subset."""
+
+    @pytest.mark.parametrize("world_size", [1, 2, 3])
+    def test_exactly_once_and_budget_in_kept_tokens(self, sizes, world_size):
+        budget, rate = 1024, 0.5
+        seen = Counter()
+        lengths = []
+        for rank in range(world_size):
+            sampler = TokenBudgetBatchSampler(
+                sizes, budget, 16, CHOICES, num_replicas=world_size, rank=rank, seed=7, token_drop=rate
+            )
+            sampler.set_epoch(2)
+            batches = list(sampler)
+            lengths.append(len(batches))
+            for batch in batches:
+                assert sum(_kept(_tokens(sizes[index], patches), rate) for index, patches in batch) <= budget
+                seen.update(index for index, _ in batch)
+        assert seen == Counter(range(len(sizes)))
+        assert len(set(lengths)) == 1
+
+    def test_more_images_per_batch_and_full_budget(self):
+        sizes = photo_like_sizes(2000, seed=0)
+        plain = TokenBudgetBatchSampler(sizes, 4096, 16, CHOICES, seed=0)
+        dropping = TokenBudgetBatchSampler(sizes, 4096, 16, CHOICES, seed=0, token_drop=0.5)
+        plan = dropping.plan()
+        fill = sum(_kept(_tokens(sizes[i], m), 0.5) for batch in plan for i, m in batch) / (len(plan) * 4096)
+        assert fill == pytest.approx(dropping.fill()) and fill >= 0.95, fill
+        assert len(plan) <= 0.55 * len(plain.plan())  # about twice the images per batch
+
+    def test_rate_zero_is_off(self, sizes):
+        assert TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, seed=1, token_drop=0.0).plan() == (
+            TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, seed=1).plan()
+        )
+        batch = collate_packed([_item(0, 3, 4), _item(1, 2, 2)])
+        assert drop_tokens(batch, 0.0, epoch=0, seed=0) is batch
+
+    def test_resume_with_dropping(self, sizes):
+        sampler = TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, num_replicas=2, rank=1, seed=0, token_drop=0.3)
+        sampler.set_epoch(4)
+        full = list(sampler)
+        restored = TokenBudgetBatchSampler(sizes, 2048, 16, CHOICES, num_replicas=2, rank=1, seed=0, token_drop=0.3)
+        restored.set_epoch(4, start_batch=3)
+        assert list(restored) == full[3:]
+
+    def test_subset_per_image_whatever_the_batch(self):
+        """An image keeps the same patches in any batch, position or rank split; other epochs draw anew."""
+        items = [_item(index, h, w) for index, (h, w) in enumerate([(3, 4), (1, 1), (5, 2), (2, 7)])]
+
+        def kept_rows(groups, epoch=1, seed=5):
+            rows = {}
+            for group in groups:
+                dropped = drop_tokens(collate_packed([items[i] for i in group]), 0.4, epoch=epoch, seed=seed)
+                images = dropped.images
+                counts = [_kept(h * w, 0.4) for _, h, w in images.grid_thw.tolist()]
+                assert images.patches.shape[0] == sum(counts) == int(images.keep_mask.sum())
+                for index, patches in zip(dropped.indices.tolist(), images.patches.split(counts), strict=True):
+                    rows[index] = patches
+            return rows
+
+        one = kept_rows([[0, 1, 2, 3]])
+        other = kept_rows([[3, 1], [2], [0]])
+        assert all(torch.equal(one[index], other[index]) for index in range(4))
+        # the kept rows are rows of the image's own patches, in grid order
+        for index, item in enumerate(items):
+            positions = [int((item["patches"] == row).all(-1).nonzero()) for row in one[index]]
+            assert positions == sorted(positions) and len(set(positions)) == len(positions)
+        assert one[1].shape[0] == 1  # a one-patch image keeps its patch
+        assert not all(torch.equal(one[index], kept_rows([[0, 1, 2, 3]], epoch=2)[index]) for index in (0, 2, 3))
+        assert not all(torch.equal(one[index], kept_rows([[0, 1, 2, 3]], seed=6)[index]) for index in (0, 2, 3))
+
+    def test_exception(self, sizes):
+        with pytest.raises(ValueCheckError, match=r"token_drop must be in \[0, 1\)"):
+            TokenBudgetBatchSampler(sizes, 1000, 16, 256, token_drop=1.0)
+        with pytest.raises(ValueCheckError, match=r"exceeds token_budget 100 \(keeping 128\)"):
+            TokenBudgetBatchSampler(sizes, 100, 16, 256, token_drop=0.5)
+        TokenBudgetBatchSampler(sizes, 128, 16, 256, token_drop=0.5)  # 128 kept tokens fit
+        batch = collate_packed([_item(0, 2, 2)])
+        with pytest.raises(ValueCheckError, match=r"token_drop must be in \[0, 1\)"):
+            drop_tokens(batch, -0.1, epoch=0, seed=0)
+        with pytest.raises(ValueCheckError, match="already dropped"):
+            drop_tokens(drop_tokens(batch, 0.5, epoch=0, seed=0), 0.5, epoch=0, seed=0)
+
+
+def _item(index, height, width):
+    patches = torch.arange(height * width * 12, dtype=torch.float32).reshape(-1, 12) + 1000 * index
+    return {
+        "patches": patches,
+        "grid_thw": torch.tensor([[1, height, width]]),
+        "input_ids": torch.zeros(4, dtype=torch.long),
+        "index": index,
+    }
+
+
+def test_loader_with_token_drop_fits_the_budget(tmp_path):
+    """The loader's batches after drop_tokens: the sampler's kept count, within the budget, every image once."""
+    records = read_manifest(write_synthetic_dataset(tmp_path, 12, seed=2))
+    dataset = ImageTextDataset(records, ByteTokenizer(16), patch_size=8, max_num_patches=64)
+    sampler = TokenBudgetBatchSampler(dataset.sizes(), 96, 8, (16, 64), seed=0, token_drop=0.5)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=0)
+    seen = []
+    for batch, plan in zip(loader, sampler, strict=True):
+        dropped = drop_tokens(batch, 0.5, epoch=0, seed=0)
+        assert dropped.num_tokens == sum(sampler.num_tokens(item) for item in plan) <= 96
+        full = batch.images.patches
+        assert torch.equal(dropped.images.patches, full[dropped.images.keep_mask])
+        seen += dropped.indices.tolist()
     assert sorted(seen) == list(range(12))

@@ -8,6 +8,11 @@ at most ``token_budget`` patch tokens (NaViT-style greedy packing, Dehghani et a
 batch is padded, so every step sees a near-constant number of tokens. :func:`collate_packed` concatenates
 the items into one :class:`~kornia_siglip2.packing.PackedImages` and a block of token ids.
 
+Token dropping (NaViT, section 3.2): with ``token_drop`` the sampler counts each image's *kept* tokens in the
+budget (:func:`num_kept_tokens`), so more images fit in a batch, and :func:`drop_tokens` then keeps a random
+subset of that size of every image's patches, drawn from the image's own generator
+(:func:`sample_generator` of ``(seed, epoch, index)``), whichever rank or batch the image lands in.
+
 Distributed, every rank builds the same plan from the seed and the epoch and takes every ``W``-th batch, so
 each image is seen exactly once per epoch across the ranks and every rank takes the same number of steps.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,13 +45,45 @@ __all__ = [
     "Region",
     "TokenBudgetBatchSampler",
     "collate_packed",
+    "drop_tokens",
     "image_size",
     "load_image",
     "naflex_num_tokens",
+    "num_kept_tokens",
     "read_manifest",
+    "sample_generator",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+# the random streams of one image: LocCa, SILC views and TIPS mask in objective.py are 0, 1, 2
+_TOKEN_DROP_STREAM = 3
+
+
+def sample_generator(seed: int, epoch: int, index: int, stream: int) -> torch.Generator:
+    """A CPU generator for one image of one epoch, from ``numpy.random.SeedSequence([seed, epoch, index, stream])``.
+
+    Example:
+        >>> a = torch.rand(2, generator=sample_generator(0, 1, 7, 0))
+        >>> torch.equal(a, torch.rand(2, generator=sample_generator(0, 1, 7, 0)))
+        True
+        >>> torch.equal(a, torch.rand(2, generator=sample_generator(0, 1, 8, 0)))
+        False
+    """
+    high, low = np.random.SeedSequence([seed, epoch, index, stream]).generate_state(2).tolist()
+    return torch.Generator().manual_seed((high << 32 | low) & (2**63 - 1))
+
+
+def num_kept_tokens(num_tokens: int, token_drop: float) -> int:
+    """Tokens a frame of ``num_tokens`` patches keeps at drop rate ``token_drop``: at least one.
+
+    ``num_tokens - floor(num_tokens * token_drop)``, so that rate 0 keeps every token.
+
+    Example:
+        >>> num_kept_tokens(256, 0.5), num_kept_tokens(7, 0.5), num_kept_tokens(3, 0.9), num_kept_tokens(5, 0.0)
+        (128, 4, 1, 5)
+    """
+    return max(1, num_tokens - math.floor(num_tokens * token_drop))
 
 
 @dataclass(frozen=True)
@@ -339,7 +377,7 @@ class PackedBatch:
 
     @property
     def num_tokens(self) -> int:
-        """Patch tokens of the batch (all real: there is no padding)."""
+        """Patch tokens of the batch (all real: there is no padding; the kept ones when tokens are dropped)."""
         return self.images.patches.shape[0]
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> PackedBatch:
@@ -369,6 +407,53 @@ def collate_packed(items: Sequence[dict[str, Any]]) -> PackedBatch:
     return PackedBatch(images, input_ids, indices, caption_ids, regions)
 
 
+def drop_tokens(batch: PackedBatch, token_drop: float, *, epoch: int, seed: int) -> PackedBatch:
+    """Keep a random :func:`num_kept_tokens` subset of every frame's patches (NaViT token dropping).
+
+    Every image draws from its own generator (:func:`sample_generator` of ``(seed, epoch, index)``): the subset
+    does not depend on the rank, the batch or the position in it, so a resumed or re-sharded run drops the same
+    patches. The kept patches stay in grid order; ``grid_thw`` keeps the full grids and the result's
+    :attr:`~kornia_siglip2.packing.PackedImages.keep_mask` says which patches are present (see
+    :class:`~kornia_siglip2.vision.VisionTransformer`).
+
+    Args:
+        batch: a batch of full grids from :func:`collate_packed`.
+        token_drop: fraction of each frame's patches to drop, in :math:`[0, 1)`; ``0`` returns ``batch`` as is.
+        epoch: the epoch of the batch.
+        seed: the run's seed.
+
+    Returns:
+        the batch with :math:`N' = \\sum_f` ``num_kept_tokens(h_f w_f, token_drop)`` patches
+        :math:`(N', p \\cdot p \\cdot C)` and ``keep_mask`` :math:`(\\sum t h w,)`.
+
+    Raises:
+        ValueCheckError: ``token_drop`` outside :math:`[0, 1)`, or a batch whose tokens are already dropped.
+
+    Example:
+        >>> items = [{"patches": torch.rand(t, 12), "grid_thw": torch.tensor([[1, 1, t]]),
+        ...           "input_ids": torch.zeros(4, dtype=torch.long), "index": i} for i, t in enumerate((4, 3))]
+        >>> dropped = drop_tokens(collate_packed(items), 0.5, epoch=0, seed=0)
+        >>> dropped.num_tokens, dropped.images.keep_mask.sum().item(), dropped.images.grid_thw.tolist()
+        (4, 4, [[1, 1, 4], [1, 1, 3]])
+    """
+    check(0.0 <= token_drop < 1.0, lambda: f"token_drop must be in [0, 1), got {token_drop}.")
+    images = batch.images
+    check(images.keep_mask is None, "drop_tokens got a batch whose tokens are already dropped (keep_mask is set).")
+    if token_drop == 0.0:
+        return batch
+    masks = []
+    for (frames, height, width), index in zip(images.grid_thw.tolist(), batch.indices.tolist(), strict=True):
+        generator = sample_generator(seed, epoch, index, _TOKEN_DROP_STREAM)
+        kept = num_kept_tokens(height * width, token_drop)
+        for _ in range(frames):
+            mask = torch.zeros(height * width, dtype=torch.bool)
+            mask[torch.randperm(height * width, generator=generator)[:kept]] = True
+            masks.append(mask)
+    keep_mask = torch.cat(masks).to(images.patches.device)
+    dropped = PackedImages(images.patches[keep_mask], images.grid_thw, keep_mask)
+    return PackedBatch(dropped, batch.input_ids, batch.indices, batch.caption_ids, batch.regions)
+
+
 Batch = list[tuple[int, int]]
 
 
@@ -385,6 +470,9 @@ class TokenBudgetBatchSampler(Sampler[Batch]):
     exceeds the budget) until it is, so every rank takes the same number of steps and each image is used exactly
     once per epoch across the ranks (the distributed sigmoid loss accepts the uneven ``n_local``).
 
+    With ``token_drop`` an image counts only the tokens it keeps (:func:`num_kept_tokens`) against the
+    budget, so more images fill a batch; apply :func:`drop_tokens` with the same rate to the collated batch.
+
     Args:
         sizes: ``(height, width)`` of every image (:meth:`ImageTextDataset.sizes`).
         token_budget: most patch tokens of a batch on one rank.
@@ -395,10 +483,12 @@ class TokenBudgetBatchSampler(Sampler[Batch]):
         seed: seed of the shuffling and of the budget draws.
         shuffle: shuffle each epoch (else manifest order).
         max_open_batches: open batches the greedy packing keeps (more: fuller batches, more reordering).
+        token_drop: fraction of every image's tokens :func:`drop_tokens` drops, in :math:`[0, 1)`; the budget
+            counts the kept ones (``0``: no dropping, the same plan as without).
 
     Raises:
         ValueCheckError: a non-positive budget, a rank outside ``[0, W)``, an image budget above
-            ``token_budget``, or fewer images than ranks.
+            ``token_budget`` (in kept tokens), fewer images than ranks, or ``token_drop`` outside ``[0, 1)``.
 
     Example:
         >>> sampler = TokenBudgetBatchSampler([(64, 64)] * 5 + [(32, 64)] * 3, token_budget=40, patch_size=16,
@@ -418,14 +508,19 @@ class TokenBudgetBatchSampler(Sampler[Batch]):
         seed: int = 0,
         shuffle: bool = True,
         max_open_batches: int = 8,
+        token_drop: float = 0.0,
     ) -> None:
         choices = (max_num_patches,) if isinstance(max_num_patches, int) else tuple(max_num_patches)
         check(token_budget >= 1, lambda: f"token_budget must be positive, got {token_budget}.")
         check(num_replicas >= 1 and 0 <= rank < num_replicas, lambda: f"rank {rank} not in [0, {num_replicas}).")
         check(len(choices) > 0 and min(choices) >= 1, lambda: f"max_num_patches must be positive: {choices}.")
+        check(0.0 <= token_drop < 1.0, lambda: f"token_drop must be in [0, 1), got {token_drop}.")
         check(
-            max(choices) <= token_budget,
-            lambda: f"max_num_patches {max(choices)} exceeds token_budget {token_budget}: raise the budget.",
+            num_kept_tokens(max(choices), token_drop) <= token_budget,
+            lambda: (
+                f"max_num_patches {max(choices)} exceeds token_budget {token_budget}"
+                f"{f' (keeping {num_kept_tokens(max(choices), token_drop)})' if token_drop else ''}: raise the budget."
+            ),
         )
         check(
             len(sizes) >= num_replicas,
@@ -441,14 +536,16 @@ class TokenBudgetBatchSampler(Sampler[Batch]):
         self.seed = int(seed)
         self.shuffle = shuffle
         self.max_open_batches = int(max_open_batches)
+        self.token_drop = float(token_drop)
         self.epoch = 0
         self.start_batch = 0
         self._plan_cache: tuple[int, list[Batch]] | None = None
 
     def num_tokens(self, item: tuple[int, int]) -> int:
-        """Tokens of one ``(index, max_num_patches)`` item."""
+        """Tokens of one ``(index, max_num_patches)`` item (the kept ones with ``token_drop``)."""
         height, width = self.sizes[item[0]]
-        return naflex_num_tokens(height, width, self.patch_size, item[1])
+        tokens = naflex_num_tokens(height, width, self.patch_size, item[1])
+        return num_kept_tokens(tokens, self.token_drop) if self.token_drop else tokens
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Use the plan of ``epoch`` and start at this rank's batch ``start_batch`` (a resumed run)."""
@@ -515,7 +612,7 @@ class TokenBudgetBatchSampler(Sampler[Batch]):
         yield from (list(batch) for batch in mine[self.start_batch :])
 
     def fill(self, epoch: int | None = None) -> float:
-        """Mean fraction of ``token_budget`` the batches of an epoch use (all ranks)."""
+        """Mean fraction of ``token_budget`` the batches of an epoch use (all ranks; kept tokens)."""
         plan = self.plan(epoch)
         return sum(sum(self.num_tokens(item) for item in batch) for batch in plan) / (len(plan) * self.token_budget)
 

@@ -5,15 +5,14 @@ decoder, distillation heads, mask token, EMA teacher) so that one wrapped ``forw
 and FSDP2's hooks then see every parameter that takes part.
 
 Everything random in the objective is drawn per image from ``(seed, epoch, dataset index)``
-(:func:`sample_generator`), never per batch: the LocCa region and captioning mode (:func:`locca_targets`),
-the SILC local crops and the TIPS patch mask (:func:`distillation_inputs`). An image draws the same numbers
-whichever rank, micro-batch or batch position it lands in, which is what lets ``W`` processes equal one
-process on the same global batch.
+(:func:`~kornia_siglip2.training.data.sample_generator`; importable from here too), never per batch: the LocCa region
+and captioning mode (:func:`locca_targets`), the SILC local crops and the TIPS patch mask
+(:func:`distillation_inputs`). An image draws the same numbers whichever rank, micro-batch or batch position
+it lands in, which is what lets ``W`` processes equal one process on the same global batch.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -24,28 +23,14 @@ from kornia_siglip2.losses.distill import SelfDistillationLoss
 from kornia_siglip2.losses.siglip2 import SigLip2Loss
 from kornia_siglip2.model import SigLip2
 from kornia_siglip2.packing import unpatchify
-from kornia_siglip2.training.data import PackedBatch
+from kornia_siglip2.training.data import PackedBatch, sample_generator
 from kornia_siglip2.training.views import random_patch_mask
 
-__all__ = ["SigLip2Objective", "distillation_inputs", "locca_targets", "sample_generator"]
+__all__ = ["SigLip2Objective", "distillation_inputs", "locca_targets"]
 
-# independent random streams of one image
+# independent random streams of one image (data.py's token dropping is stream 3)
 _LOCCA_STREAM, _VIEWS_STREAM, _MASK_STREAM = 0, 1, 2
 _WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
-
-
-def sample_generator(seed: int, epoch: int, index: int, stream: int) -> torch.Generator:
-    """A CPU generator for one image of one epoch, from ``numpy.random.SeedSequence([seed, epoch, index, stream])``.
-
-    Example:
-        >>> a = torch.rand(2, generator=sample_generator(0, 1, 7, 0))
-        >>> torch.equal(a, torch.rand(2, generator=sample_generator(0, 1, 7, 0)))
-        True
-        >>> torch.equal(a, torch.rand(2, generator=sample_generator(0, 1, 8, 0)))
-        False
-    """
-    high, low = np.random.SeedSequence([seed, epoch, index, stream]).generate_state(2).tolist()
-    return torch.Generator().manual_seed((high << 32 | low) & (2**63 - 1))
 
 
 def locca_targets(

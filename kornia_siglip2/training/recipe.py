@@ -50,6 +50,7 @@ from kornia_siglip2.errors import check
 from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSchedule
 from kornia_siglip2.losses.sigmoid import SigmoidLoss, sigmoid_loss
 from kornia_siglip2.model import SigLip2
+from kornia_siglip2.packing import PackedImages
 from kornia_siglip2.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kornia_siglip2.training.data import (
     ByteTokenizer,
@@ -57,6 +58,7 @@ from kornia_siglip2.training.data import (
     PackedBatch,
     TokenBudgetBatchSampler,
     collate_packed,
+    drop_tokens,
     read_manifest,
 )
 from kornia_siglip2.training.ema import EMATeacher
@@ -110,6 +112,10 @@ class RecipeConfig:
         distributed_loss: ``"all_gather"`` or ``"ring"`` (see :func:`~kornia_siglip2.losses.sigmoid_loss`).
         precision: ``"fp32"``, ``"bf16"`` (autocast; weights and loss in float32) or ``"fp64"`` (tests).
         token_budget: patch tokens per rank and micro-batch.
+        token_drop: NaViT token dropping: the fraction of every image's patch tokens dropped at random (drawn
+            per image from the seed, the epoch and its index), in [0, 1); the token budget counts the kept
+            tokens, so more images fill a batch. 0: off. With objective "sigmoid" only (SigLIP 2's LocCa,
+            SILC and TIPS terms use each image's full grid).
         max_num_patches: NaFlex patch budgets drawn per image.
         steps: optimizer steps.
         accumulation: micro-batches per optimizer step.
@@ -148,6 +154,7 @@ class RecipeConfig:
     distributed_loss: Literal["all_gather", "ring"] = "all_gather"
     precision: Literal["fp32", "bf16", "fp64"] = "fp32"
     token_budget: int = 8192
+    token_drop: float = 0.0
     max_num_patches: Sequence[int] = field(default_factory=lambda: (256,))
     steps: int = 1000
     accumulation: int = 1
@@ -172,6 +179,15 @@ class RecipeConfig:
         check(self.precision in PRECISIONS, lambda: f"precision must be one of {PRECISIONS}: {self.precision!r}")
         check(self.objective in OBJECTIVES, lambda: f"objective must be one of {OBJECTIVES}: {self.objective!r}")
         check(0.0 <= self.distill_start <= 1.0, lambda: f"distill_start must be in [0, 1]: {self.distill_start}.")
+        check(0.0 <= self.token_drop < 1.0, lambda: f"token_drop must be in [0, 1): {self.token_drop}.")
+        check(
+            self.token_drop == 0.0 or self.objective == "sigmoid",
+            lambda: (
+                f"token_drop {self.token_drop} needs objective 'sigmoid': the 'siglip2' objective's LocCa decoder, "
+                "SILC local views and TIPS masked patches are defined on each image's full grid. Use "
+                "--token-drop 0 with --objective siglip2."
+            ),
+        )
         self.distill_heads = tuple(int(value) for value in self.distill_heads)
         check(len(self.distill_heads) == 3, lambda: f"distill_heads needs 3 widths, got {self.distill_heads}.")
         check(self.steps >= 1 and self.accumulation >= 1, "steps and accumulation must be positive.")
@@ -212,10 +228,19 @@ class ContrastiveForward(nn.Module):
         self.model = model
 
     def forward(
-        self, patches: torch.Tensor, grid_thw: torch.Tensor, input_ids: torch.Tensor
+        self,
+        patches: torch.Tensor,
+        grid_thw: torch.Tensor,
+        input_ids: torch.Tensor,
+        keep_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(image_embeds (n, D), text_embeds (n, D), logit_scale (1,), logit_bias (1,))``."""
-        image_embeds = self.model.get_image_features(patches=patches, grid_thw=grid_thw).pooler_output
+        """``(image_embeds (n, D), text_embeds (n, D), logit_scale (1,), logit_bias (1,))``.
+
+        ``keep_mask`` marks the patches present when tokens are dropped (see
+        :class:`~kornia_siglip2.packing.PackedImages`).
+        """
+        images = PackedImages(patches, grid_thw, keep_mask)
+        image_embeds = self.model.get_image_features(images).pooler_output
         text_embeds = self.model.get_text_features(input_ids).pooler_output
         # under bf16 autocast the loss is computed in float32; float64 stays float64
         image_embeds = nn.functional.normalize(_at_least_float32(image_embeds), dim=-1)
@@ -350,17 +375,17 @@ def _all_reduce(value: torch.Tensor) -> torch.Tensor:
 
 
 def _micro_step(
-    model: nn.Module, batch: PackedBatch, config: RecipeConfig, world_size: int, device: torch.device
+    model: nn.Module, batch: PackedBatch, epoch: int, config: RecipeConfig, world_size: int, device: torch.device
 ) -> tuple[torch.Tensor, int, int]:
-    """Forward and backward of one micro-batch; returns the global loss (detached), images and tokens."""
+    """Forward and backward of one micro-batch; returns the global loss (detached), images and (kept) tokens."""
     dtype = torch.float64 if config.precision == "fp64" else torch.float32
-    batch = batch.to(device, dtype)
+    batch = drop_tokens(batch, config.token_drop, epoch=epoch, seed=config.seed).to(device, dtype)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
     )
     with autocast:
         image_embeds, text_embeds, logit_scale, logit_bias = model(
-            batch.images.patches, batch.images.grid_thw, batch.input_ids
+            batch.images.patches, batch.images.grid_thw, batch.input_ids, batch.images.keep_mask
         )
     image_embeds, text_embeds = image_embeds.to(dtype), text_embeds.to(dtype)
     counts = _all_reduce(torch.tensor([batch.images.num_images, batch.num_tokens], dtype=torch.float64))
@@ -487,6 +512,7 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
         num_replicas=world_size,
         rank=rank,
         seed=config.seed,
+        token_drop=config.token_drop,
     )
     loader = DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=config.num_workers, pin_memory=False
@@ -524,7 +550,7 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
             epoch, position, batch = next(batches)
             with _sync_context(wrapped, config.parallel, sync=micro == config.accumulation - 1):
                 if objective is None:
-                    loss, images, tokens = _micro_step(wrapped, batch, config, world_size, device)
+                    loss, images, tokens = _micro_step(wrapped, batch, epoch, config, world_size, device)
                     terms = {"loss": float(loss)}
                 else:
                     terms, images, tokens = _objective_micro_step(
