@@ -188,3 +188,32 @@ def test_exception(root):
     (root / "small.json").write_text(json.dumps(small))
     with pytest.raises(ValueCheckError, match="has 258 ids but the text tower embeds 99"):
         train(RecipeConfig(**_options(root, "x", model_config=str(root / "small.json"))))
+
+
+def test_token_drop_run_and_resume(root):
+    """``--token-drop 0.5``: more images per step within the budget; a resumed run equals the uninterrupted one."""
+    argv = f"--data {root / 'data' / 'manifest.jsonl'} --model-config {root / 'tiny.json'} --text-length 12"
+    argv += " --parallel none --token-budget 64 --max-num-patches 16 --warmup-steps 1 --num-workers 0"
+    argv = f"{argv} --threads 1 --device cpu --precision fp64 --token-drop 0.5".split()
+    config = RecipeConfig(**vars(_parser().parse_args([*argv, "--out", str(root / "drop"), "--steps", "2"])))
+    assert config.token_drop == 0.5
+    records = train(config)
+    plain = train(RecipeConfig(**{**vars(config), "out": str(root / "no-drop"), "token_drop": 0.0}))
+    assert all(math.isfinite(record["loss"]) and 0 < record["tokens"] <= 64 for record in records)
+    assert records[0]["images"] > plain[0]["images"]  # the budget holds more images once half is dropped
+    assert records[0]["tokens"] / records[0]["images"] <= 0.5 * plain[0]["tokens"] / plain[0]["images"] + 1
+    # one step, then resumed to two: bit for bit the run of two steps (the same dropped patches)
+    first = RecipeConfig(**vars(_parser().parse_args([*argv, "--out", str(root / "drop-resumed"), "--steps", "1"])))
+    train(first)
+    resumed = train(RecipeConfig(**{**vars(first), "steps": 2}))
+    assert [record["step"] for record in resumed] == [2] and resumed[0]["loss"] == records[1]["loss"]
+    expected = SigLip2.from_pretrained(root / "drop" / "final", dtype=torch.float64).state_dict()
+    final = SigLip2.from_pretrained(root / "drop-resumed" / "final", dtype=torch.float64).state_dict()
+    assert all(torch.equal(final[name], tensor) for name, tensor in expected.items())
+
+
+def test_token_drop_refuses_the_full_objective(root):
+    with pytest.raises(ValueCheckError, match=r"token_drop 0\.5 needs objective 'sigmoid'"):
+        RecipeConfig(**_options(root, "x", token_drop=0.5, **FULL))
+    with pytest.raises(ValueCheckError, match=r"token_drop must be in \[0, 1\)"):
+        RecipeConfig(**_options(root, "x", token_drop=1.0))
