@@ -9,7 +9,7 @@ derived from it once per batch: :class:`VarlenLayout` (which tokens attend to wh
 ``cu_seqlens``) and :class:`ImageLayout` (the layouts of a packed image batch: per-frame self-attention and
 per-frame MAP-head pooling).
 
-A batch may carry only some of each image's patches (NaViT token dropping, Dehghani et al. 2023, section 3.2):
+A batch may carry only some of each image's patches (NaViT token dropping, Dehghani et al. 2023, section 2.2):
 ``keep_mask`` over the full grids says which are present, and only those are in ``patches``. Position
 embeddings still come from each patch's place in its full grid; attention and pooling see the kept patches.
 """

@@ -8,10 +8,10 @@ at most ``token_budget`` patch tokens (NaViT-style greedy packing, Dehghani et a
 batch is padded, so every step sees a near-constant number of tokens. :func:`collate_packed` concatenates
 the items into one :class:`~kornia_siglip2.packing.PackedImages` and a block of token ids.
 
-Token dropping (NaViT, section 3.2): with ``token_drop`` the sampler counts each image's *kept* tokens in the
-budget (:func:`num_kept_tokens`), so more images fit in a batch, and :func:`drop_tokens` then keeps a random
-subset of that size of every image's patches, drawn from the image's own generator
-(:func:`sample_generator` of ``(seed, epoch, index)``), whichever rank or batch the image lands in.
+Token dropping (NaViT's "continuous token dropping", section 2.2): with ``token_drop`` the sampler counts each
+image's *kept* tokens in the budget (:func:`num_kept_tokens`), so more images fit in a batch, and
+:func:`drop_tokens` then keeps a random subset of that size of every image's patches, drawn from the image's own
+generator (:func:`sample_generator` of ``(seed, epoch, index)``), whichever rank or batch the image lands in.
 
 Distributed, every rank builds the same plan from the seed and the epoch and takes every ``W``-th batch, so
 each image is seen exactly once per epoch across the ranks and every rank takes the same number of steps.
