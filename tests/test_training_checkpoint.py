@@ -16,31 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from training_helpers import tiny_siglip2_config
 
 from kornia_siglip2 import SigLip2
 from kornia_siglip2.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kornia_siglip2.training.recipe import RecipeConfig, train
 from kornia_siglip2.training.synthetic import write_synthetic_dataset
 
-TINY = {
-    "model_type": "siglip2",
-    "vision_config": {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "patch_size": 8,
-        "num_patches": 16,
-    },
-    "text_config": {
-        "vocab_size": 258,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 12,
-    },
-}
+TINY = tiny_siglip2_config()
 STEPS = 10
 
 

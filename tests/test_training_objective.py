@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from training_helpers import tiny_siglip2_config
 
 from kornia_siglip2 import SigLip2, SigLip2Config
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
@@ -21,27 +22,7 @@ from kornia_siglip2.training.objective import (
 from kornia_siglip2.training.synthetic import write_synthetic_dataset
 
 VOCABULARY = LocCaVocabulary(258, num_bins=16, pad_token_id=0, eos_token_id=257)
-TINY = SigLip2Config.from_hf_dict(
-    {
-        "model_type": "siglip2",
-        "vision_config": {
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "patch_size": 8,
-            "num_patches": 16,
-        },
-        "text_config": {
-            "vocab_size": 258,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 12,
-        },
-    }
-)
+TINY = SigLip2Config.from_hf_dict(tiny_siglip2_config())
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_helpers import tiny_siglip2_config
 
 from kornia_siglip2 import SigLip2, SigLip2Config
 from kornia_siglip2.errors import ValueCheckError
@@ -17,25 +18,7 @@ from kornia_siglip2.training.data import ByteTokenizer, ImageTextDataset, collat
 from kornia_siglip2.training.recipe import ContrastiveForward, RecipeConfig, _parser, train, warmup_cosine
 from kornia_siglip2.training.synthetic import write_synthetic_dataset
 
-TINY = {
-    "model_type": "siglip2",
-    "vision_config": {
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 2,
-        "patch_size": 8,
-        "num_patches": 16,
-    },
-    "text_config": {
-        "vocab_size": 258,
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 2,
-        "max_position_embeddings": 12,
-    },
-}
+TINY = tiny_siglip2_config(vision_layers=3, text_layers=3)
 
 
 @pytest.fixture(scope="module")
