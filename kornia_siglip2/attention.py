@@ -639,10 +639,9 @@ class Attention(nn.Module):
             plain = key_states is hidden_states and all(_plain_linear(p) for p in projections)
             parameters = [t for p in projections for t in (p.weight, p.bias) if t is not None]
             if plain and fused_linear_available(hidden_states, *parameters):
-                weight, bias = self._qkv_kernel()
-                if weight is not None:
-                    # one matmul for q, k and v; the three are column views of its output
-                    return fused_linear(hidden_states, weight, bias).chunk(3, -1)
+                # three oneDNN matmuls on the parameters themselves: as fast as one on a concatenated (3D, D)
+                # kernel (measured within +-8 %, AMD EPYC), without keeping a copy of the q, k and v weights
+                return tuple(fused_linear(hidden_states, p.weight, p.bias) for p in projections)
             return self.q_proj(hidden_states), self.k_proj(key_states), self.v_proj(key_states)
         width = self.out_proj.in_features
         fusable = fused_linear_available(hidden_states, self.in_proj_weight, self.in_proj_bias)
@@ -655,29 +654,6 @@ class Attention(nn.Module):
             key = fused_linear(key_states, self.in_proj_weight[width : 2 * width], self.in_proj_bias[width : 2 * width])
             value = fused_linear(key_states, self.in_proj_weight[2 * width :], self.in_proj_bias[2 * width :])
         return query, key, value
-
-    def _qkv_kernel(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``q_proj`` / ``k_proj`` / ``v_proj`` kernels and biases concatenated, :math:`(3D, D)` and :math:`(3D,)`.
-
-        Built without gradients (only the inference path uses it) and cached until a projection's tensor is
-        replaced, moved, converted or changed in place (its ``_version``); the three Linear layers stay the
-        parameters (state dict, optimizers, peft). ``(None, None)`` when a projection has no bias or its
-        tensor keeps no version counter (an inference tensor): the three matmuls then run one by one.
-        """
-        tensors = []
-        for projection in (self.q_proj, self.k_proj, self.v_proj):
-            tensors += [projection.weight, projection.bias]
-        if any(t is None or t.is_inference() for t in tensors):
-            return None, None
-        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        cached = self.__dict__.get("_qkv_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                weight = torch.cat(tensors[0::2])
-                bias = torch.cat(tensors[1::2])
-            cached = (key, weight, bias)
-            self.__dict__["_qkv_cache"] = cached
-        return cached[1], cached[2]
 
 
 def _plain_linear(module: nn.Module) -> bool:

@@ -259,7 +259,7 @@ class TestPilParity:
         from kornia_siglip2.zero_shot import load_image
 
         with Image.open(transparent_png) as opened:
-            expected = torch.from_numpy(np.asarray(_transformers_rgb(opened))).permute(2, 0, 1)
+            expected = torch.from_numpy(np.array(_transformers_rgb(opened))).permute(2, 0, 1)
             from_pil = load_image(opened)
         assert torch.equal(load_image(transparent_png), expected) and torch.equal(from_pil, expected)
 
