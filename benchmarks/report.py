@@ -470,8 +470,7 @@ def _pipeline_markdown(summary: dict) -> list[str]:
             "`from_pretrained` alone (median); *process s*: interpreter start, imports, load and one forward; "
             "*speedup*: transformers' time / ours. Memory in MiB: *RSS load* counts the checkpoint's file pages "
             "mapped in (ours reads every weight once while loading, for the finite-weight check; transformers maps "
-            "the file and reads a page on first use); *anon*: private memory after one forward (RssAnon), which "
-            "holds our fused q/k/v kernels (a copy of the q, k and v weights, made once for the CPU fast path).",
+            "the file and reads a page on first use); *anon*: private memory after one forward (RssAnon).",
             "",
             "| checkpoint | impl | load s | process s | RSS load | RSS forward | anon forward | load speedup "
             "| process speedup |",
