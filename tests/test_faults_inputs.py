@@ -286,6 +286,6 @@ class TestPilParity:
         pixels[0, 0] = (10, 20, 30)
         Image.fromarray(pixels).save(tmp_path / "keyed.png", transparency=(0, 0, 0))
         with Image.open(tmp_path / "keyed.png") as opened:
-            expected = torch.from_numpy(np.asarray(_transformers_rgb(opened))).permute(2, 0, 1)
+            expected = torch.from_numpy(np.array(_transformers_rgb(opened))).permute(2, 0, 1)
         assert int(expected[:, 1, 1].min()) == 255  # the keyed colour became white
         assert torch.equal(load_image(tmp_path / "keyed.png"), expected)
