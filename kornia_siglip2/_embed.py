@@ -207,6 +207,9 @@ class _Images(torch.utils.data.Dataset):
 
     def __init__(self, root: Path, files: Sequence[str], rows: Sequence[int], preprocessor: Any, decoder: str):
         self.root, self.files, self.rows = root, files, list(rows)
+        known = (*DECODERS, *SCALED_DECODERS)
+        if decoder not in known:
+            raise ValueError(f"decoder must be one of {', '.join(known)}, got {decoder!r}")
         self.preprocessor, self.decoder = preprocessor, decoder
         self.decode = DECODERS.get(decoder, decode_pillow)
 

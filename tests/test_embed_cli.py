@@ -155,6 +155,10 @@ class TestOutput:
             pixels, _ = embed.decode_pillow_draft(path, lambda h, w: (h, w))
             assert torch.equal(pixels, embed.decode_pillow(path))
 
+    def test_unknown_decoder(self, folder):
+        with pytest.raises(ValueError, match="decoder must be one of pillow, kornia-rs, pillow-draft, got 'pilow'"):
+            embed._Images(folder, [], [], None, "pilow")
+
     def test_draft_decoder_command(self, checkpoint, folder, tmp_path):
         exact, draft = tmp_path / "exact.safetensors", tmp_path / "draft.safetensors"
         assert run_embed(folder, "--out", exact, "--model", checkpoint) == 0

@@ -190,10 +190,17 @@ class TestRegions:
             read_manifest(manifest)
 
 
-def test_loader_packs_without_padding(tmp_path):
-    """Workers preprocess; a batch is the images' patches back to back, equal to preprocessing each alone."""
+@pytest.fixture
+def twelve_images(tmp_path) -> ImageTextDataset:
+    """12 generated image-text pairs, patch 8, at most 64 patches per image."""
     records = read_manifest(write_synthetic_dataset(tmp_path, 12, seed=2))
-    dataset = ImageTextDataset(records, ByteTokenizer(16), patch_size=8, max_num_patches=64)
+    return ImageTextDataset(records, ByteTokenizer(16), patch_size=8, max_num_patches=64)
+
+
+def test_loader_packs_without_padding(twelve_images):
+    """Workers preprocess; a batch is the images' patches back to back, equal to preprocessing each alone."""
+    dataset = twelve_images
+    records = dataset.records
     sampler = TokenBudgetBatchSampler(dataset.sizes(), 160, 8, (16, 64), num_replicas=1, seed=0)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=1)
     seen = []
@@ -312,10 +319,9 @@ def _item(index, height, width):
     }
 
 
-def test_loader_with_token_drop_fits_the_budget(tmp_path):
+def test_loader_with_token_drop_fits_the_budget(twelve_images):
     """The loader's batches after drop_tokens: the sampler's kept count, within the budget, every image once."""
-    records = read_manifest(write_synthetic_dataset(tmp_path, 12, seed=2))
-    dataset = ImageTextDataset(records, ByteTokenizer(16), patch_size=8, max_num_patches=64)
+    dataset = twelve_images
     sampler = TokenBudgetBatchSampler(dataset.sizes(), 96, 8, (16, 64), seed=0, token_drop=0.5)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=0)
     seen = []
