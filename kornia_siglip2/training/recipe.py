@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from kornia_siglip2.config import SigLip2Config
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
 from kornia_siglip2.errors import check
+from kornia_siglip2.losses.distill.ema import EMATeacher
 from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSchedule
 from kornia_siglip2.losses.sigmoid import SigmoidLoss, sigmoid_loss
 from kornia_siglip2.model import SigLip2
@@ -61,7 +62,6 @@ from kornia_siglip2.training.data import (
     drop_tokens,
     read_manifest,
 )
-from kornia_siglip2.training.ema import EMATeacher
 from kornia_siglip2.training.objective import SigLip2Objective, distillation_inputs, locca_targets
 
 __all__ = [
