@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kornia_siglip2 import SigLip2, SigLip2Config, TextConfig, VisionConfig
-from kornia_siglip2.losses.locca import LocCaTargets, LocCaVocabulary, generate_boxes, generate_captions
+from kornia_siglip2.decoders import LocCaTargets, LocCaVocabulary, generate_boxes, generate_captions
 from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSchedule
 
 __all__ = [

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from kornia_siglip2.resample import pil_resize
     from kornia_siglip2.text import TextOutput, TextTransformer
     from kornia_siglip2.tokenizer import SigLipTokenizer
-    from kornia_siglip2.vision import PackedGrid, VisionOutput, VisionTransformer
+    from kornia_siglip2.vision import VisionOutput, VisionTransformer
     from kornia_siglip2.zero_shot import ZeroShotClassifier, load_image
 
 # public name -> defining module, filled from the imports above
@@ -76,7 +76,6 @@ _LAZY = {
     "TextOutput": "kornia_siglip2.text",
     "TextTransformer": "kornia_siglip2.text",
     "SigLipTokenizer": "kornia_siglip2.tokenizer",
-    "PackedGrid": "kornia_siglip2.vision",
     "VisionOutput": "kornia_siglip2.vision",
     "VisionTransformer": "kornia_siglip2.vision",
     "ZeroShotClassifier": "kornia_siglip2.zero_shot",
@@ -89,7 +88,6 @@ __all__ = [
     "Attention",
     "ImageLayout",
     "NaFlexImagePreprocessor",
-    "PackedGrid",
     "PackedImages",
     "PaddedImages",
     "SigLip2",

@@ -44,7 +44,6 @@ from kornia_siglip2.packing import VarlenLayout, check_cu_seqlens
 
 __all__ = [
     "ATTENTION_BACKENDS",
-    "BACKENDS",
     "FUSED_CPU_KERNELS",
     "Attention",
     "fused_linear",
@@ -57,7 +56,6 @@ __all__ = [
 
 #: Names accepted by :func:`varlen_attention` and :class:`Attention`.
 ATTENTION_BACKENDS = ("auto", "grouped", "dense", "loop", "flash", "eager")
-BACKENDS = ATTENTION_BACKENDS  # the name of releases <= 0.1
 
 #: Use oneDNN's fused linear kernels for inference on CPU (see :func:`fused_linear`); set to ``False`` to
 #: run every projection through ``torch.nn.functional.linear`` (e.g. to measure the difference).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -17,10 +16,7 @@ from kornia_siglip2.layers import MLP, Encoder, init_transformer_weights, lecun_
 from kornia_siglip2.outputs import VisionOutput
 from kornia_siglip2.packing import ImageLayout, PackedImages, VarlenLayout, pack_inputs, packed_to_padded
 
-__all__ = ["MAPHead", "PackedGrid", "VisionEmbeddings", "VisionOutput", "VisionTransformer"]
-
-#: Deprecated name of :class:`~kornia_siglip2.packing.ImageLayout` (releases <= 0.1).
-PackedGrid = ImageLayout
+__all__ = ["MAPHead", "VisionEmbeddings", "VisionOutput", "VisionTransformer"]
 
 
 class VisionEmbeddings(nn.Module):
@@ -143,7 +139,6 @@ class VisionTransformer(nn.Module):
 
     Args:
         config: vision hyper-parameters; ``config.position_embedding`` says fixed or NaFlex.
-        naflex: deprecated override of ``config.position_embedding`` (releases <= 0.1).
 
     Example:
         >>> config = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -155,16 +150,8 @@ class VisionTransformer(nn.Module):
         (torch.Size([12, 32]), torch.Size([2, 32]))
     """
 
-    def __init__(self, config: VisionConfig, naflex: bool | None = None) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        if naflex is not None:
-            warnings.warn(
-                "VisionTransformer(config, naflex=...) is deprecated: set VisionConfig.position_embedding "
-                "('naflex' or 'fixed') instead.",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            config = VisionConfig(**{**config.__dict__, "position_embedding": "naflex" if naflex else "fixed"})
         self.config = config
         self.embeddings = VisionEmbeddings(config)
         self.encoder = Encoder(

@@ -289,11 +289,11 @@ class TestSigLip2Module:
         torch.testing.assert_close(out.logits_per_image, expected.logits_per_image, **tolerance(dtype))
 
     def test_dynamo_fullgraph_vision_with_prebuilt_grid(self, siglip2_checkpoint, device, dtype):
-        from kornia_siglip2 import PackedGrid
+        from kornia_siglip2 import ImageLayout
 
         model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
         patches = torch.rand(6 + 16, 48, device=device, dtype=dtype)
-        grid = PackedGrid.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
+        grid = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
         compiled = torch.compile(lambda x: model.vision_model(x, grid).pooler_output, fullgraph=True)
         torch.testing.assert_close(
             compiled(patches), model.vision_model(patches, grid).pooler_output, **tolerance(dtype)

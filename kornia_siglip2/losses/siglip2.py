@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kornia_siglip2.decoders import LocCaDecoder, LocCaTargets, LocCaVocabulary
 from kornia_siglip2.errors import check, check_shape
 from kornia_siglip2.losses.distill import SelfDistillationLoss
-from kornia_siglip2.losses.locca import LocCaDecoder, LocCaLoss, LocCaTargets, LocCaVocabulary
+from kornia_siglip2.losses.locca import LocCaLoss
 from kornia_siglip2.losses.sigmoid import SigmoidLoss
 
 if TYPE_CHECKING:  # the model imports the sigmoid loss; importing it here at run time would be circular

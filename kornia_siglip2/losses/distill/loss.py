@@ -130,8 +130,9 @@ class SelfDistillationLoss(nn.Module):
     Example:
         >>> from kornia_siglip2 import VisionConfig, VisionTransformer
         >>> config = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        ...                       num_attention_heads=4, patch_size=4, image_size=16)
-        >>> tower = VisionTransformer(config, naflex=False)
+        ...                       num_attention_heads=4, patch_size=4, image_size=16,
+        ...                       position_embedding="fixed")
+        >>> tower = VisionTransformer(config)
         >>> loss = SelfDistillationLoss(tower, hidden_dim=16, bottleneck_dim=8, num_prototypes=32)
         >>> loss.local_views.size
         8
