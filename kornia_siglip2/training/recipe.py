@@ -216,7 +216,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 class ContrastiveForward(nn.Module):
     """The model's forward for the sigmoid loss: normalized embeddings plus :math:`t'` and :math:`b`.
 
-    DDP and FSDP2 hook a module's ``forward``: wrapping this one (not calling ``encode_images`` on the model)
+    DDP and FSDP2 hook a module's ``forward``: wrapping this one (not calling ``get_image_features`` on the model)
     is what makes them synchronize gradients and gather shards.
 
     Args:
