@@ -22,13 +22,13 @@ from torch import nn
 from kornia_siglip2.attention import set_attention_backend
 from kornia_siglip2.config import SigLip2Config
 from kornia_siglip2.errors import check
-from kornia_siglip2.hub import from_hf_state_dict, load_pretrained, save_pretrained
+from kornia_siglip2.hub import from_hf_state_dict, load_pretrained, load_vision_pretrained, save_pretrained
 from kornia_siglip2.outputs import SigLip2Output, TextOutput, VisionOutput
 from kornia_siglip2.packing import ImageLayout, PackedImages
 from kornia_siglip2.text import TextTransformer
 from kornia_siglip2.vision import VisionTransformer
 
-__all__ = ["SigLip2", "SigLip2Output"]
+__all__ = ["SigLip2", "SigLip2Output", "load_vision_tower"]
 
 ImageInput = torch.Tensor | PackedImages | None
 
@@ -336,6 +336,7 @@ class SigLip2(nn.Module):
             FileNotFoundError: no checkpoint at ``name_or_path``.
             ValueCheckError: unknown ``model_type``, missing / unexpected / mis-shaped weights (named), a bad
                 ``dtype`` / ``device_map`` / ``attn_implementation``, or a ``device_map`` over several devices.
+            ValueError: a corrupt safetensors file or ``config.json`` (the message names the file).
             TypeError: a keyword transformers' ``from_pretrained`` has but this loader does not (named).
         """
         model = load_pretrained(cls, name_or_path, **kwargs)
@@ -375,6 +376,22 @@ class SigLip2(nn.Module):
                 shards with a ``model.safetensors.index.json``; ``None`` (default) writes one file.
         """
         save_pretrained(self, folder, max_shard_size=max_shard_size)
+
+
+def load_vision_tower(name_or_path: str | Path, **kwargs: Any) -> VisionTransformer:
+    """The vision tower of a SigLIP / SigLIP 2 checkpoint (as transformers' ``SiglipVisionModel.from_pretrained``).
+
+    Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
+    transformers' ``SiglipVisionModel``, with or without the ``vision_model.`` key prefix) and dual-tower ones
+    (text weights skipped). Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) as
+    :meth:`SigLip2.from_pretrained`; the reading is :func:`kornia_siglip2.hub.load_vision_pretrained`'s.
+
+    Raises:
+        ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
+        FileNotFoundError: no checkpoint folder or hub id, or no ``config.json`` in it.
+        TypeError: an unknown keyword argument.
+    """
+    return load_vision_pretrained(VisionTransformer, name_or_path, **kwargs)
 
 
 def _pairwise_sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:

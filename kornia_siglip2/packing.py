@@ -33,6 +33,7 @@ __all__ = [
     "check_cu_seqlens",
     "check_grid_thw",
     "check_keep_mask",
+    "conv_to_linear_patch_weight",
     "grid_thw_to_cu_seqlens",
     "grid_thw_to_seqlens",
     "pack_inputs",
@@ -93,6 +94,16 @@ def patchify(images: torch.Tensor, patch_size: int, drop_remainder: bool = False
     patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch * grid_h * grid_w, -1)
     grid_thw = torch.tensor([[1, grid_h, grid_w]], device=images.device).expand(batch, 3).clone()
     return patches, grid_thw
+
+
+def conv_to_linear_patch_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A Conv2d patch embedding :math:`(D, C, p, p)` as the Linear over ``(py, px, c)`` patches, :math:`(D, p^2 C)`.
+
+    Example:
+        >>> conv_to_linear_patch_weight(torch.zeros(8, 3, 4, 4)).shape
+        torch.Size([8, 48])
+    """
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
 def unpatchify(patches: torch.Tensor, grid_thw: torch.Tensor, patch_size: int) -> list[torch.Tensor]:

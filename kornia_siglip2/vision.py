@@ -11,10 +11,16 @@ from torch import nn
 from kornia_siglip2.attention import Attention, set_attention_backend
 from kornia_siglip2.config import VisionConfig
 from kornia_siglip2.errors import check, check_type
-from kornia_siglip2.hub import conv_to_linear_patch_weight, load_vision_pretrained
 from kornia_siglip2.layers import MLP, Encoder, init_transformer_weights, lecun_normal_
 from kornia_siglip2.outputs import VisionOutput
-from kornia_siglip2.packing import ImageLayout, PackedImages, VarlenLayout, packed_layout, packed_to_padded
+from kornia_siglip2.packing import (
+    ImageLayout,
+    PackedImages,
+    VarlenLayout,
+    conv_to_linear_patch_weight,
+    packed_layout,
+    packed_to_padded,
+)
 
 __all__ = ["MAPHead", "VisionEmbeddings", "VisionOutput", "VisionTransformer"]
 
@@ -338,20 +344,6 @@ class VisionTransformer(nn.Module):
             attentions=attentions,
             cu_seqlens=layout.attention.cu_seqlens_q,
         )
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> VisionTransformer:
-        """Load the vision tower of a SigLIP / SigLIP 2 checkpoint, vision-only or dual-tower.
-
-        Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
-        transformers' ``SiglipVisionModel``, with or without the ``vision_model.`` key prefix) and dual-tower ones
-        (text weights skipped). Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) as
-        :meth:`kornia_siglip2.SigLip2.from_pretrained`.
-
-        Raises:
-            ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
-        """
-        return load_vision_pretrained(cls, name_or_path, **kwargs)
 
 
 def _to_input_layout(

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VISION, naflex_positions_reference, tolerance
 
-from kornia_siglip2 import ImageLayout, VisionConfig, VisionTransformer, patchify
+from kornia_siglip2 import ImageLayout, VisionConfig, VisionTransformer, load_vision_tower, patchify
 
 # NaFlex grids that shrink, grow, keep and mix both along the two axes of the tests' 4 x 4 position table
 NAFLEX_GRIDS = [(3, 5), (8, 2), (4, 4), (1, 1), (7, 9)]
@@ -188,7 +188,7 @@ class TestTokenDropping:
         import copy
 
         reference = copy.deepcopy(hf_siglip2.vision_model).to(dtype).eval()
-        ours = VisionTransformer.from_pretrained(siglip2_checkpoint).to(dtype).eval()
+        ours = load_vision_tower(siglip2_checkpoint).to(dtype).eval()
         return reference, ours
 
     def _compare(self, hf_siglip2, siglip2_checkpoint, dtype, atol):

@@ -29,7 +29,7 @@ from kornia_siglip2.losses.locca import LocCaLoss
 from kornia_siglip2.losses.sigmoid import SigmoidLoss
 from kornia_siglip2.packing import pack_inputs
 
-if TYPE_CHECKING:  # the model imports the sigmoid loss; importing it here at run time would be circular
+if TYPE_CHECKING:  # a type hint only: the loss calls the model's public methods and needs no import of it
     from kornia_siglip2.model import SigLip2
 
 __all__ = [
