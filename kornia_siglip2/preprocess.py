@@ -284,7 +284,7 @@ class SigLip2ImagePreprocessor(nn.Module):
             ValueError: invalid JSON or a config :meth:`from_config` rejects.
 
         Example:
-            >>> import tempfile
+            >>> import json, tempfile
             >>> folder = tempfile.mkdtemp()
             >>> config = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 384, "width": 384}}
             >>> _ = (Path(folder) / PREPROCESSOR_CONFIG_NAME).write_text(json.dumps(config))
