@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from kornia_siglip2 import SigLip2, SigLip2Config, TextConfig, VisionConfig
-from kornia_siglip2.losses.locca import LocCaTargets, LocCaVocabulary, generate_boxes, generate_captions
+from kornia_siglip2.decoders import LocCaTargets, LocCaVocabulary, generate_boxes, generate_captions
 from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSchedule
+from kornia_siglip2.packing import pack_inputs
 
 __all__ = [
     "CAPTIONS",
@@ -449,7 +450,8 @@ def evaluate(result: TrainResult, num_images: int = 720, seed: int = 12345, batc
     for start in range(0, num_images, batch_size):
         images = held_out.images[start : start + batch_size].to(device)
         truth = held_out.captions[start : start + batch_size]
-        vision = model.encode_images(images)
+        packed = pack_inputs(images, patch_size=model.patch_size, drop_remainder=not model.config.is_naflex)
+        vision = model.get_image_features(packed)  # packed in, packed out: tokens (N, D) and cu_seqlens
         image_embeds = torch.nn.functional.normalize(vision.pooler_output, dim=-1)
         best = model.logits(image_embeds, text_embeds).argmax(0).tolist()  # logits are (captions, images)
         correct += sum(captions[index] == caption for index, caption in zip(best, truth, strict=True))

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kornia_siglip2.attention import Attention, varlen_attention
     from kornia_siglip2.config import SigLip2Config, TextConfig, VisionConfig
+    from kornia_siglip2.images import load_image
     from kornia_siglip2.layers import compile_blocks, uncompile_blocks
     from kornia_siglip2.lens import layer_image_features, logit_lens
-    from kornia_siglip2.model import SigLip2, SigLip2Output
+    from kornia_siglip2.model import SigLip2, SigLip2Output, load_vision_tower
     from kornia_siglip2.packing import (
         ImageLayout,
         PackedImages,
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
     from kornia_siglip2.resample import pil_resize
     from kornia_siglip2.text import TextOutput, TextTransformer
     from kornia_siglip2.tokenizer import SigLipTokenizer
-    from kornia_siglip2.vision import PackedGrid, VisionOutput, VisionTransformer
-    from kornia_siglip2.zero_shot import ZeroShotClassifier, load_image
+    from kornia_siglip2.vision import VisionOutput, VisionTransformer
+    from kornia_siglip2.zero_shot import ZeroShotClassifier
 
 # public name -> defining module, filled from the imports above
 _LAZY = {
@@ -58,6 +59,7 @@ _LAZY = {
     "logit_lens": "kornia_siglip2.lens",
     "SigLip2": "kornia_siglip2.model",
     "SigLip2Output": "kornia_siglip2.model",
+    "load_vision_tower": "kornia_siglip2.model",
     "compile_blocks": "kornia_siglip2.layers",
     "uncompile_blocks": "kornia_siglip2.layers",
     "grid_thw_to_cu_seqlens": "kornia_siglip2.packing",
@@ -76,11 +78,10 @@ _LAZY = {
     "TextOutput": "kornia_siglip2.text",
     "TextTransformer": "kornia_siglip2.text",
     "SigLipTokenizer": "kornia_siglip2.tokenizer",
-    "PackedGrid": "kornia_siglip2.vision",
     "VisionOutput": "kornia_siglip2.vision",
     "VisionTransformer": "kornia_siglip2.vision",
     "ZeroShotClassifier": "kornia_siglip2.zero_shot",
-    "load_image": "kornia_siglip2.zero_shot",
+    "load_image": "kornia_siglip2.images",
 }
 
 __version__ = "0.1.0"
@@ -89,7 +90,6 @@ __all__ = [
     "Attention",
     "ImageLayout",
     "NaFlexImagePreprocessor",
-    "PackedGrid",
     "PackedImages",
     "PaddedImages",
     "SigLip2",
@@ -112,6 +112,7 @@ __all__ = [
     "grid_thw_to_seqlens",
     "layer_image_features",
     "load_image",
+    "load_vision_tower",
     "logit_lens",
     "naflex_target_size",
     "packed_to_padded",

@@ -139,10 +139,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def decode_pillow(path: Path) -> torch.Tensor:
-    """Decode with Pillow through :func:`~kornia_siglip2.zero_shot.image_tensor`: pixels equal transformers'."""
-    from kornia_siglip2.zero_shot import image_tensor
+    """Decode with Pillow through :func:`~kornia_siglip2.images.load_image`: pixels equal transformers'."""
+    from kornia_siglip2.images import load_image
 
-    return image_tensor(path, str(path))
+    return load_image(path)
 
 
 def decode_kornia_rs(path: Path) -> torch.Tensor:
@@ -166,40 +166,13 @@ def decode_kornia_rs(path: Path) -> torch.Tensor:
 DECODERS: dict[str, Callable[[Path], torch.Tensor]] = {"pillow": decode_pillow, "kornia-rs": decode_kornia_rs}
 #: decoders that see the preprocessor's target size: JPEGs decoded at a reduced scale
 SCALED_DECODERS = ("pillow-draft",)
-#: ``pillow-draft`` decodes at least this many times the target size before the exact antialiased resize
-DRAFT_OVERSAMPLING = 2
 
 
 def decode_pillow_draft(path: Path, target_size: Callable[[int, int], tuple[int, int] | None]) -> tuple[Any, Any]:
-    """Decode a JPEG at a reduced scale (libjpeg's DCT scaling, 1/2 to 1/8), still at least twice the target.
+    """``pillow-draft``: :func:`~kornia_siglip2.images.load_image_reduced` (JPEGs decoded at a reduced scale)."""
+    from kornia_siglip2.images import load_image_reduced
 
-    ``target_size(height, width)`` gives the preprocessor's output size for the full image. libjpeg then
-    decodes the largest reduction whose size is at least :data:`DRAFT_OVERSAMPLING` times that in both sides
-    (``PIL.Image.draft``), which skips most of the inverse DCT and shrinks the input of the resize that
-    follows. Not pixel-exact: the reduced decode is a box-like filter in the DCT domain, so after the
-    final resize pixels differ from the full decode's: 0.2 levels on average (max 6) on photo-like images
-    reduced to 256 patches, 1.7 (max 11) on a noisy one reduced 21x (``tests/test_embed_cli.py``). Files other
-    than plain RGB JPEGs without EXIF rotation, and images too small to reduce, are decoded in full.
-
-    Returns:
-        ``(pixels, (height, width) of the full image)``: uint8 :math:`(3, h, w)` and the size the target
-        size must be computed from (the reduced one would round to another NaFlex grid).
-    """
-    if path.suffix.lower() in _JPEG_SUFFIXES:
-        from PIL import Image
-
-        with Image.open(path) as opened:
-            width, height = opened.size
-            target = target_size(height, width)
-            if target is not None and opened.mode == "RGB" and opened.getexif().get(0x0112, 1) == 1:
-                wanted = (DRAFT_OVERSAMPLING * target[1], DRAFT_OVERSAMPLING * target[0])
-                opened.draft("RGB", wanted)
-                import numpy as np
-
-                array = np.asarray(opened.convert("RGB"))
-                return torch.from_numpy(array.copy()).permute(2, 0, 1), (height, width)
-    pixels = decode_pillow(path)
-    return pixels, tuple(pixels.shape[-2:])
+    return load_image_reduced(path, target_size)
 
 
 class _Images(torch.utils.data.Dataset):

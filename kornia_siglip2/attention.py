@@ -23,8 +23,9 @@ self- or cross-attention; its backend fixed at construction or by
 
 Inference fast path on CPU: when no gradient is needed, :func:`fused_linear` runs the projections through
 oneDNN's ``mkldnn._linear_pointwise`` (the kernel ``torch.compile`` uses on CPU), with the activation or
-the residual add fused into the matmul, and :class:`Attention` projects q, k and v with one matmul of the
-three kernels concatenated (cached, rebuilt when a kernel changes). Training, ``torch.compile``, other
+the residual add fused into the matmul; :class:`Attention` projects q, k and v with one such matmul each, on
+the parameters themselves (no concatenated copy of the kernels is kept), or with one matmul of the MAP head's
+fused ``in_proj_weight``. Training, ``torch.compile``, other
 devices, non-x86 CPUs, wrapped projections (peft's LoRA layers, forward hooks) and dtypes oneDNN cannot run
 on the CPU at hand (bfloat16 without AVX-512, float16 without AVX-512 FP16) take the plain
 ``torch.nn.functional`` path; :data:`FUSED_CPU_KERNELS` switches the fast path off.
@@ -44,7 +45,6 @@ from kornia_siglip2.packing import VarlenLayout, check_cu_seqlens
 
 __all__ = [
     "ATTENTION_BACKENDS",
-    "BACKENDS",
     "FUSED_CPU_KERNELS",
     "Attention",
     "fused_linear",
@@ -57,7 +57,6 @@ __all__ = [
 
 #: Names accepted by :func:`varlen_attention` and :class:`Attention`.
 ATTENTION_BACKENDS = ("auto", "grouped", "dense", "loop", "flash", "eager")
-BACKENDS = ATTENTION_BACKENDS  # the name of releases <= 0.1
 
 #: Use oneDNN's fused linear kernels for inference on CPU (see :func:`fused_linear`); set to ``False`` to
 #: run every projection through ``torch.nn.functional.linear`` (e.g. to measure the difference).

@@ -21,7 +21,6 @@ Every failure prints one line to stderr and exits with status 1 (2 for a wrong c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -217,7 +216,8 @@ def _expand_images(arguments: Sequence[str]) -> list[str]:
 def _classify(args: argparse.Namespace) -> int:
     import torch
 
-    from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, image_tensor
+    from kornia_siglip2.images import image_tensor
+    from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier
 
     paths = _expand_images(args.images)
     # read every image before loading the model: a bad file fails in a second, not after the model load
@@ -498,8 +498,10 @@ def _run_demo(workdir: Path, start: float) -> int:
     import torch
 
     from kornia_siglip2._demo import DEMO_LABELS, build_tiny_checkpoint, write_shape_images
+    from kornia_siglip2.hub import read_config
+    from kornia_siglip2.images import load_image
     from kornia_siglip2.lens import logit_lens
-    from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, load_image
+    from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier
 
     _hide_transformers_progress()
     # the demo's matrices are tiny: a second thread costs more in synchronisation than it computes
@@ -508,7 +510,7 @@ def _run_demo(workdir: Path, start: float) -> int:
     print("matches transformers, not what the images contain.\n")
 
     checkpoint = build_tiny_checkpoint(workdir / "checkpoint")
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = read_config(checkpoint)
     vision, text = config["vision_config"], config["text_config"]
     print(
         f"[1/5] tiny random checkpoint (transformers Siglip2Model, NaFlex): vision {vision['num_hidden_layers']} "

@@ -24,16 +24,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kornia_siglip2.config import MODEL_TYPES, VISION_MODEL_TYPES, SigLip2Config
-from kornia_siglip2.errors import check, check_type
+from kornia_siglip2.errors import ValueCheckError, check, check_type
 from kornia_siglip2.loading import LoadOptions, load_options, stored_dtype
+from kornia_siglip2.packing import conv_to_linear_patch_weight
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 __all__ = [
-    "conv_to_linear_patch_weight",
+    "download_file",
     "from_hf_state_dict",
     "load_pretrained",
     "load_vision_pretrained",
+    "read_config",
+    "read_json",
     "read_safetensors",
     "resolve_checkpoint",
     "save_pretrained",
@@ -108,8 +111,44 @@ def resolve_checkpoint(
     return Path(folder)
 
 
-def _read_json(file: Path) -> dict:
-    """A JSON object from ``file``; every failure names the file."""
+def download_file(
+    repo_id: str,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+) -> Path:
+    """One file of a hub repository, through ``huggingface_hub.hf_hub_download`` (its cache and ``HF_HUB_OFFLINE``).
+
+    Raises:
+        FileNotFoundError: the repository, revision or file cannot be found (offline: not in the cache).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
+            )
+        )
+    except (OSError, EntryNotFoundError, HFValidationError) as err:
+        # OSError covers missing repos/revisions, cache misses offline and network failures
+        raise FileNotFoundError(
+            f"Could not find {filename} for {repo_id!r}: it is not a local folder or file, "
+            f"and the Hugging Face hub lookup failed ({type(err).__name__}: {err})."
+        ) from err
+
+
+def read_json(file: str | os.PathLike[str]) -> dict:
+    """A JSON object from ``file``; every failure names the file.
+
+    Raises:
+        ValueError: not valid JSON, or not a JSON object (``ValueCheckError``).
+        OSError: the file cannot be read.
+    """
+    file = Path(file)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -189,7 +228,7 @@ def read_safetensors(folder: str | Path, *, check_finite: bool = True) -> dict[s
     state_dict: dict[str, torch.Tensor] = {}
     sources: dict[str, Path] = {}
     if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         check(
             isinstance(weight_map, dict) and weight_map,
             lambda: (
@@ -244,16 +283,6 @@ def read_safetensors(folder: str | Path, *, check_finite: bool = True) -> dict[s
             ),
         )
     return state_dict
-
-
-def conv_to_linear_patch_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A Conv2d patch embedding :math:`(D, C, p, p)` as the Linear over ``(py, px, c)`` patches, :math:`(D, p^2 C)`.
-
-    Example:
-        >>> conv_to_linear_patch_weight(torch.zeros(8, 3, 4, 4)).shape
-        torch.Size([8, 48])
-    """
-    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
 def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -344,7 +373,7 @@ def _load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sour
             "(re-save the checkpoint in float32, float16 or bfloat16)"
         )
     if problems:
-        raise ValueError(f"Cannot load {source}: " + "; ".join(problems) + ".")
+        raise ValueCheckError(f"Cannot load {source}: " + "; ".join(problems) + ".")
     model.load_state_dict(state_dict, strict=True, assign=True)
 
 
@@ -378,7 +407,7 @@ def load_pretrained(model_class: type[_Module], name_or_path: str | Path, **kwar
     check_finite = kwargs.pop("check_finite", True)
     options = load_options(**kwargs)
     folder = _checkpoint_folder(name_or_path, options)
-    hf_config = _read_config(folder)
+    hf_config = read_config(folder)
     config = SigLip2Config.from_hf_dict(hf_config)
     tensors = read_safetensors(folder, check_finite=check_finite)
     with torch.device("meta"):
@@ -402,7 +431,7 @@ def load_vision_pretrained(tower_class: type[_Module], name_or_path: str | Path,
     check_finite = kwargs.pop("check_finite", True)
     options = load_options(**kwargs)
     folder = _checkpoint_folder(name_or_path, options)
-    hf_config = _read_config(folder)
+    hf_config = read_config(folder)
     model_type = hf_config.get("model_type")
     tensors = read_safetensors(folder, check_finite=check_finite)
     if model_type in VISION_MODEL_TYPES:
@@ -429,11 +458,18 @@ def load_vision_pretrained(tower_class: type[_Module], name_or_path: str | Path,
     return _finish(tower, options, hf_config, tensors)
 
 
-def _read_config(folder: Path) -> dict:
+def read_config(folder: str | os.PathLike[str]) -> dict:
+    """The ``config.json`` of a checkpoint folder as a dict.
+
+    Raises:
+        FileNotFoundError: the folder has no ``config.json``.
+        ValueError: not valid JSON.
+    """
+    folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"No config.json in {folder}.")
-    return _read_json(config_file)
+    return read_json(config_file)
 
 
 def _parse_size(size: int | str, name: str = "max_shard_size") -> int:

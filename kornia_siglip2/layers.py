@@ -20,7 +20,6 @@ from kornia_siglip2.errors import check
 from kornia_siglip2.packing import VarlenLayout
 
 __all__ = [
-    "SelfAttention",
     "MLP",
     "Encoder",
     "EncoderBlock",
@@ -34,11 +33,6 @@ __all__ = [
 
 #: ``(last tokens, hidden states or None, attention weights per layer or None)``
 EncoderOutput = tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[tuple[torch.Tensor, ...], ...] | None]
-
-
-#: Deprecated name (releases <= 0.1) of :class:`~kornia_siglip2.attention.Attention`, which returns
-#: ``(tokens, attention weights or None)``.
-SelfAttention = Attention
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

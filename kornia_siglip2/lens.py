@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kornia_siglip2.errors import check, check_shape
 from kornia_siglip2.model import SigLip2
-from kornia_siglip2.packing import ImageLayout, PackedImages
+from kornia_siglip2.packing import ImageLayout, PackedImages, packed_layout
 from kornia_siglip2.vision import VisionTransformer
 
 __all__ = ["layer_image_features", "logit_lens"]
@@ -124,15 +124,16 @@ def logit_lens(
         True
     """
     check((input_ids is None) != (text_embeds is None), "Pass exactly one of input_ids (T, L) or text_embeds (T, D).")
-    if isinstance(grid_thw, ImageLayout):
-        check(patches is not None and pixel_values is None, "An ImageLayout goes with patches only.")
-        layout = grid_thw
-    else:
-        # one cached layout for the tower and the per-layer pooling: grid_thw is read from the device once
-        packed = model.pack_images(
-            pixel_values, pixel_attention_mask, spatial_shapes, patches=patches, grid_thw=grid_thw
-        )
-        patches, layout = packed.patches, packed.layout
+    # one layout for the tower and the per-layer pooling: grid_thw is read from the device once
+    patches, layout, _ = packed_layout(
+        pixel_values,
+        grid_thw,
+        patches=patches,
+        pixel_attention_mask=pixel_attention_mask,
+        spatial_shapes=spatial_shapes,
+        patch_size=model.patch_size,
+        drop_remainder=not model.config.is_naflex,
+    )
     output = model.vision_model(patches, layout, output_hidden_states=True)
     image_embeds = F.normalize(layer_image_features(model.vision_model, output.hidden_states, layout), dim=-1)
     if text_embeds is None:

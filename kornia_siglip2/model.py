@@ -22,13 +22,13 @@ from torch import nn
 from kornia_siglip2.attention import set_attention_backend
 from kornia_siglip2.config import SigLip2Config
 from kornia_siglip2.errors import check
-from kornia_siglip2.hub import from_hf_state_dict, load_pretrained, save_pretrained
+from kornia_siglip2.hub import from_hf_state_dict, load_pretrained, load_vision_pretrained, save_pretrained
 from kornia_siglip2.outputs import SigLip2Output, TextOutput, VisionOutput
-from kornia_siglip2.packing import ImageLayout, PackedImages, pack_inputs
+from kornia_siglip2.packing import ImageLayout, PackedImages
 from kornia_siglip2.text import TextTransformer
 from kornia_siglip2.vision import VisionTransformer
 
-__all__ = ["SigLip2", "SigLip2Output"]
+__all__ = ["SigLip2", "SigLip2Output", "load_vision_tower"]
 
 ImageInput = torch.Tensor | PackedImages | None
 
@@ -134,54 +134,6 @@ class SigLip2(nn.Module):
         return self.text_model.embeddings.token_embedding
 
     # ------------------------------------------------------------------ images
-    def pack_images(
-        self,
-        pixel_values: ImageInput = None,
-        pixel_attention_mask: torch.Tensor | None = None,
-        spatial_shapes: torch.Tensor | None = None,
-        *,
-        patches: torch.Tensor | None = None,
-        grid_thw: torch.Tensor | None = None,
-    ) -> PackedImages:
-        """Bring any image input convention to one packed batch (see :func:`~kornia_siglip2.packing.pack_inputs`).
-
-        Raises:
-            ValueCheckError: an input has the wrong rank, is given twice, or the NaFlex description is incomplete.
-        """
-        return pack_inputs(
-            pixel_values,
-            pixel_attention_mask,
-            spatial_shapes,
-            patches=patches,
-            grid_thw=grid_thw,
-            patch_size=self.patch_size,
-            drop_remainder=not self.config.is_naflex,
-        )
-
-    def encode_images(
-        self,
-        pixel_values: ImageInput = None,
-        pixel_attention_mask: torch.Tensor | None = None,
-        spatial_shapes: torch.Tensor | None = None,
-        *,
-        patches: torch.Tensor | None = None,
-        grid_thw: torch.Tensor | ImageLayout | None = None,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-    ) -> VisionOutput:
-        """Run the vision tower on any input convention and keep its output **packed** (for losses, decoders).
-
-        Returns:
-            :class:`~kornia_siglip2.outputs.VisionOutput` with packed ``last_hidden_state`` :math:`(N, D)` and
-            ``cu_seqlens``.
-        """
-        if isinstance(grid_thw, ImageLayout):  # a prebuilt layout (compile path): skip the host read
-            return self.vision_model(patches, grid_thw, output_hidden_states, output_attentions=output_attentions)
-        packed = self.pack_images(
-            pixel_values, pixel_attention_mask, spatial_shapes, patches=patches, grid_thw=grid_thw
-        )
-        return self.vision_model(packed, None, output_hidden_states, output_attentions=output_attentions)
-
     def get_image_features(
         self,
         pixel_values: ImageInput = None,
@@ -211,19 +163,20 @@ class SigLip2(nn.Module):
 
         Returns:
             :class:`~kornia_siglip2.outputs.VisionOutput`: ``pooler_output`` :math:`(\\sum t, D)` (not normalized)
-            and ``last_hidden_state`` in the layout of the input. For a tensor, use :meth:`encode_image`.
+            and ``last_hidden_state`` in the layout of the input (packed input: packed tokens :math:`(N, D)` with
+            ``cu_seqlens``, for losses and decoders). For a tensor, use :meth:`encode_image`.
         """
-        output = self.vision_model(
+        return self.vision_model(
             pixel_values,
             grid_thw,
-            output_hidden_states,
-            output_attentions=output_attentions,
             patches=patches,
             pixel_attention_mask=pixel_attention_mask,
             spatial_shapes=spatial_shapes,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=return_dict,
         )
-        return output.to_tuple() if return_dict is False else output
 
     def encode_image(
         self,
@@ -251,8 +204,12 @@ class SigLip2(nn.Module):
         Raises:
             ValueCheckError: the vision tower has no MAP head.
         """
-        pooled = self.encode_images(
-            pixel_values, pixel_attention_mask, spatial_shapes, patches=patches, grid_thw=grid_thw
+        pooled = self.vision_model(
+            pixel_values,
+            grid_thw,
+            patches=patches,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
         ).pooler_output
         check(pooled is not None, "This vision tower has no MAP head (vision_use_head=False): use last_hidden_state.")
         return F.normalize(pooled, dim=-1) if normalize else pooled
@@ -331,11 +288,11 @@ class SigLip2(nn.Module):
         vision_output = self.vision_model(
             pixel_values,
             grid_thw,
-            output_hidden_states,
-            output_attentions=output_attentions,
             patches=patches,
             pixel_attention_mask=pixel_attention_mask,
             spatial_shapes=spatial_shapes,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
             interpolate_pos_encoding=interpolate_pos_encoding,
         )
         text_output = self.text_model(input_ids, attention_mask, output_hidden_states, position_ids, output_attentions)
@@ -379,6 +336,7 @@ class SigLip2(nn.Module):
             FileNotFoundError: no checkpoint at ``name_or_path``.
             ValueCheckError: unknown ``model_type``, missing / unexpected / mis-shaped weights (named), a bad
                 ``dtype`` / ``device_map`` / ``attn_implementation``, or a ``device_map`` over several devices.
+            ValueError: a corrupt safetensors file or ``config.json`` (the message names the file).
             TypeError: a keyword transformers' ``from_pretrained`` has but this loader does not (named).
         """
         model = load_pretrained(cls, name_or_path, **kwargs)
@@ -418,6 +376,22 @@ class SigLip2(nn.Module):
                 shards with a ``model.safetensors.index.json``; ``None`` (default) writes one file.
         """
         save_pretrained(self, folder, max_shard_size=max_shard_size)
+
+
+def load_vision_tower(name_or_path: str | Path, **kwargs: Any) -> VisionTransformer:
+    """The vision tower of a SigLIP / SigLIP 2 checkpoint (as transformers' ``SiglipVisionModel.from_pretrained``).
+
+    Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
+    transformers' ``SiglipVisionModel``, with or without the ``vision_model.`` key prefix) and dual-tower ones
+    (text weights skipped). Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) as
+    :meth:`SigLip2.from_pretrained`; the reading is :func:`kornia_siglip2.hub.load_vision_pretrained`'s.
+
+    Raises:
+        ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
+        FileNotFoundError: no checkpoint folder or hub id, or no ``config.json`` in it.
+        TypeError: an unknown keyword argument.
+    """
+    return load_vision_pretrained(VisionTransformer, name_or_path, **kwargs)
 
 
 def _pairwise_sigmoid_loss(logits_per_text: torch.Tensor) -> torch.Tensor:

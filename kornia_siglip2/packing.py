@@ -33,9 +33,11 @@ __all__ = [
     "check_cu_seqlens",
     "check_grid_thw",
     "check_keep_mask",
+    "conv_to_linear_patch_weight",
     "grid_thw_to_cu_seqlens",
     "grid_thw_to_seqlens",
     "pack_inputs",
+    "packed_layout",
     "packed_to_padded",
     "padded_to_packed",
     "patchify",
@@ -92,6 +94,16 @@ def patchify(images: torch.Tensor, patch_size: int, drop_remainder: bool = False
     patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch * grid_h * grid_w, -1)
     grid_thw = torch.tensor([[1, grid_h, grid_w]], device=images.device).expand(batch, 3).clone()
     return patches, grid_thw
+
+
+def conv_to_linear_patch_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A Conv2d patch embedding :math:`(D, C, p, p)` as the Linear over ``(py, px, c)`` patches, :math:`(D, p^2 C)`.
+
+    Example:
+        >>> conv_to_linear_patch_weight(torch.zeros(8, 3, 4, 4)).shape
+        torch.Size([8, 48])
+    """
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
 def unpatchify(patches: torch.Tensor, grid_thw: torch.Tensor, patch_size: int) -> list[torch.Tensor]:
@@ -779,3 +791,71 @@ def pack_inputs(
         positions = torch.arange(pixel_values.shape[1], device=pixel_values.device)
         pixel_attention_mask = positions[None] < lengths[:, None].to(positions.device)
     return PackedImages.from_padded(pixel_values, pixel_attention_mask, spatial_shapes)
+
+
+def packed_layout(
+    pixel_values: torch.Tensor | PackedImages | None = None,
+    grid_thw: torch.Tensor | ImageLayout | None = None,
+    *,
+    patches: torch.Tensor | None = None,
+    pixel_attention_mask: torch.Tensor | None = None,
+    spatial_shapes: torch.Tensor | None = None,
+    keep_mask: torch.Tensor | None = None,
+    patch_size: int,
+    drop_remainder: bool = False,
+) -> tuple[torch.Tensor, ImageLayout, str]:
+    """A tower's input, in any convention, as packed patches, their layout and the convention it came in.
+
+    The conventions of :func:`pack_inputs`, plus packed patches given as the first argument (``pixel_values``
+    :math:`(N, p \\cdot p \\cdot C)` with ``grid_thw``) and a prebuilt :class:`ImageLayout` as ``grid_thw``
+    (with packed patches only: it saves the host read of ``grid_thw`` and lets ``torch.compile`` trace the
+    whole forward).
+
+    Args:
+        pixel_values: images, padded patches, packed patches or a packed batch.
+        grid_thw: :math:`(n, 3)` grid of packed patches, or their prebuilt :class:`ImageLayout`.
+        patches: packed patches (instead of ``pixel_values``).
+        pixel_attention_mask: valid-patch mask of padded input.
+        spatial_shapes: patch grid ``(h, w)`` of each padded image.
+        keep_mask: kept patches of the full grids (token dropping), packed patches only.
+        patch_size: patch side :math:`p`, to cut 4-D images.
+        drop_remainder: as :func:`pack_inputs`.
+
+    Returns:
+        ``(patches, layout, convention)``: :math:`(N, p \\cdot p \\cdot C)` patches, their
+        :class:`ImageLayout`, and ``"packed"``, ``"images"`` (4-D input) or ``"padded"`` (padded NaFlex input),
+        the layout the caller's output should come back in.
+
+    Raises:
+        ValueCheckError: as :func:`pack_inputs`; an :class:`ImageLayout` with unpacked input or beside ``keep_mask``.
+        TypeCheckError: as :func:`pack_inputs`.
+
+    Example:
+        >>> patches, layout, convention = packed_layout(torch.rand(2, 3, 8, 12), patch_size=4)
+        >>> patches.shape, layout.attention.seqlens_q, convention
+        (torch.Size([12, 48]), (6, 6), 'images')
+    """
+    if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 2 and patches is None:
+        patches, pixel_values = pixel_values, None  # packed patches as the first argument
+    if isinstance(grid_thw, ImageLayout):
+        check(pixel_values is None and patches is not None, "An ImageLayout goes with patches only.")
+        check(
+            keep_mask is None,
+            "keep_mask goes into the ImageLayout (ImageLayout.from_grid_thw(grid_thw, keep_mask=...)), not beside it.",
+        )
+        return patches, grid_thw, "packed"
+    packed = pack_inputs(
+        pixel_values,
+        pixel_attention_mask,
+        spatial_shapes,
+        patches=patches,
+        grid_thw=grid_thw,
+        keep_mask=keep_mask,
+        patch_size=patch_size,
+        drop_remainder=drop_remainder,
+    )
+    if patches is not None or isinstance(pixel_values, PackedImages):
+        convention = "packed"
+    else:
+        convention = "images" if pixel_values.ndim == 4 else "padded"
+    return packed.patches, packed.layout, convention

@@ -16,7 +16,6 @@ holding NaN / inf, are an error that says how to pass 0-255 data (as ``uint8``),
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kornia_siglip2.errors import check, check_shape, check_type
+from kornia_siglip2.hub import download_file, read_json
 from kornia_siglip2.packing import PackedImages, check_grid_thw, packed_to_padded, patchify
 from kornia_siglip2.resample import pil_resize, pil_resizes_height_first
 
@@ -265,7 +265,7 @@ class SigLip2ImagePreprocessor(nn.Module):
     ) -> _Preprocessor:
         """Read ``preprocessor_config.json`` from a folder, a JSON file or the Hugging Face hub.
 
-        Only JSON is read, never pickles. Hub ids go through ``huggingface_hub.hf_hub_download``, which
+        Only JSON is read, never pickles. Hub ids go through :func:`kornia_siglip2.hub.download_file`, which
         honours ``local_files_only`` and ``HF_HUB_OFFLINE``.
 
         Args:
@@ -284,7 +284,7 @@ class SigLip2ImagePreprocessor(nn.Module):
             ValueError: invalid JSON or a config :meth:`from_config` rejects.
 
         Example:
-            >>> import tempfile
+            >>> import json, tempfile
             >>> folder = tempfile.mkdtemp()
             >>> config = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 384, "width": 384}}
             >>> _ = (Path(folder) / PREPROCESSOR_CONFIG_NAME).write_text(json.dumps(config))
@@ -304,14 +304,14 @@ class SigLip2ImagePreprocessor(nn.Module):
         elif path.is_file():
             config_file = path
         else:
-            config_file = _download_config(str(name_or_path), revision, cache_dir, local_files_only)
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_file} is not valid JSON: {err}") from err
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}.")
-        return cls.from_config(config, **overrides)
+            config_file = download_file(
+                str(name_or_path),
+                PREPROCESSOR_CONFIG_NAME,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+            )
+        return cls.from_config(read_json(config_file), **overrides)
 
     def _prepare(self, images: ImageInput) -> list[torch.Tensor]:
         """Check the input and return uint8 or float :math:`(B, C, H, W)` groups (one per distinct tensor)."""
@@ -570,27 +570,3 @@ def _check_supported(config: dict[str, Any]) -> None:
             f"Unsupported preprocessor settings {', '.join(unsupported)}: the preprocessors always resize and "
             "map uint8 images to [0, 1] (float images are taken as already in [0, 1])."
         )
-
-
-def _download_config(
-    repo_id: str, revision: str | None, cache_dir: str | os.PathLike[str] | None, local_files_only: bool
-) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-
-    try:
-        return Path(
-            hf_hub_download(
-                repo_id,
-                PREPROCESSOR_CONFIG_NAME,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-            )
-        )
-    except (OSError, EntryNotFoundError, HFValidationError) as err:
-        # OSError covers missing repos/revisions, cache misses offline and network failures
-        raise FileNotFoundError(
-            f"Could not find {PREPROCESSOR_CONFIG_NAME} for {repo_id!r}: it is not a local folder or file, "
-            f"and the Hugging Face hub lookup failed ({type(err).__name__}: {err})."
-        ) from err

@@ -17,7 +17,6 @@ what transformers' ``Siglip2Processor`` does by default and the model cards ask 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import warnings
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from kornia_siglip2.hub import read_config, resolve_checkpoint
 
 __all__ = ["TOKENIZER_FILES", "SigLipTokenizer", "quiet_transformers", "tokenizer_family"]
 
@@ -132,8 +133,6 @@ class SigLipTokenizer:
             ImportError: transformers (or sentencepiece for SigLIP) is not installed.
             ValueError: an unsupported tokenizer class.
         """
-        from kornia_siglip2.hub import resolve_checkpoint
-
         folder = resolve_checkpoint(
             name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
@@ -268,8 +267,7 @@ def _apply_siglip2_rules(tokenizer: Any) -> None:
 
 def _max_position_embeddings(folder: Path) -> int:
     """``text_config.max_position_embeddings`` of the checkpoint's ``config.json``, else 64."""
-    config_file = folder / "config.json"
-    if not config_file.is_file():
+    if not (folder / "config.json").is_file():
         return _DEFAULT_MAX_LENGTH
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_config(folder)
     return int((config.get("text_config") or {}).get("max_position_embeddings", _DEFAULT_MAX_LENGTH))

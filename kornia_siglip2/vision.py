@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -12,15 +11,18 @@ from torch import nn
 from kornia_siglip2.attention import Attention, set_attention_backend
 from kornia_siglip2.config import VisionConfig
 from kornia_siglip2.errors import check, check_type
-from kornia_siglip2.hub import conv_to_linear_patch_weight, load_vision_pretrained
 from kornia_siglip2.layers import MLP, Encoder, init_transformer_weights, lecun_normal_
 from kornia_siglip2.outputs import VisionOutput
-from kornia_siglip2.packing import ImageLayout, PackedImages, VarlenLayout, pack_inputs, packed_to_padded
+from kornia_siglip2.packing import (
+    ImageLayout,
+    PackedImages,
+    VarlenLayout,
+    conv_to_linear_patch_weight,
+    packed_layout,
+    packed_to_padded,
+)
 
-__all__ = ["MAPHead", "PackedGrid", "VisionEmbeddings", "VisionOutput", "VisionTransformer"]
-
-#: Deprecated name of :class:`~kornia_siglip2.packing.ImageLayout` (releases <= 0.1).
-PackedGrid = ImageLayout
+__all__ = ["MAPHead", "VisionEmbeddings", "VisionOutput", "VisionTransformer"]
 
 
 class VisionEmbeddings(nn.Module):
@@ -143,7 +145,6 @@ class VisionTransformer(nn.Module):
 
     Args:
         config: vision hyper-parameters; ``config.position_embedding`` says fixed or NaFlex.
-        naflex: deprecated override of ``config.position_embedding`` (releases <= 0.1).
 
     Example:
         >>> config = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -155,16 +156,8 @@ class VisionTransformer(nn.Module):
         (torch.Size([12, 32]), torch.Size([2, 32]))
     """
 
-    def __init__(self, config: VisionConfig, naflex: bool | None = None) -> None:
+    def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        if naflex is not None:
-            warnings.warn(
-                "VisionTransformer(config, naflex=...) is deprecated: set VisionConfig.position_embedding "
-                "('naflex' or 'fixed') instead.",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            config = VisionConfig(**{**config.__dict__, "position_embedding": "naflex" if naflex else "fixed"})
         self.config = config
         self.embeddings = VisionEmbeddings(config)
         self.encoder = Encoder(
@@ -212,15 +205,15 @@ class VisionTransformer(nn.Module):
         self,
         pixel_values: torch.Tensor | PackedImages | None = None,
         grid_thw: torch.Tensor | ImageLayout | None = None,
-        output_hidden_states: bool = False,
-        mask: torch.Tensor | None = None,
-        mask_token: torch.Tensor | None = None,
-        output_attentions: bool = False,
         *,
         patches: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         spatial_shapes: torch.Tensor | None = None,
         keep_mask: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
         interpolate_pos_encoding: bool | None = None,
         return_dict: bool | None = None,
     ) -> VisionOutput | tuple:
@@ -237,23 +230,27 @@ class VisionTransformer(nn.Module):
           ``H % p`` rows and ``W % p`` columns as transformers' Conv2d patch embedding (patch 14 at 384: a
           27 x 27 grid); a NaFlex tower requires sizes ``p`` divides.
 
-        Inside, every convention is the same packed batch: no padding is computed.
+        Inside, every convention is the same packed batch (:func:`~kornia_siglip2.packing.packed_layout`, the
+        one place the conventions are told apart): no padding is computed. Only ``pixel_values`` and
+        ``grid_thw`` are positional; the other arguments are keywords, in this order: the other inputs
+        (``patches``, ``pixel_attention_mask``, ``spatial_shapes``, ``keep_mask``), masked prediction (``mask``,
+        ``mask_token``), then what to return.
 
         Args:
             pixel_values: images, padded patches, packed patches or a packed batch (see above).
             grid_thw: grid of packed patches, or a prebuilt :class:`~kornia_siglip2.packing.ImageLayout`
                 (saves the host read of ``grid_thw``; lets ``torch.compile`` trace the whole forward).
-            output_hidden_states: also return the embeddings and each block's output.
-            mask: optional bool :math:`(N,)` packed positions whose patch embedding is replaced by
-                ``mask_token`` (packed input only).
-            mask_token: :math:`(D,)` learned mask embedding.
-            output_attentions: also return every block's attention weights.
             patches: packed patches, as the first argument.
             pixel_attention_mask: :math:`(B, L)` valid-patch mask of padded input.
             spatial_shapes: :math:`(B, 2)` patch grids of padded input.
             keep_mask: bool :math:`(\\sum t h w,)` over the full grids of ``grid_thw``, True at the :math:`N`
                 patches present in ``patches`` (packed patches only; a ``PackedImages`` carries its own).
                 Every frame keeps at least one. ``None``: every patch is present.
+            mask: optional bool :math:`(N,)` packed positions whose patch embedding is replaced by
+                ``mask_token`` (packed input only).
+            mask_token: :math:`(D,)` learned mask embedding.
+            output_hidden_states: also return the embeddings and each block's output.
+            output_attentions: also return every block's attention weights.
             interpolate_pos_encoding: accepted for transformers' code; position tables are always resized
                 to each image's grid.
             return_dict: ``False`` returns ``to_tuple()``, as transformers.
@@ -279,43 +276,23 @@ class VisionTransformer(nn.Module):
             (torch.Size([5, 32]), torch.Size([2, 32]), [0, 4, 5])
         """
         del interpolate_pos_encoding  # the position table is resized to every grid anyway
-        patch_size = self.config.patch_size
-        if (
-            patches is not None
-            or isinstance(pixel_values, PackedImages)
-            or (isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 2)
-        ):
-            input_layout = "packed"
-            if patches is None and isinstance(pixel_values, torch.Tensor):
-                patches, pixel_values = pixel_values, None
-            if isinstance(grid_thw, ImageLayout):
-                check(pixel_values is None and patches is not None, "An ImageLayout goes with patches only.")
-                check(
-                    keep_mask is None,
-                    "keep_mask goes into the ImageLayout (ImageLayout.from_grid_thw(grid_thw, keep_mask=...)), "
-                    "not beside it.",
-                )
-                packed_patches, layout = patches, grid_thw
-            else:
-                packed = pack_inputs(
-                    pixel_values, patches=patches, grid_thw=grid_thw, keep_mask=keep_mask, patch_size=patch_size
-                )
-                packed_patches, layout = packed.patches, packed.layout
-        else:
-            check(mask is None, "mask (masked prediction) takes packed input: pass patches and grid_thw.")
-            packed = pack_inputs(
-                pixel_values,
-                pixel_attention_mask,
-                spatial_shapes,
-                keep_mask=keep_mask,
-                patch_size=patch_size,
-                drop_remainder=not self.config.is_naflex,
-            )
-            input_layout = "images" if pixel_values.ndim == 4 else "padded"
-            packed_patches, layout = packed.patches, packed.layout
+        packed_patches, layout, convention = packed_layout(
+            pixel_values,
+            grid_thw,
+            patches=patches,
+            pixel_attention_mask=pixel_attention_mask,
+            spatial_shapes=spatial_shapes,
+            keep_mask=keep_mask,
+            patch_size=self.config.patch_size,
+            drop_remainder=not self.config.is_naflex,
+        )
+        check(
+            mask is None or convention == "packed",
+            "mask (masked prediction) takes packed input: pass patches and grid_thw.",
+        )
         output = self._forward_packed(packed_patches, layout, output_hidden_states, output_attentions, mask, mask_token)
-        if input_layout != "packed":
-            output = _to_input_layout(output, layout, pixel_values.shape[0], pixel_values.shape[1], input_layout)
+        if convention != "packed":
+            output = _to_input_layout(output, layout, pixel_values.shape[0], pixel_values.shape[1], convention)
         return output.to_tuple() if return_dict is False else output
 
     def _forward_packed(
@@ -367,20 +344,6 @@ class VisionTransformer(nn.Module):
             attentions=attentions,
             cu_seqlens=layout.attention.cu_seqlens_q,
         )
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, **kwargs) -> VisionTransformer:
-        """Load the vision tower of a SigLIP / SigLIP 2 checkpoint, vision-only or dual-tower.
-
-        Vision-only checkpoints (``model_type`` ``siglip_vision_model`` / ``siglip2_vision_model``, saved by
-        transformers' ``SiglipVisionModel``, with or without the ``vision_model.`` key prefix) and dual-tower ones
-        (text weights skipped). Keyword arguments (``dtype``, ``device_map``, ``attn_implementation``, ...) as
-        :meth:`kornia_siglip2.SigLip2.from_pretrained`.
-
-        Raises:
-            ValueCheckError: unknown ``model_type``, or missing / unexpected / mis-shaped vision weights.
-        """
-        return load_vision_pretrained(cls, name_or_path, **kwargs)
 
 
 def _to_input_layout(

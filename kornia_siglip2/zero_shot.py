@@ -4,8 +4,9 @@ One pipeline for every checkpoint: files / tensors -> preprocess (NaFlex: packed
 L2-normalize -> ``logits = s * <image, text> + b`` -> ``sigmoid`` (SigLIP scores each pair independently, so
 the probabilities of one image need not sum to 1; Zhai et al. 2023, arXiv:2303.15343).
 
-Images may be paths, PIL images, numpy arrays (:math:`(H, W, 3)` uint8 as transformers' processors take them, or
-:math:`(3, H, W)`, or :math:`(H, W)` grey) and :math:`(C, H, W)` tensors (uint8, or float in :math:`[0, 1]`).
+Images may be paths, encoded bytes, PIL images, numpy arrays (:math:`(H, W, 3)` uint8 as transformers' processors
+take them, or :math:`(3, H, W)`, or :math:`(H, W)` grey) and :math:`(C, H, W)` tensors (uint8, or float in
+:math:`[0, 1]`), all read by :mod:`kornia_siglip2.images`.
 
 Inference records no autograd graph unless asked: every method takes ``grad``; the default ``None`` records one
 only when an input tensor requires grad (attribution, adversarial examples), ``True`` always records (fine-tuning
@@ -15,18 +16,17 @@ through the classifier), ``False`` never does.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from kornia_siglip2.hub import read_json, resolve_checkpoint
+from kornia_siglip2.images import ImageSource, image_tensor
 from kornia_siglip2.model import SigLip2
 from kornia_siglip2.preprocess import (
     PREPROCESSOR_CONFIG_NAME,
@@ -36,75 +36,10 @@ from kornia_siglip2.preprocess import (
 )
 from kornia_siglip2.tokenizer import SigLipTokenizer
 
-__all__ = ["DEFAULT_TEMPLATE", "ImageSource", "ZeroShotClassifier", "image_tensor", "load_image"]
+__all__ = ["DEFAULT_TEMPLATE", "ZeroShotClassifier"]
 
 #: Prompt of the SigLIP / SigLIP 2 model cards.
 DEFAULT_TEMPLATE = "This is a photo of {label}."
-
-if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
-
-# One image: a path, a :math:`(C, H, W)` tensor (float in :math:`[0, 1]` or uint8), a PIL image, or a numpy
-# array (:math:`(H, W, 3)` / :math:`(3, H, W)` / :math:`(H, W)`, uint8 or float in :math:`[0, 1]`).
-ImageSource: TypeAlias = "str | os.PathLike[str] | torch.Tensor | PILImage | np.ndarray"
-
-# PIL modes holding more than 8 bits per sample: converting them to RGB clips every value above 255
-_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
-
-
-def load_image(path: str | os.PathLike[str] | PILImage) -> torch.Tensor:
-    """Read an image file (or convert a PIL image) to an RGB uint8 tensor :math:`(3, H, W)`.
-
-    Applies the EXIF orientation to files and PIL images alike (as transformers' ``load_image``), and
-    composites transparent images on white (as transformers' ``convert_to_rgb``, which its SigLIP processors
-    run on PIL input). Deliberate difference: transformers' ``load_image(path)`` drops the alpha channel
-    (``convert("RGB")`` keeps whatever colour the transparent pixels hold, often black), so
-    ``processor(path)`` and ``processor(Image.open(path))`` disagree there; we composite on white for both,
-    as the image is seen. To reproduce transformers' path behaviour, pass
-    ``Image.open(path).convert("RGB")``. transformers' processors also leave the EXIF orientation of a PIL
-    image passed to them directly unapplied (only ``load_image`` applies it); we apply it.
-
-    Args:
-        path: image file path, or a ``PIL.Image.Image``.
-
-    Returns:
-        uint8 :math:`(3, H, W)`.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not an image PIL can read.
-        ImportError: pillow is not installed.
-
-    Example:
-        >>> import tempfile
-        >>> from PIL import Image
-        >>> path = Path(tempfile.mkdtemp()) / "grey.png"
-        >>> Image.new("L", (5, 3), 128).save(path)
-        >>> image = load_image(path)
-        >>> image.shape, image.dtype, image.unique().tolist()
-        (torch.Size([3, 3, 5]), torch.uint8, [128])
-    """
-    try:
-        from PIL import Image, ImageOps, UnidentifiedImageError
-    except ImportError as error:
-        raise ImportError("Reading image files needs pillow: pip install pillow.") from error
-
-    if isinstance(path, Image.Image):
-        image = ImageOps.exif_transpose(path)  # a no-op (a copy) without an orientation tag
-    else:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"No image file at {path}.")
-        try:
-            with Image.open(path) as opened:
-                image = ImageOps.exif_transpose(opened)
-                image.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"Cannot read image {path}: {error}") from error
-    if image.mode != "RGB" or image.info.get("transparency") is not None:
-        # transformers' convert_to_rgb: transparent pixels (alpha or a tRNS colour key) become white, not black
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
 
 
 class ZeroShotClassifier(nn.Module):
@@ -178,8 +113,6 @@ class ZeroShotClassifier(nn.Module):
             FileNotFoundError: no checkpoint, or no tokenizer files when ``load_tokenizer`` is set.
             ValueError: an unsupported checkpoint, preprocessor or tokenizer.
         """
-        from kornia_siglip2.hub import resolve_checkpoint
-
         folder = resolve_checkpoint(
             name_or_path, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only
         )
@@ -400,7 +333,7 @@ def _load_preprocessor(folder: Path, model: SigLip2, overrides: dict[str, Any]) 
     processor_file = folder / "processor_config.json"
     if processor_file.is_file():
         # transformers 5 saves processors as one processor_config.json with the image processor nested
-        nested = json.loads(processor_file.read_text(encoding="utf-8")).get("image_processor")
+        nested = read_json(processor_file).get("image_processor")
         if isinstance(nested, dict):
             return SigLip2ImagePreprocessor.from_config(nested, **overrides)
     vision = model.config.vision_config
@@ -444,128 +377,6 @@ def _to_batch(images: ImageSource | Sequence[ImageSource], device: torch.device)
     if len(items) == 0:
         raise ValueError("images must hold at least one image, got an empty list.")
     return [image_tensor(item, f"images[{index}]").to(device) for index, item in enumerate(items)]
-
-
-def image_tensor(image: Any, name: str = "image") -> torch.Tensor:
-    """One image of any supported kind as a :math:`(3, H, W)` tensor (uint8, or float as given).
-
-    - path or PIL image: :func:`load_image` (EXIF orientation applied; 16-bit grey images warn, see below);
-    - numpy array: :math:`(H, W, C)` or :math:`(C, H, W)` with :math:`C \\in \\{1, 3\\}` (channels inferred as
-      transformers' ``infer_channel_dimension_format`` does: channels first when both ends could be channels), or
-      :math:`(H, W)` grey; uint8, or float in :math:`[0, 1]`;
-    - tensor: :math:`(3, H, W)` or :math:`(1, H, W)` / :math:`(H, W)` grey (repeated to 3 channels, as
-      transformers' ``convert_to_rgb`` does).
-
-    16-bit grey files (PIL modes ``I;16`` / ``I``) are clipped to 255 on conversion to RGB, as Pillow and
-    transformers do; that wrecks their contrast, so a ``UserWarning`` names the file and says how to convert it.
-
-    Args:
-        image: the image.
-        name: how the image is named in error messages (``images[2]``).
-
-    Returns:
-        :math:`(3, H, W)` tensor.
-
-    Raises:
-        ValueError: an unsupported shape, channel count or dtype (the message says what to pass).
-        TypeError: an object that is not an image.
-
-    Example:
-        >>> image_tensor(np.zeros((4, 6, 3), dtype=np.uint8)).shape  # HWC, as transformers takes numpy images
-        torch.Size([3, 4, 6])
-        >>> image_tensor(torch.rand(1, 4, 6)).shape  # grey
-        torch.Size([3, 4, 6])
-    """
-    if isinstance(image, torch.Tensor):
-        return _tensor_image(image, name)
-    if isinstance(image, np.ndarray):
-        return _numpy_image(image, name)
-    if _is_pil(image):
-        _warn_if_high_bit_depth(image, name)
-        return load_image(image)  # EXIF orientation applied there, as for paths
-    if isinstance(image, (str, os.PathLike)):
-        _warn_if_high_bit_depth(image, name)
-        return load_image(image)
-    raise TypeError(
-        f"{name} must be a path, a PIL image, a numpy array or a (3, H, W) tensor, got {type(image).__name__}."
-    )
-
-
-def _tensor_image(image: torch.Tensor, name: str) -> torch.Tensor:
-    if image.ndim == 2:
-        image = image.unsqueeze(0)
-    if image.ndim == 3 and image.shape[0] == 1:
-        return image.expand(3, -1, -1)
-    if image.ndim == 3 and image.shape[0] == 3:
-        return image
-    if image.ndim == 3 and image.shape[-1] in (1, 3):
-        raise ValueError(
-            f"{name} is a tensor of shape {tuple(image.shape)}: tensors are channels first (3, H, W); for an "
-            "(H, W, 3) tensor pass image.permute(2, 0, 1)."
-        )
-    if image.ndim == 3 and 4 in (image.shape[0], image.shape[-1]):
-        raise ValueError(
-            f"{name} has 4 channels (shape {tuple(image.shape)}): drop or composite the alpha channel first "
-            "(image[:3]), or pass the file / PIL image, which is converted to RGB."
-        )
-    raise ValueError(f"{name} must be a (3, H, W) tensor, got shape {tuple(image.shape)}.")
-
-
-def _numpy_image(array: np.ndarray, name: str) -> torch.Tensor:
-    if array.dtype == np.uint8:
-        pass
-    elif np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32, copy=False)
-    else:
-        raise ValueError(
-            f"{name} is a numpy array of dtype {array.dtype}: pass uint8 (0-255) or float in [0, 1] "
-            "(for 16-bit data: (array / 65535).astype(np.float32))."
-        )
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3:
-        raise ValueError(f"{name} must be an (H, W, 3) numpy array, got shape {array.shape}.")
-    # transformers' infer_channel_dimension_format: channels first when the first axis could be channels
-    if array.shape[0] in (1, 3):
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    elif array.shape[-1] in (1, 3):
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-    elif 4 in (array.shape[0], array.shape[-1]):
-        raise ValueError(
-            f"{name} has 4 channels (shape {array.shape}): drop or composite the alpha channel first "
-            "(array[..., :3]), or pass a PIL image, which is converted to RGB."
-        )
-    else:
-        raise ValueError(f"{name} must be an (H, W, 3) numpy array, got shape {array.shape}.")
-    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
-
-
-def _is_pil(image: Any) -> bool:
-    pil = sys.modules.get("PIL.Image")
-    return pil is not None and isinstance(image, pil.Image)
-
-
-def _warn_if_high_bit_depth(image: Any, name: str) -> None:
-    """Warn that a 16-bit grey image is about to be clipped to 8 bits (opening a file reads its header only)."""
-    if _is_pil(image):
-        mode, label = image.mode, name
-    else:
-        try:
-            from PIL import Image
-
-            with Image.open(image) as opened:
-                mode = opened.mode
-        except (OSError, ValueError, SyntaxError):  # load_image reports missing / unreadable files clearly
-            return
-        label = str(image)
-    if mode in _HIGH_BIT_DEPTH_MODES:
-        warnings.warn(
-            f"{label} is a high-bit-depth image (PIL mode {mode}): converting it to RGB clips every value above "
-            "255 (as Pillow and transformers do). Scale it to 8 bits first, e.g. "
-            "Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) for 16-bit data.",
-            UserWarning,
-            stacklevel=4,
-        )
 
 
 def _batched(

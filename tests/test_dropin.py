@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kornia_siglip2 import SigLip2
+from kornia_siglip2.packing import pack_inputs
 
 transformers = pytest.importorskip("transformers")
 
@@ -200,7 +201,7 @@ def test_padded_output_layout_and_packed_output_layout(models, image_inputs):
     family, _, ours = models
     with torch.no_grad():
         padded = ours.vision_model(**image_inputs).last_hidden_state
-        packed = ours.pack_images(**image_inputs)
+        packed = pack_inputs(**image_inputs, patch_size=ours.patch_size, drop_remainder=not ours.config.is_naflex)
         packed_out = ours.vision_model(packed).last_hidden_state
     assert padded.ndim == 3 and packed_out.ndim == 2 and packed_out.shape[0] == packed.patches.shape[0]
     if family == "siglip2":

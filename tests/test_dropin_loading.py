@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import make_hf_siglip, make_hf_siglip2, tolerance
 
-from kornia_siglip2 import SigLip2, VisionTransformer
+from kornia_siglip2 import SigLip2, load_vision_tower
 from kornia_siglip2.attention import ATTENTION_BACKENDS
 from kornia_siglip2.loading import ATTN_IMPLEMENTATIONS, load_options
 
@@ -191,20 +191,20 @@ def test_subfolder(subfolder_checkpoint):
 
 
 def test_vision_tower_keywords_as_transformers_vision_model(tmp_path, bf16_checkpoint):
-    """VisionTransformer.from_pretrained takes the same keywords as SiglipVisionModel.from_pretrained."""
+    """load_vision_tower takes the same keywords as SiglipVisionModel.from_pretrained."""
     hf = transformers.SiglipVisionModel.from_pretrained(bf16_checkpoint)
     hf.save_pretrained(tmp_path, safe_serialization=True)
     pixels = _inputs(False)["pixel_values"]
     for keywords in ({}, {"dtype": "auto"}, {"torch_dtype": torch.float32, "device_map": "cpu"}):
         theirs = transformers.SiglipVisionModel.from_pretrained(tmp_path, attn_implementation="eager", **keywords)
-        ours = VisionTransformer.from_pretrained(tmp_path, attn_implementation="eager", **keywords)
+        ours = load_vision_tower(tmp_path, attn_implementation="eager", **keywords)
         assert ours.embeddings.position_embedding.weight.dtype == theirs.dtype
         with torch.no_grad():
             expected = theirs(pixel_values=pixels.to(theirs.dtype)).pooler_output
             actual = ours(pixels.to(theirs.dtype)).pooler_output
         torch.testing.assert_close(actual, expected, **tolerance(theirs.dtype))
     with pytest.raises(TypeError, match="not_a_keyword"):
-        VisionTransformer.from_pretrained(tmp_path, not_a_keyword=1)
+        load_vision_tower(tmp_path, not_a_keyword=1)
 
 
 def test_backend_lists_agree():

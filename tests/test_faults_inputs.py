@@ -241,7 +241,7 @@ class TestPilParity:
         from PIL import Image
         from transformers.image_utils import load_image as hf_load_image
 
-        from kornia_siglip2.zero_shot import image_tensor, load_image
+        from kornia_siglip2.images import image_tensor, load_image
 
         expected = torch.from_numpy(np.array(hf_load_image(str(rotated_jpeg)))).permute(2, 0, 1)
         assert expected.shape == (3, 24, 20)
@@ -256,7 +256,7 @@ class TestPilParity:
         import numpy as np
         from PIL import Image
 
-        from kornia_siglip2.zero_shot import load_image
+        from kornia_siglip2.images import load_image
 
         with Image.open(transparent_png) as opened:
             expected = torch.from_numpy(np.array(_transformers_rgb(opened))).permute(2, 0, 1)
@@ -269,7 +269,7 @@ class TestPilParity:
         from PIL import Image
         from transformers.image_utils import load_image as hf_load_image
 
-        from kornia_siglip2.zero_shot import load_image
+        from kornia_siglip2.images import load_image
 
         dropped = torch.from_numpy(np.array(hf_load_image(str(transparent_png)))).permute(2, 0, 1)
         assert not torch.equal(load_image(transparent_png), dropped)
@@ -280,7 +280,7 @@ class TestPilParity:
         import numpy as np
         from PIL import Image
 
-        from kornia_siglip2.zero_shot import load_image
+        from kornia_siglip2.images import load_image
 
         pixels = np.zeros((4, 5, 3), dtype=np.uint8)
         pixels[0, 0] = (10, 20, 30)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kornia_siglip2 import SigLip2, VisionTransformer, patchify
+from kornia_siglip2 import SigLip2, load_vision_tower, patchify
 from kornia_siglip2.hub import read_safetensors, save_pretrained
 
 
@@ -176,7 +176,7 @@ class TestAtomicSave:
         with pytest.raises(ValueError, match="name_or_path is empty"):
             SigLip2.from_pretrained("")
         with pytest.raises(ValueError, match="name_or_path is empty"):
-            VisionTransformer.from_pretrained("")
+            load_vision_tower("")
         from kornia_siglip2.preprocess import SigLip2ImagePreprocessor
         from kornia_siglip2.tokenizer import SigLipTokenizer
 
@@ -354,10 +354,10 @@ class TestFiniteWeights:
         ):
             SigLip2.from_pretrained(folder)
         with pytest.raises(ValueError, match=r"vision_model\.head\.probe"):
-            VisionTransformer.from_pretrained(folder)
+            load_vision_tower(folder)
         model = SigLip2.from_pretrained(folder, check_finite=False)
         assert not torch.isfinite(model.vision_model.head.probe).all()
-        assert VisionTransformer.from_pretrained(folder, check_finite=False) is not None
+        assert load_vision_tower(folder, check_finite=False) is not None
 
     @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
     @pytest.mark.parametrize("tensor_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

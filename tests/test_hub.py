@@ -12,7 +12,7 @@ import torch
 from conftest import read_config
 from safetensors.torch import load_file, save_file
 
-from kornia_siglip2 import SigLip2, VisionTransformer, patchify
+from kornia_siglip2 import SigLip2, load_vision_tower, patchify
 from kornia_siglip2.hub import from_hf_state_dict, to_hf_state_dict
 
 
@@ -198,8 +198,8 @@ def test_vision_only_checkpoints(family, tmp_path, request):
     """transformers' SiglipVisionModel / Siglip2VisionModel save without the `vision_model.` prefix."""
     hf = request.getfixturevalue(f"hf_{family}")
     hf.vision_model.save_pretrained(tmp_path / "vision")
-    tower = VisionTransformer.from_pretrained(tmp_path / "vision", dtype=torch.float64)
-    from_full = VisionTransformer.from_pretrained(request.getfixturevalue(f"{family}_checkpoint"), dtype=torch.float64)
+    tower = load_vision_tower(tmp_path / "vision", dtype=torch.float64)
+    from_full = load_vision_tower(request.getfixturevalue(f"{family}_checkpoint"), dtype=torch.float64)
     patches, grid_thw = patchify(torch.rand(2, 3, 16, 16, dtype=torch.float64), 4)
     expected = SigLip2.from_pretrained(request.getfixturevalue(f"{family}_checkpoint"), dtype=torch.float64)
     with torch.no_grad():

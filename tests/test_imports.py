@@ -9,42 +9,37 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kornia_siglip2"
 
-# Lower numbers are lower layers: a module may import modules of a lower layer, or of its own layer inside
-# its own subpackage. The first matching prefix decides (longest prefixes first).
+# One unit per top-level module or folder (subpackage, with everything below it). Lower numbers are lower
+# layers: a module may import a module of its own unit or of a unit of a lower layer, never one of its own
+# layer in another unit, never one above. No per-module exceptions: a folder is one layer.
 LAYERS = {
-    "kornia_siglip2.errors": 0,
-    "kornia_siglip2.config": 1,
-    "kornia_siglip2.loading": 1,
-    "kornia_siglip2.packing": 2,
-    "kornia_siglip2.hub": 2,
-    "kornia_siglip2.resample": 2,
-    "kornia_siglip2.attention": 3,
-    "kornia_siglip2.outputs": 3,
-    "kornia_siglip2.preprocess": 3,
-    "kornia_siglip2.tokenizer": 3,
-    "kornia_siglip2.layers": 4,
-    "kornia_siglip2.vision": 5,
-    "kornia_siglip2.text": 5,
-    "kornia_siglip2.decoders": 5,
-    # the training package's __init__ re-exports only the EMA teacher and the views, which the
-    # self-distillation loss uses; the data pipeline and the recipe sit above the losses (layer 9)
-    "kornia_siglip2.training": 5,
-    "kornia_siglip2.model": 6,
-    "kornia_siglip2.lens": 7,
-    "kornia_siglip2.zero_shot": 7,
-    "kornia_siglip2.losses": 8,
-    "kornia_siglip2.training.data": 9,
-    "kornia_siglip2.training.objective": 9,
-    "kornia_siglip2.training.recipe": 9,
-    "kornia_siglip2.training.checkpoint": 9,
-    "kornia_siglip2.training.synthetic": 9,
-    "kornia_siglip2._demo": 9,
-    "kornia_siglip2._embed": 9,
-    "kornia_siglip2.demo": 10,
-    "kornia_siglip2.cli": 10,
-    "kornia_siglip2.train": 10,
-    "kornia_siglip2.__main__": 11,
-    "kornia_siglip2": 11,
+    "errors": 0,
+    "config": 1,
+    "loading": 1,
+    "images": 1,
+    "packing": 1,
+    "hub": 2,
+    "resample": 2,
+    "attention": 3,
+    "outputs": 3,
+    "preprocess": 3,
+    "tokenizer": 3,
+    "layers": 4,
+    "vision": 5,
+    "text": 5,
+    "decoders": 5,
+    "model": 6,
+    "lens": 7,
+    "zero_shot": 7,
+    "losses": 8,
+    "training": 9,
+    "_demo": 9,
+    "_embed": 9,
+    "demo": 10,
+    "cli": 10,
+    "train": 10,
+    "__main__": 11,
+    "": 11,  # the package root
 }
 
 
@@ -53,11 +48,17 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _unit(module: str) -> str:
+    """The top-level module or folder ``module`` belongs to (``""`` for the package root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
 def _layer(module: str) -> int:
-    for prefix in sorted(LAYERS, key=len, reverse=True):
-        if module == prefix or module.startswith(prefix + "."):
-            return LAYERS[prefix]
-    raise AssertionError(f"{module} has no layer in tests/test_imports.py: add it to LAYERS")
+    unit = _unit(module)
+    if unit not in LAYERS:
+        raise AssertionError(f"{module}: its unit {unit!r} has no layer in tests/test_imports.py: add it to LAYERS")
+    return LAYERS[unit]
 
 
 def _is_module(name: str) -> bool:
@@ -102,14 +103,25 @@ def test_imports_point_down():
             if target == "kornia_siglip2" and module != "kornia_siglip2":
                 upward.append(f"{module} imports the package root")
                 continue
+            if _unit(target) == _unit(module):
+                continue
             source_layer, target_layer = _layer(module), _layer(target)
-            same_subpackage = target.rpartition(".")[0] == module.rpartition(".")[0] != "kornia_siglip2"
-            parent_package = module.startswith(target + ".") or target.startswith(module + ".")
-            if target_layer > source_layer or (
-                target_layer == source_layer and not (same_subpackage or parent_package)
-            ):
-                upward.append(f"{module} (layer {source_layer}) imports {target} (layer {target_layer})")
+            if target_layer >= source_layer:
+                upward.append(
+                    f"{module} ({_unit(module) or 'root'}, layer {source_layer}) imports {target} "
+                    f"({_unit(target)}, layer {target_layer})"
+                )
     assert not upward, "\n".join(sorted(upward))
+
+
+def test_no_unit_cycles():
+    """The folder-level graph is acyclic too (implied by the layers, checked on its own for a clear message)."""
+    edges = {}
+    for module, imports in _graph().items():
+        edges.setdefault(_unit(module), set()).update(_unit(target) for target in imports if target != "kornia_siglip2")
+    for unit, targets in edges.items():
+        for target in targets - {unit}:
+            assert unit not in edges.get(target, set()), f"folders {unit!r} and {target!r} import each other"
 
 
 def test_no_cycles():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kornia_siglip2._demo import DEMO_LABELS, build_tiny_checkpoint
-from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, image_tensor
+from kornia_siglip2.images import image_tensor
+from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier
 
 PROMPTS = [DEFAULT_TEMPLATE.format(label=label) for label in DEMO_LABELS]
 LOGIT_ATOL = 1e-4  # two float32 implementations on identical pixels (see tests/test_zero_shot.py)

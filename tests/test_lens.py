@@ -10,8 +10,7 @@ from conftest import naflex_tolerance, tolerance
 from kornia_siglip2 import SigLip2, SigLip2Config, patchify
 from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.lens import layer_image_features, logit_lens
-from kornia_siglip2.packing import packed_to_padded
-from kornia_siglip2.vision import PackedGrid
+from kornia_siglip2.packing import ImageLayout, packed_to_padded
 
 IMAGE_SIZES = [(20, 36), (52, 12), (16, 16)]  # different patch grids, packed together (patch 4)
 
@@ -142,7 +141,7 @@ class TestLogitLens:
         patches, grid_thw = packed_images([(4, 6), (2, 2)], patch_size=2, dtype=torch.float64)
         patches.requires_grad_(True)
         input_ids = torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(0))
-        packed = PackedGrid.from_grid_thw(grid_thw, patches.device)
+        packed = ImageLayout.from_grid_thw(grid_thw, patches.device)
         assert torch.autograd.gradcheck(
             lambda pixels: logit_lens(model, input_ids, patches=pixels, grid_thw=packed), (patches,), fast_mode=True
         )
@@ -151,8 +150,8 @@ class TestLogitLens:
         model = tiny_model(torch.float32)
         patches, grid_thw = packed_images([(4, 6), (2, 2)], patch_size=2)
         text_embeds = torch.randn(3, 8)
-        # a prebuilt PackedGrid keeps the host read of grid_thw out of the graph
-        packed = PackedGrid.from_grid_thw(grid_thw, patches.device)
+        # a prebuilt ImageLayout keeps the host read of grid_thw out of the graph
+        packed = ImageLayout.from_grid_thw(grid_thw, patches.device)
 
         def lens(pixels):
             return logit_lens(model, text_embeds=text_embeds, patches=pixels, grid_thw=packed)

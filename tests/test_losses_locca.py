@@ -7,22 +7,20 @@ import torch.nn.functional as F
 from conftest import tolerance
 
 from kornia_siglip2 import SigLip2Config, TextConfig, VisionConfig, VisionTransformer, patchify
-from kornia_siglip2.errors import ValueCheckError
-from kornia_siglip2.losses.locca import (
+from kornia_siglip2.decoders import (
     TASKS,
     LocCaDecoder,
-    LocCaLoss,
     LocCaTargets,
     LocCaVocabulary,
-    chunked_cross_entropy,
     generate,
     generate_boxes,
     generate_captions,
     generate_region_captions,
-    sequence_cross_entropy,
     shift_right,
 )
-from kornia_siglip2.vision import PackedGrid
+from kornia_siglip2.errors import ValueCheckError
+from kornia_siglip2.losses.locca import LocCaLoss, chunked_cross_entropy, sequence_cross_entropy
+from kornia_siglip2.packing import ImageLayout
 
 IMAGE_TOKENS = [6, 11, 4]  # three images of different sizes, packed
 IMAGE_WIDTH = 24  # differs from the decoder width: keys/values are projected from it
@@ -591,7 +589,7 @@ class TestOverfit:
             loss_fn = LocCaLoss(decoder)
             optimizer = torch.optim.AdamW([*vision.parameters(), *decoder.parameters()], lr=3e-3, weight_decay=0.0)
             patches, grid_thw = zip(*(patchify(image[None], 4) for image in images), strict=True)
-            patches, packed = torch.cat(patches), PackedGrid.from_grid_thw(torch.cat(grid_thw), torch.device("cpu"))
+            patches, packed = torch.cat(patches), ImageLayout.from_grid_thw(torch.cat(grid_thw), torch.device("cpu"))
             layout = decoder.cross_attention_layout(packed.attention.cu_seqlens_q, 3 * LENGTH)
             generator = torch.Generator().manual_seed(0)
             for step in range(800):  # noqa: B007

@@ -13,9 +13,10 @@ from conftest import TEXT, VISION, tolerance
 from torch import nn
 
 from kornia_siglip2 import SigLip2, SigLip2Config
+from kornia_siglip2.decoders import LocCaDecoder, LocCaTargets, LocCaVocabulary
 from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.losses.distill import DistillationBranch, SelfDistillationLoss, random_patch_mask
-from kornia_siglip2.losses.locca import LocCaDecoder, LocCaLoss, LocCaTargets, LocCaVocabulary
+from kornia_siglip2.losses.locca import LocCaLoss
 from kornia_siglip2.losses.siglip2 import (
     LOSS_TERMS,
     MODEL_SIZE_FACTORS,

@@ -9,7 +9,7 @@ import torch
 from conftest import SIGLIP_IMAGE_SIZE, TEXT, VISION, naflex_tolerance, tolerance
 
 from kornia_siglip2 import SigLip2, SigLip2Config, patchify
-from kornia_siglip2.packing import grid_thw_to_seqlens, packed_to_padded
+from kornia_siglip2.packing import grid_thw_to_seqlens, pack_inputs, packed_to_padded
 
 IMAGE_SIZES = [(20, 36), (52, 12), (16, 16), (33, 47)]  # different sizes and aspect ratios
 
@@ -29,6 +29,11 @@ def naflex_inputs():
 def _text_inputs(batch=3, length=64, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 99, (batch, length), generator=generator)
+
+
+def _packed(model, inputs):
+    """The padded NaFlex ``inputs`` as one packed batch (packed in: the tower returns packed tokens)."""
+    return pack_inputs(**inputs, patch_size=model.patch_size, drop_remainder=not model.config.is_naflex)
 
 
 def _pair(hf_model, checkpoint, dtype, device):
@@ -126,7 +131,7 @@ class TestParitySiglip2NaFlex:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.no_grad():
             expected = reference.vision_model(**inputs)
-            out = ours.encode_images(**inputs)
+            out = ours.get_image_features(_packed(ours, inputs))
             features = ours.encode_image(**inputs)
         valid = inputs["pixel_attention_mask"].bool()
         tol = naflex_tolerance(dtype)  # float32 positions in transformers (conftest.py)
@@ -140,7 +145,7 @@ class TestParitySiglip2NaFlex:
         inputs = dict(naflex_inputs)
         with torch.no_grad():
             expected = reference.vision_model(**inputs, output_hidden_states=True).hidden_states
-            out = ours.encode_images(**inputs, output_hidden_states=True)
+            out = ours.get_image_features(_packed(ours, inputs), output_hidden_states=True)
             expected_text = reference.text_model(input_ids=_text_inputs(), output_hidden_states=True).hidden_states
             text_states = ours.text_model(_text_inputs(), output_hidden_states=True).hidden_states
         valid = inputs["pixel_attention_mask"].bool()
@@ -156,14 +161,14 @@ class TestParitySiglip2NaFlex:
     def test_packed_equals_one_by_one_equals_padded(self, siglip2_checkpoint, naflex_inputs):
         ours = SigLip2.from_pretrained(siglip2_checkpoint, dtype=torch.float64)
         inputs = dict(naflex_inputs, pixel_values=naflex_inputs["pixel_values"].double())
-        patches, grid_thw = ours.pack_images(**inputs)
+        patches, grid_thw = _packed(ours, inputs)
         with torch.no_grad():
             packed = ours.vision_model(patches, grid_thw)
             singles = [
                 ours.vision_model(chunk, grid[None])
                 for chunk, grid in zip(patches.split(grid_thw_to_seqlens(grid_thw).tolist()), grid_thw, strict=True)
             ]
-            padded = ours.encode_images(**inputs)
+            padded = ours.get_image_features(**inputs)
         torch.testing.assert_close(
             packed.last_hidden_state, torch.cat([s.last_hidden_state for s in singles]), atol=1e-12, rtol=1e-12
         )
@@ -197,7 +202,7 @@ class TestParitySiglip2NaFlex:
         with torch.no_grad():
             expected = reference(input_ids=input_ids, **inputs)
             out = ours(input_ids=input_ids, **inputs)
-            tokens = ours.encode_images(**inputs).last_hidden_state
+            tokens = ours.get_image_features(_packed(ours, inputs)).last_hidden_state
             expected_tokens = reference.vision_model(**inputs).last_hidden_state
         _assert_outputs_close(expected, out, torch.float64)
         valid = inputs["pixel_attention_mask"].bool()
@@ -289,11 +294,11 @@ class TestSigLip2Module:
         torch.testing.assert_close(out.logits_per_image, expected.logits_per_image, **tolerance(dtype))
 
     def test_dynamo_fullgraph_vision_with_prebuilt_grid(self, siglip2_checkpoint, device, dtype):
-        from kornia_siglip2 import PackedGrid
+        from kornia_siglip2 import ImageLayout
 
         model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
         patches = torch.rand(6 + 16, 48, device=device, dtype=dtype)
-        grid = PackedGrid.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
+        grid = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
         compiled = torch.compile(lambda x: model.vision_model(x, grid).pooler_output, fullgraph=True)
         torch.testing.assert_close(
             compiled(patches), model.vision_model(patches, grid).pooler_output, **tolerance(dtype)

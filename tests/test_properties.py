@@ -152,9 +152,9 @@ def test_invalid_cu_seqlens_rejected_by_every_backend(case, backend):
 
 @pytest.fixture(scope="module")
 def tower(siglip2_checkpoint):
-    from kornia_siglip2 import VisionTransformer
+    from kornia_siglip2 import load_vision_tower
 
-    return VisionTransformer.from_pretrained(siglip2_checkpoint, dtype=torch.float64)
+    return load_vision_tower(siglip2_checkpoint, dtype=torch.float64)
 
 
 def _set_backend(module: torch.nn.Module, backend: str) -> None:

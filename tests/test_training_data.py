@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kornia_siglip2.errors import ValueCheckError
+from kornia_siglip2.images import load_image
 from kornia_siglip2.preprocess import NaFlexImagePreprocessor, naflex_target_size
 from kornia_siglip2.training.data import (
     ByteTokenizer,
@@ -17,7 +18,6 @@ from kornia_siglip2.training.data import (
     TokenBudgetBatchSampler,
     collate_packed,
     drop_tokens,
-    load_image,
     read_manifest,
 )
 from kornia_siglip2.training.synthetic import photo_like_sizes, write_synthetic_dataset

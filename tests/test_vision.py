@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from conftest import VISION, naflex_positions_reference, tolerance
 
-from kornia_siglip2 import PackedGrid, VisionConfig, VisionTransformer, patchify
+from kornia_siglip2 import ImageLayout, VisionConfig, VisionTransformer, load_vision_tower, patchify
 
 # NaFlex grids that shrink, grow, keep and mix both along the two axes of the tests' 4 x 4 position table
 NAFLEX_GRIDS = [(3, 5), (8, 2), (4, 4), (1, 1), (7, 9)]
@@ -124,7 +124,7 @@ class TestVisionTransformer:
     def test_dynamo_fullgraph(self, device, dtype):
         tower = _tower(True, device, dtype)
         patches = torch.rand(6 + 16, 48, device=device, dtype=dtype)
-        grid = PackedGrid.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
+        grid = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
         compiled = torch.compile(lambda x: tower(x, grid).pooler_output, fullgraph=True)
         torch.testing.assert_close(compiled(patches), tower(patches, grid).pooler_output, **tolerance(dtype))
 
@@ -188,7 +188,7 @@ class TestTokenDropping:
         import copy
 
         reference = copy.deepcopy(hf_siglip2.vision_model).to(dtype).eval()
-        ours = VisionTransformer.from_pretrained(siglip2_checkpoint).to(dtype).eval()
+        ours = load_vision_tower(siglip2_checkpoint).to(dtype).eval()
         return reference, ours
 
     def _compare(self, hf_siglip2, siglip2_checkpoint, dtype, atol):
@@ -275,14 +275,14 @@ class TestTokenDropping:
         with pytest.raises(ValueError, match=r"keep_mask .* packed patches"):
             tower(torch.rand(1, 3, 8, 12), keep_mask=keep)
         with pytest.raises(ValueError, match="keep_mask goes into the ImageLayout"):
-            tower(torch.rand(6, 48), PackedGrid.from_grid_thw(grid_thw), keep_mask=keep)
+            tower(torch.rand(6, 48), ImageLayout.from_grid_thw(grid_thw), keep_mask=keep)
 
     def test_dynamo_fullgraph(self):
         tower = _tower(True)
         grid_thw = torch.tensor([[1, 2, 3], [1, 4, 4]])
         keep_mask = torch.rand(22, generator=torch.Generator().manual_seed(0)) < 0.6
         keep_mask[[0, 6]] = True
-        layout = PackedGrid.from_grid_thw(grid_thw, keep_mask=keep_mask)
+        layout = ImageLayout.from_grid_thw(grid_thw, keep_mask=keep_mask)
         patches = torch.rand(int(keep_mask.sum()), 48)
         compiled = torch.compile(lambda x: tower(x, layout).pooler_output, fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(compiled(patches), tower(patches, layout).pooler_output, **tolerance(torch.float32))

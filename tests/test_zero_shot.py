@@ -9,8 +9,9 @@ import torch
 
 from kornia_siglip2.demo import DEMO_LABELS, build_tiny_checkpoint, write_shape_images
 from kornia_siglip2.errors import ValueCheckError
+from kornia_siglip2.images import load_image
 from kornia_siglip2.preprocess import NaFlexImagePreprocessor, SigLipImagePreprocessor, to_padded
-from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier, load_image
+from kornia_siglip2.zero_shot import DEFAULT_TEMPLATE, ZeroShotClassifier
 
 # float32 accumulation in two different model implementations (the pixels are identical: uint8 files are resized
 # with Pillow's own integer arithmetic, see tests/test_resample.py); measured max 1.2e-6 on these logits.

@@ -28,12 +28,7 @@ from kornia_siglip2.errors import check
 from kornia_siglip2.layers import MLP, init_transformer_weights
 from kornia_siglip2.packing import VarlenLayout
 
-__all__ = ["CrossAttention", "DecoderBlock", "DecoderSelfAttention", "LocCaDecoder"]
-
-#: Deprecated names (releases <= 0.1) of the attentions the decoder now builds from
-#: :class:`~kornia_siglip2.attention.Attention` (``key_width=`` for cross-attention).
-DecoderSelfAttention = Attention
-CrossAttention = Attention
+__all__ = ["DecoderBlock", "LocCaDecoder"]
 
 
 class DecoderBlock(nn.Module):

@@ -70,7 +70,7 @@ class LocCaTargets:
     """Decoder inputs and targets of the three LocCa tasks for a batch of :math:`B` images.
 
     Tensors have the task axis second, in :data:`TASKS` order, so the three tasks of an image run in one
-    decoder pass (see :class:`~kornia_siglip2.losses.locca.LocCaDecoder`).
+    decoder pass (see :class:`~kornia_siglip2.decoders.LocCaDecoder`).
 
     Attributes:
         input_ids: int64 :math:`(B, 3, L)` decoder inputs: ``shift_right(labels)``, or mask tokens for

@@ -1,4 +1,7 @@
-"""Loss heads of the SigLIP 2 objective: sigmoid, LocCa decoder, SILC/TIPS self-distillation."""
+"""Loss heads of the SigLIP 2 objective: sigmoid, LocCa, SILC/TIPS self-distillation.
+
+The LocCa decoder, its vocabulary, targets and generation are model parts: :mod:`kornia_siglip2.decoders`.
+"""
 
 from kornia_siglip2.losses.distill import (
     DINOHead,
@@ -9,18 +12,7 @@ from kornia_siglip2.losses.distill import (
     distillation_cross_entropy,
     random_patch_mask,
 )
-from kornia_siglip2.losses.locca import (
-    TASKS,
-    LocCaDecoder,
-    LocCaLoss,
-    LocCaLossOutput,
-    LocCaTargets,
-    LocCaVocabulary,
-    chunked_cross_entropy,
-    generate_boxes,
-    generate_captions,
-    generate_region_captions,
-)
+from kornia_siglip2.losses.locca import LocCaLoss, LocCaLossOutput, chunked_cross_entropy
 from kornia_siglip2.losses.siglip2 import (
     LOSS_TERMS,
     MODEL_SIZE_FACTORS,
@@ -36,14 +28,10 @@ __all__ = [
     "DISTRIBUTED_MODES",
     "LOSS_TERMS",
     "MODEL_SIZE_FACTORS",
-    "TASKS",
     "DINOHead",
     "EMATeacher",
-    "LocCaDecoder",
     "LocCaLoss",
     "LocCaLossOutput",
-    "LocCaTargets",
-    "LocCaVocabulary",
     "LocalViews",
     "SelfDistillationLoss",
     "SelfDistillationOutput",
@@ -53,9 +41,6 @@ __all__ = [
     "SigmoidLoss",
     "chunked_cross_entropy",
     "distillation_cross_entropy",
-    "generate_boxes",
-    "generate_captions",
-    "generate_region_captions",
     "infer_model_size",
     "model_size_factor",
     "random_patch_mask",

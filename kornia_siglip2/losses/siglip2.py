@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kornia_siglip2.decoders import LocCaDecoder, LocCaTargets, LocCaVocabulary
 from kornia_siglip2.errors import check, check_shape
 from kornia_siglip2.losses.distill import SelfDistillationLoss
-from kornia_siglip2.losses.locca import LocCaDecoder, LocCaLoss, LocCaTargets, LocCaVocabulary
+from kornia_siglip2.losses.locca import LocCaLoss
 from kornia_siglip2.losses.sigmoid import SigmoidLoss
+from kornia_siglip2.packing import pack_inputs
 
-if TYPE_CHECKING:  # the model imports the sigmoid loss; importing it here at run time would be circular
+if TYPE_CHECKING:  # a type hint only: the loss calls the model's public methods and needs no import of it
     from kornia_siglip2.model import SigLip2
 
 __all__ = [
@@ -362,8 +364,15 @@ class SigLip2Loss(nn.Module):
         weights = self.schedule.loss_weights(progress)
         check_shape(input_ids, ["n", "L"], "input_ids must be (n, L) text ids")
         check(images is None or images.ndim == 4, "images must be (n, C, H, W); pass packed images as patches.")
-        packed = model.pack_images(images, patches=patches, grid_thw=grid_thw)  # the model's patch rule
-        vision_output = model.encode_images(packed)
+        # packed in, packed out: tokens (N, D) with cu_seqlens for the decoder and the distillation
+        packed = pack_inputs(
+            images,
+            patches=patches,
+            grid_thw=grid_thw,
+            patch_size=model.patch_size,
+            drop_remainder=not model.config.is_naflex,
+        )
+        vision_output = model.get_image_features(packed)
         check(vision_output.pooler_output is not None, "SigLip2Loss needs the MAP head: vision_use_head=True.")
         num_images, num_texts = vision_output.pooler_output.shape[0], input_ids.shape[0]
         check(

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from kornia_siglip2.errors import check, check_type
+from kornia_siglip2.images import image_size, load_image
 from kornia_siglip2.packing import PackedImages
 from kornia_siglip2.preprocess import NaFlexImagePreprocessor, naflex_target_size
 
@@ -46,8 +47,6 @@ __all__ = [
     "TokenBudgetBatchSampler",
     "collate_packed",
     "drop_tokens",
-    "image_size",
-    "load_image",
     "naflex_num_tokens",
     "num_kept_tokens",
     "read_manifest",
@@ -261,27 +260,6 @@ class ByteTokenizer:
         return ids
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """An image file as a :math:`(3, H, W)` ``uint8`` tensor (Pillow, converted to RGB)."""
-    with _pillow().open(path) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """``(height, width)`` of an image file, from its header only."""
-    with _pillow().open(path) as image:
-        return image.height, image.width
-
-
-def _pillow():
-    try:
-        from PIL import Image  # the text extra installs Pillow; only the data pipeline needs it
-    except ImportError as error:
-        raise ImportError("Reading image files needs Pillow: pip install 'kornia_siglip2[text]'.") from error
-    return Image
-
-
 class ImageTextDataset(Dataset):
     """Preprocessed ``(image, caption)`` pairs; runs in the ``DataLoader`` workers.
 
@@ -291,7 +269,8 @@ class ImageTextDataset(Dataset):
             :class:`~kornia_siglip2.tokenizer.SigLipTokenizer`).
         patch_size: patch side :math:`p` of the model.
         max_num_patches: the default NaFlex patch budget of an image; the sampler may choose another per image.
-        loader: reads an image path into a :math:`(C, H, W)` tensor (default: Pillow, RGB ``uint8``).
+        loader: reads an image path into a :math:`(C, H, W)` tensor (default:
+            :func:`kornia_siglip2.images.load_image`, RGB ``uint8``, the pixels inference reads).
 
     Items are indexed by ``index`` or by ``(index, max_num_patches)`` (what :class:`TokenBudgetBatchSampler`
     yields) and are dicts with ``patches`` :math:`(t, p \\cdot p \\cdot C)` float32, ``grid_thw`` :math:`(1, 3)`,

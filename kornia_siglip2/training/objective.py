@@ -20,11 +20,11 @@ from kornia_siglip2.decoders.targets import LocCaTargets
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
 from kornia_siglip2.errors import check
 from kornia_siglip2.losses.distill import SelfDistillationLoss
+from kornia_siglip2.losses.distill.views import random_patch_mask
 from kornia_siglip2.losses.siglip2 import SigLip2Loss
 from kornia_siglip2.model import SigLip2
 from kornia_siglip2.packing import unpatchify
 from kornia_siglip2.training.data import PackedBatch, sample_generator
-from kornia_siglip2.training.views import random_patch_mask
 
 __all__ = ["SigLip2Objective", "distillation_inputs", "locca_targets"]
 
@@ -112,7 +112,7 @@ def distillation_inputs(
     """SILC local views and TIPS mask of a packed batch, each image from its own generators.
 
     Args:
-        distillation: the self-distillation loss (its :class:`~kornia_siglip2.training.views.LocalViews` and
+        distillation: the self-distillation loss (its :class:`~kornia_siglip2.losses.distill.views.LocalViews` and
             ``mask_ratio``).
         patches: :math:`(N, p \\cdot p \\cdot C)` packed global views.
         grid_thw: :math:`(n, 3)` grids.

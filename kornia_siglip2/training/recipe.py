@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from kornia_siglip2.config import SigLip2Config
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
 from kornia_siglip2.errors import check
+from kornia_siglip2.losses.distill.ema import EMATeacher
 from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSchedule
 from kornia_siglip2.losses.sigmoid import SigmoidLoss, sigmoid_loss
 from kornia_siglip2.model import SigLip2
@@ -61,7 +62,6 @@ from kornia_siglip2.training.data import (
     drop_tokens,
     read_manifest,
 )
-from kornia_siglip2.training.ema import EMATeacher
 from kornia_siglip2.training.objective import SigLip2Objective, distillation_inputs, locca_targets
 
 __all__ = [
@@ -216,7 +216,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 class ContrastiveForward(nn.Module):
     """The model's forward for the sigmoid loss: normalized embeddings plus :math:`t'` and :math:`b`.
 
-    DDP and FSDP2 hook a module's ``forward``: wrapping this one (not calling ``encode_images`` on the model)
+    DDP and FSDP2 hook a module's ``forward``: wrapping this one (not calling ``get_image_features`` on the model)
     is what makes them synchronize gradients and gather shards.
 
     Args:

@@ -1,16 +1,15 @@
 """SigLIP 2 self-distillation (paper section 2.3): SILC consistency and TIPS masked prediction, EMA teacher.
 
-``heads`` holds the DINO heads and the cross-entropy, ``loss`` the module that ties them together. The EMA
-teacher and the views the student sees are training utilities (:mod:`kornia_siglip2.training`), re-exported
-here for the names of releases <= 0.1.
+``heads`` holds the DINO heads and the cross-entropy, ``ema`` the EMA teacher, ``views`` what the student sees
+(local crops, patch masks), ``loss`` the module that ties them together.
 """
 
+from kornia_siglip2.losses.distill.ema import EMATeacher
 from kornia_siglip2.losses.distill.heads import DINOHead, distillation_cross_entropy, teacher_probabilities
 from kornia_siglip2.losses.distill.loss import DistillationBranch, SelfDistillationLoss, SelfDistillationOutput
-from kornia_siglip2.training import (
+from kornia_siglip2.losses.distill.views import (
     GLOBAL_CROP_SCALE,
     LOCAL_CROP_SCALE,
-    EMATeacher,
     LocalViews,
     global_view_augmentation,
     local_view_size,

@@ -9,10 +9,10 @@ import torch.distributed as dist
 from torch import nn
 
 from kornia_siglip2.errors import check, check_shape
+from kornia_siglip2.losses.distill.ema import EMATeacher
 from kornia_siglip2.losses.distill.heads import DINOHead, distillation_cross_entropy
+from kornia_siglip2.losses.distill.views import LOCAL_CROP_SCALE, LocalViews, local_view_size, random_patch_mask
 from kornia_siglip2.packing import grid_thw_to_seqlens, pack_inputs, patchify, unpatchify
-from kornia_siglip2.training.ema import EMATeacher
-from kornia_siglip2.training.views import LOCAL_CROP_SCALE, LocalViews, local_view_size, random_patch_mask
 from kornia_siglip2.vision import VisionTransformer
 
 __all__ = ["DistillationBranch", "SelfDistillationLoss", "SelfDistillationOutput"]
@@ -90,7 +90,7 @@ class SelfDistillationLoss(nn.Module):
 
     Per call, with the batch as the global view (SILC computes the image-text loss on that same view, so
     its 0.4-1 area crop belongs in the data pipeline, see
-    :func:`~kornia_siglip2.training.views.global_view_augmentation`):
+    :func:`~kornia_siglip2.losses.distill.views.global_view_augmentation`):
 
     - the teacher encodes the global view once, without mask;
     - the student encodes, in one packed batch, the global view with ``floor(mask_ratio * n)`` patches of
@@ -119,7 +119,7 @@ class SelfDistillationLoss(nn.Module):
         teacher_momentum: EMA momentum of the teacher (fixed, as in SILC).
         num_local_views: local views per frame (SILC / SigLIP 2: 8).
         local_size: local view side in pixels, a multiple of the patch size; defaults to
-            :func:`~kornia_siglip2.training.views.local_view_size` of the tower's resolution.
+            :func:`~kornia_siglip2.losses.distill.views.local_view_size` of the tower's resolution.
         local_scale: area fraction of the local crops.
         mask_ratio: fraction of each frame's patches masked for the student (TIPS / SigLIP 2: 0.5).
         seed: seed of the module's generator for local crops and masks; give each rank its own.
@@ -130,8 +130,9 @@ class SelfDistillationLoss(nn.Module):
     Example:
         >>> from kornia_siglip2 import VisionConfig, VisionTransformer
         >>> config = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        ...                       num_attention_heads=4, patch_size=4, image_size=16)
-        >>> tower = VisionTransformer(config, naflex=False)
+        ...                       num_attention_heads=4, patch_size=4, image_size=16,
+        ...                       position_embedding="fixed")
+        >>> tower = VisionTransformer(config)
         >>> loss = SelfDistillationLoss(tower, hidden_dim=16, bottleneck_dim=8, num_prototypes=32)
         >>> loss.local_views.size
         8

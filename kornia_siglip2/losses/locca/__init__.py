@@ -3,11 +3,11 @@
 - :mod:`.cross_entropy`: softmax cross-entropy fused with the output projection, chunked over the vocabulary.
 - :mod:`.loss`: :class:`LocCaLoss`, the three tasks in one decoder pass.
 
-The decoder, its vocabulary, targets and generation live in :mod:`kornia_siglip2.decoders` and are
-re-exported here for the names of releases <= 0.1.
+The decoder, its vocabulary, targets and generation live in :mod:`kornia_siglip2.decoders` (a layer below).
 
 Example:
     >>> import math
+    >>> from kornia_siglip2.decoders import LocCaDecoder, LocCaTargets, LocCaVocabulary
     >>> from kornia_siglip2 import VisionConfig, VisionTransformer, patchify
     >>> vision = VisionTransformer(VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
     ...                                         num_attention_heads=4, patch_size=4, num_patches=16))
@@ -22,46 +22,15 @@ Example:
     (14.5561, 14.5561)
 """
 
-import math  # noqa: F401  (doctest namespace)
-
 import torch  # noqa: F401  (doctest namespace)
 
-from kornia_siglip2.decoders import (
-    TASKS,
-    DecoderBlock,
-    LocCaDecoder,
-    LocCaTargets,
-    LocCaVocabulary,
-    generate,
-    generate_boxes,
-    generate_captions,
-    generate_region_captions,
-    grounded_prefix,
-    referring_prefix,
-    shift_right,
-)
-from kornia_siglip2.decoders.locca import CrossAttention, DecoderSelfAttention
 from kornia_siglip2.losses.locca.cross_entropy import ChunkedCrossEntropy, chunked_cross_entropy, sequence_cross_entropy
 from kornia_siglip2.losses.locca.loss import LocCaLoss, LocCaLossOutput
 
 __all__ = [
-    "TASKS",
     "ChunkedCrossEntropy",
-    "CrossAttention",
-    "DecoderBlock",
-    "DecoderSelfAttention",
-    "LocCaDecoder",
     "LocCaLoss",
     "LocCaLossOutput",
-    "LocCaTargets",
-    "LocCaVocabulary",
     "chunked_cross_entropy",
-    "generate",
-    "generate_boxes",
-    "generate_captions",
-    "generate_region_captions",
-    "grounded_prefix",
-    "referring_prefix",
     "sequence_cross_entropy",
-    "shift_right",
 ]

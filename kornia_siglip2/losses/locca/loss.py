@@ -50,7 +50,7 @@ class LocCaLoss(nn.Module):
         chunk_size: vocabulary classes per chunk.
 
     Example:
-        >>> from kornia_siglip2.losses.locca import LocCaVocabulary
+        >>> from kornia_siglip2.decoders import LocCaVocabulary
         >>> vocabulary = LocCaVocabulary(text_vocab_size=90, num_bins=10)
         >>> decoder = LocCaDecoder(vocabulary.vocab_size, width=16, num_heads=2, mlp_width=32, num_layers=1,
         ...                        max_length=8)
