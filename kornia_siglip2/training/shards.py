@@ -56,7 +56,7 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Every path a brace pattern names: ``{000..003}`` (zero-padded ranges) and ``{a,b}`` (lists), nested left to right.
+    """Every path a brace pattern names: ``{000..003}`` (zero-padded ranges) and ``{a,b}`` (lists), left to right.
 
     Example:
         >>> expand_braces("data/shard-{00..02}.tar")
@@ -130,7 +130,7 @@ def open_url(url: str) -> BinaryIO:
         ImportError: a URL whose protocol needs an fsspec backend that is not installed (named by fsspec).
     """
     if "://" not in url or url.startswith("file://"):
-        return open(url.removeprefix("file://"), "rb")  # noqa: SIM115 - the caller closes it
+        return open(url.removeprefix("file://"), "rb")
     import fsspec
 
     return fsspec.open(url, "rb").open()
@@ -258,7 +258,7 @@ def write_shards(
                 archive.close()
             path = Path(pattern.format(len(written)))
             path.parent.mkdir(parents=True, exist_ok=True)
-            archive = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+            archive = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - closed below
             written.append(path)
         key = f"{number:09d}"
         extension = record.image.suffix.lower().lstrip(".")
@@ -276,7 +276,9 @@ def write_shards(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kornia_siglip2.training.shards write SOURCE PATTERN [--max-count N]``."""
-    parser = argparse.ArgumentParser(prog="python -m kornia_siglip2.training.shards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kornia_siglip2.training.shards", description=__doc__.split("\n")[0]
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser("write", help="write a manifest or an image folder as tar shards")
     write.add_argument("source", help="an image folder (captions in .txt beside), a .jsonl or a .csv manifest")

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kornia_siglip2.errors import check
 from kornia_siglip2.preprocess import NaFlexImagePreprocessor
-from kornia_siglip2.training.data import PackedBatch, collate_packed, naflex_num_tokens, num_kept_tokens
+from kornia_siglip2.training.data import collate_packed, naflex_num_tokens, num_kept_tokens
 from kornia_siglip2.training.shards import IMAGE_EXTENSIONS, Source, iter_samples, read_sample
 
 __all__ = [
@@ -337,7 +337,8 @@ class Cursor:
                 return None
         self.open.append([item])
         if len(self.open) > self.spec.max_open_batches:
-            fullest = max(range(len(self.open)), key=lambda position: sum(entry.tokens for entry in self.open[position]))
+            used = [sum(entry.tokens for entry in batch) for batch in self.open]
+            fullest = max(range(len(self.open)), key=used.__getitem__)
             return self.open.pop(fullest)
         return None
 
@@ -465,7 +466,9 @@ class ShardStream(IterableDataset):
         self.first_role = 0
         self._preprocessors: dict[int, NaFlexImagePreprocessor] = {}
 
-    def start(self, epoch: int, roles: Sequence[list[dict[str, Any]] | None] | None = None, first_role: int = 0) -> None:
+    def start(
+        self, epoch: int, roles: Sequence[list[dict[str, Any]] | None] | None = None, first_role: int = 0
+    ) -> None:
         """The next iteration runs ``epoch`` from the roles' reader states (``None``: from the epoch's start)."""
         self.epoch = int(epoch)
         self.roles = list(roles) if roles is not None else [None] * self.num_roles
@@ -488,7 +491,9 @@ class ShardStream(IterableDataset):
     def _item(self, item: _Item) -> dict[str, Any]:
         image = _decode(next(item.files[name] for name in IMAGE_EXTENSIONS if name in item.files))
         if tuple(image.shape[1:]) != item.size:
-            raise _SizeMismatch(f"json says {item.size[1]}x{item.size[0]}, image is {image.shape[2]}x{image.shape[1]}")
+            raise _SizeMismatchError(
+                f"json says {item.size[1]}x{item.size[0]}, image is {image.shape[2]}x{image.shape[1]}"
+            )
         with torch.no_grad():
             packed = self._preprocessor(item.budget)(image[None])
         caption = item.files["txt"].decode("utf-8").strip()
@@ -529,7 +534,7 @@ class ShardStream(IterableDataset):
                         good.append(self._item(item))
                         keys.append(f"{self.urls[item.shard]}/{item.key}")
                         tokens += item.tokens
-                    except _SizeMismatch as error:
+                    except _SizeMismatchError as error:
                         cursor._skip("size_mismatch", where, str(error))
                     except Exception as error:
                         cursor._skip("undecodable", where, f"{type(error).__name__}: {error}")
@@ -557,7 +562,7 @@ class ShardStream(IterableDataset):
         return self.role_batches((worker + self.first_role) % self.num_roles)
 
 
-class _SizeMismatch(ValueError):
+class _SizeMismatchError(ValueError):
     pass
 
 
@@ -584,7 +589,11 @@ class StreamFeed:
         if self.num_workers == 0:
             return self._in_order()
         loader = DataLoader(
-            self.stream, batch_size=None, collate_fn=_identity, num_workers=self.num_workers, worker_init_fn=_worker_init
+            self.stream,
+            batch_size=None,
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            worker_init_fn=_worker_init,
         )
         return iter(loader)
 
@@ -670,9 +679,7 @@ class StreamFeed:
                     unfinished.append(fresh.state_dict())
                 else:
                     unfinished.extend(states)
-        self.roles = [
-            redeal(unfinished, rank * num_roles + role, self.stream.num_readers) for role in range(num_roles)
-        ]
+        self.roles = [redeal(unfinished, rank * num_roles + role, self.stream.num_readers) for role in range(num_roles)]
         self.done = [not states for states in self.roles]
         self.next_role = 0
         self.totals = {name: 0 for name in self.totals}
