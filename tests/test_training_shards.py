@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -88,7 +89,7 @@ def test_writer_round_trip(shards):
 def test_read_from_offset_and_again_by_members(shards):
     _, paths = shards
     samples = list(iter_samples(str(paths[0])))
-    assert samples[0].offset == 0 and all(a.next_offset == b.offset for a, b in zip(samples, samples[1:]))
+    assert samples[0].offset == 0 and all(a.next_offset == b.offset for a, b in itertools.pairwise(samples))
     # a resumed reader starts at a sample's header and reads the same samples after it
     tail = list(iter_samples(str(paths[0]), samples[1].next_offset))
     assert [(s.key, s.files, s.offset) for s in tail] == [(s.key, s.files, s.offset) for s in samples[2:]]
