@@ -267,16 +267,19 @@ def _gloo(rank: int, world_size: int, port: int) -> None:
     )
 
 
+CASES = {2: ("ddp", "fsdp"), 3: ("ddp",)}
+
+
 def _distributed_worker(rank: int, world_size: int, port: int, root: str) -> None:
     _gloo(rank, world_size, port)
     root = Path(root)
     try:
         results = {}
-        for parallel in ("ddp", "fsdp"):
-            options = _options(
-                root, f"w{world_size}-{parallel}", parallel=parallel, num_workers=WORKERS, save_every=2, steps=4
-            )
-            config = RecipeConfig(**options)
+        for parallel in CASES[world_size]:
+            options = _options(root, f"w{world_size}-{parallel}", parallel=parallel, num_workers=WORKERS, steps=4)
+            # FSDP2 saves sharded checkpoints (torch.distributed.checkpoint), DDP full ones
+            fmt = "sharded" if parallel == "fsdp" else "full"
+            config = RecipeConfig(**options, save_every=2, checkpoint_format=fmt)
             results[parallel] = [record["loss"] for record in train(config)]
             if rank == 0:
                 (Path(config.out) / "checkpoints" / "latest").write_text("step-00000002\n")
@@ -296,9 +299,8 @@ def _distributed_worker(rank: int, world_size: int, port: int, root: str) -> Non
         except RuntimeError as error:
             results["unshared"] = str(error)
         if world_size == 3:
-            # the 2-process DDP run's step-2 checkpoint (mid-epoch), resumed on 3 processes: the readers re-dealt
-            options = _options(root, "w2-to-w3", parallel="ddp", num_workers=WORKERS, save_every=2, steps=4)
-            config = RecipeConfig(**options)
+            # a 1-process run's step-2 checkpoint (mid-epoch) resumed on 3 processes: its reader re-dealt
+            config = RecipeConfig(**_options(root, "w1-to-w3", parallel="ddp", num_workers=WORKERS, steps=4))
             results["redealt"] = [record["loss"] for record in train(config)]
         torch.save(results, root / f"w{world_size}-rank{rank}.pt")
     finally:
@@ -344,28 +346,35 @@ def reference_run(root: Path, world_size: int) -> list[float]:
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed gloo")
-def test_distributed_on_shards(root):
-    """2 and 3 processes x 2 workers: DDP and FSDP2 on shards equal one process on the same global batches."""
-    for world_size in (2, 3):
-        if world_size == 3:  # the world-size change resumes the 2-process run's mid-epoch checkpoint
-            shutil.copytree(root / "w2-ddp", root / "w2-to-w3")
-            (root / "w2-to-w3" / "checkpoints" / "latest").write_text("step-00000002\n")
-            shutil.rmtree(root / "w2-to-w3" / "final")
-        spawn(_distributed_worker, world_size, str(root), timeout_s=400)
-        expected = reference_run(root, world_size)
-        for rank in range(world_size):
-            results = torch.load(root / f"w{world_size}-rank{rank}.pt")
-            for parallel in ("ddp", "fsdp"):
-                torch.testing.assert_close(
-                    torch.tensor(results[parallel]), torch.tensor(expected), atol=1e-10, rtol=1e-10
-                )
-                assert results[f"{parallel}-resumed"] == results[parallel][2:]  # resumed from step 2: bit for bit
-            assert "which rank(s) [1" in results["refused"] and "cannot read" in results["refused"]
-            assert "is not shared: rank 1 on" in results["unshared"]
-    metrics = _metrics(root / "w2-ddp")
-    assert metrics[-1]["skipped_per_rank"] == [0, 0] and metrics[-1]["read"] > 0
-    # the world-size change: steps 3 and 4 on 3 processes, the history in run.json
-    redealt = [torch.load(root / f"w3-rank{rank}.pt")["redealt"] for rank in range(3)]
-    assert all(len(losses) == 2 and all(math.isfinite(loss) for loss in losses) for losses in redealt)
-    history = json.loads((root / "w2-to-w3" / "run.json").read_text())["history"]
-    assert [(entry["step"], entry["world_size"]) for entry in history] == [(0, 2), (2, 2), (2, 3)]
+@pytest.mark.parametrize("world_size", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_distributed_on_shards(root, world_size):
+    """2 and 3 processes x 2 workers: DDP (and FSDP2 with sharded checkpoints) on shards equal one process."""
+    if world_size == 3:  # the world-size change: a 1-process run stopped at step 2, resumed on 3 processes
+        train(RecipeConfig(**_options(root, "w1-to-w3", num_workers=WORKERS, steps=4, save_every=2)))
+        shutil.rmtree(root / "w1-to-w3" / "final")
+        (root / "w1-to-w3" / "checkpoints" / "latest").write_text("step-00000002\n")
+    spawn(_distributed_worker, world_size, str(root), timeout_s=600)
+    expected = reference_run(root, world_size)
+    for rank in range(world_size):
+        results = torch.load(root / f"w{world_size}-rank{rank}.pt")
+        for parallel in CASES[world_size]:
+            losses = torch.tensor(results[parallel])
+            torch.testing.assert_close(losses, torch.tensor(expected), atol=1e-10, rtol=1e-10)
+            assert results[f"{parallel}-resumed"] == results[parallel][2:]  # resumed from step 2: bit for bit
+        assert "which rank(s) [1" in results["refused"] and "cannot read" in results["refused"]
+        assert "is not shared: rank 1 on" in results["unshared"]
+    metrics = _metrics(root / f"w{world_size}-ddp")
+    assert metrics[-1]["skipped_per_rank"] == [0] * world_size and metrics[-1]["read"] > 0
+    if world_size == 2:
+        assert (root / "w2-fsdp" / "checkpoints" / "step-00000004" / "dcp" / ".metadata").is_file()
+    if world_size == 3:
+        redealt = [torch.load(root / f"w3-rank{rank}.pt")["redealt"] for rank in range(3)]
+        assert all(len(losses) == 2 and all(math.isfinite(loss) for loss in losses) for losses in redealt)
+        history = json.loads((root / "w1-to-w3" / "run.json").read_text())["history"]
+        assert [(entry["step"], entry["world_size"]) for entry in history] == [(0, 1), (2, 3)]
+        assert (
+            json.loads((root / "w1-to-w3" / "checkpoints" / "step-00000004" / "trainer.json").read_text())["stream"][
+                "world_size"
+            ]
+            == 3
+        )

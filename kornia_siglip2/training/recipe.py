@@ -52,7 +52,14 @@ from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSc
 from kornia_siglip2.losses.sigmoid import SigmoidLoss, sigmoid_loss
 from kornia_siglip2.model import SigLip2
 from kornia_siglip2.packing import PackedImages
-from kornia_siglip2.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kornia_siglip2.training.checkpoint import (
+    is_sharded_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from kornia_siglip2.training.data import (
     ByteTokenizer,
     ImageTextDataset,
@@ -84,6 +91,7 @@ __all__ = [
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16", "fp64")
 OBJECTIVES = ("sigmoid", "siglip2")
+CHECKPOINT_FORMATS = ("full", "sharded")
 
 
 @dataclass
@@ -101,6 +109,11 @@ class RecipeConfig:
         data_resampled: with tar shards, draw shards with replacement (by source weight, then uniformly) without
             end, instead of reading every shard once per epoch.
         shuffle_buffer: with tar shards, samples each reader holds to shuffle within and across its shards.
+        checkpoint_format: ``"full"`` (the full state gathered on rank 0, safetensors + JSON, nothing unpickled) or
+            ``"sharded"`` (every rank writes its own shards with ``torch.distributed.checkpoint``: for FSDP2 at
+            scale; its metadata file is a pickle, see
+            :func:`~kornia_siglip2.training.checkpoint.save_sharded_checkpoint`). The final export is the full
+            ``save_pretrained`` model either way.
         tensorboard: write the metrics for TensorBoard under ``out/tensorboard`` too, when ``tensorboard`` is
             installed (it is not a dependency).
         max_skip_fraction: stop the run when more than this fraction of the samples read (all ranks, since the
@@ -164,6 +177,7 @@ class RecipeConfig:
     shuffle_buffer: int = 1000
     max_skip_fraction: float = 0.1
     tensorboard: bool = True
+    checkpoint_format: Literal["full", "sharded"] = "full"
     model: str | None = None
     model_config: str | None = None
     tokenizer: str = "bytes"
@@ -224,6 +238,10 @@ class RecipeConfig:
         check(
             0.0 <= self.max_skip_fraction <= 1.0,
             lambda: f"max_skip_fraction must be in [0, 1]: {self.max_skip_fraction}.",
+        )
+        check(
+            self.checkpoint_format in CHECKPOINT_FORMATS,
+            lambda: f"checkpoint_format must be one of {CHECKPOINT_FORMATS}: {self.checkpoint_format!r}",
         )
         check(self.shuffle_buffer >= 1, lambda: f"shuffle_buffer must be positive: {self.shuffle_buffer}.")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -1000,7 +1018,8 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
     notes: list[str] = []
     if resume_from is not None:
         notes = check_run_record(out, record_of_run)
-        state = load_checkpoint(resume_from, wrapped, optimizer, ema)
+        loader = load_sharded_checkpoint if is_sharded_checkpoint(resume_from) else load_checkpoint
+        state = loader(resume_from, wrapped, optimizer, ema)
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         data.load_state_dict(state, rank)
@@ -1109,7 +1128,8 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
             _check_skips(stats, config)
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
                 trainer_state = {**data.state_dict(), "scheduler": scheduler.state_dict()}
-                save_checkpoint(checkpoints, step, wrapped, optimizer, trainer_state, ema)
+                saver = save_sharded_checkpoint if config.checkpoint_format == "sharded" else save_checkpoint
+                saver(checkpoints, step, wrapped, optimizer, trainer_state, ema)
     finally:
         data.close()  # shuts the DataLoader workers down
         if writer is not None:
@@ -1161,6 +1181,7 @@ _CHOICES = {
     "precision": PRECISIONS,
     "distributed_loss": ("all_gather", "ring"),
     "objective": OBJECTIVES,
+    "checkpoint_format": CHECKPOINT_FORMATS,
 }
 
 
