@@ -378,3 +378,54 @@ def test_distributed_on_shards(root, world_size):
             ]
             == 3
         )
+
+
+def test_evaluation_during_training(root):
+    """Zero-shot and retrieval on held-out shards at steps 2 and 4, equal to the final model scored by hand."""
+    eval_data = str(root / "s-{008..009}.tar")  # 6 held-out samples
+    records = train(RecipeConfig(**_options(root, "eval", steps=4, eval_data=eval_data, eval_every=2)))
+    assert [("eval_zero_shot_top1" in record) for record in records] == [False, True, False, True]
+    final = SigLip2.from_pretrained(root / "eval" / "final", dtype=torch.float64)
+    spec = StreamSpec(tuple(parse_sources(eval_data)), 16, 8, (16,), shuffle_buffer=1)
+    stream = ShardStream(spec, ByteTokenizer(12))
+    images, texts, captions = [], [], []
+    for item in stream.role_batches(0):  # every held-out sample, one by one through the model's own methods
+        for index in range(item["batch"].images.num_images):
+            one = _single(item, index)
+            with torch.no_grad():
+                pixels = PackedImages(one["patches"].double(), one["grid_thw"])
+                images.append(torch.nn.functional.normalize(final.get_image_features(pixels).pooler_output, dim=-1))
+                text = final.get_text_features(one["input_ids"][None]).pooler_output
+                texts.append(torch.nn.functional.normalize(text, dim=-1))
+        captions += item["keys"]
+    keys = captions
+    by_key = {}
+    for path in sorted(root.glob("s-00[89].tar")):
+        with tarfile.open(path) as archive:
+            for member in archive:
+                if member.name.endswith(".txt"):
+                    by_key[f"{path}/{member.name.removesuffix('.txt')}"] = archive.extractfile(member).read().decode()
+    captions = [by_key[key] for key in keys]
+    images, texts = torch.cat(images), torch.cat(texts)
+    # the metrics written out: nearest caption among the distinct ones; nearest text; nearest image
+    distinct = sorted(set(captions))
+    prompts = torch.stack([texts[captions.index(name)] for name in distinct])
+    zero_shot = sum(distinct[int((images[i] @ prompts.T).argmax())] == captions[i] for i in range(len(captions)))
+    to_text = sum(captions[int((images[i] @ texts.T).argmax())] == captions[i] for i in range(len(captions)))
+    to_image = sum(captions[int((texts[i] @ images.T).argmax())] == captions[i] for i in range(len(captions)))
+    last = records[-1]
+    assert len(captions) == 6
+    assert last["eval_zero_shot_top1"] == zero_shot / 6
+    assert last["eval_image_to_text_r1"] == to_text / 6 and last["eval_text_to_image_r1"] == to_image / 6
+
+
+def _single(item: dict, index: int) -> dict:
+    """Image ``index`` of a stream batch as a dataset item."""
+    batch = item["batch"]
+    lengths = batch.images.grid_thw.prod(-1).tolist()
+    start = sum(lengths[:index])
+    return {
+        "patches": batch.images.patches[start : start + lengths[index]],
+        "grid_thw": batch.images.grid_thw[index : index + 1],
+        "input_ids": batch.input_ids[index],
+    }

@@ -71,7 +71,7 @@ from kornia_siglip2.training.data import (
 )
 from kornia_siglip2.training.objective import SigLip2Objective, distillation_inputs, locca_targets
 from kornia_siglip2.training.shards import is_shard_data, parse_sources
-from kornia_siglip2.training.stream import SKIP_REASONS, ShardStream, StreamFeed, StreamSpec
+from kornia_siglip2.training.stream import SKIP_REASONS, Cursor, ShardStream, StreamFeed, StreamSpec
 
 __all__ = [
     "OBJECTIVES",
@@ -82,6 +82,7 @@ __all__ = [
     "build_objective",
     "build_model",
     "parameter_groups",
+    "retrieval_metrics",
     "main",
     "train",
     "warmup_cosine",
@@ -114,6 +115,10 @@ class RecipeConfig:
             scale; its metadata file is a pickle, see
             :func:`~kornia_siglip2.training.checkpoint.save_sharded_checkpoint`). The final export is the full
             ``save_pretrained`` model either way.
+        eval_data: a held-out set (tar shards or a manifest, as ``data``) to evaluate on during training: zero-shot
+            top-1 over its distinct captions as class prompts, and image-to-text / text-to-image recall@1
+            (``eval_*`` in the metrics; see :func:`retrieval_metrics`). Decoded once, kept in memory: keep it small.
+        eval_every: with ``eval_data``, steps between evaluations (0: at the end only).
         tensorboard: write the metrics for TensorBoard under ``out/tensorboard`` too, when ``tensorboard`` is
             installed (it is not a dependency).
         max_skip_fraction: stop the run when more than this fraction of the samples read (all ranks, since the
@@ -178,6 +183,8 @@ class RecipeConfig:
     max_skip_fraction: float = 0.1
     tensorboard: bool = True
     checkpoint_format: Literal["full", "sharded"] = "full"
+    eval_data: str | None = None
+    eval_every: int = 0
     model: str | None = None
     model_config: str | None = None
     tokenizer: str = "bytes"
@@ -242,6 +249,10 @@ class RecipeConfig:
         check(
             self.checkpoint_format in CHECKPOINT_FORMATS,
             lambda: f"checkpoint_format must be one of {CHECKPOINT_FORMATS}: {self.checkpoint_format!r}",
+        )
+        check(
+            self.eval_data is None or self.objective == "sigmoid" or self.parallel != "fsdp",
+            "eval_data with objective 'siglip2' needs parallel 'none' or 'ddp' (FSDP2 shards the objective as one).",
         )
         check(self.shuffle_buffer >= 1, lambda: f"shuffle_buffer must be positive: {self.shuffle_buffer}.")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -970,10 +981,112 @@ def _tensorboard(out: Path, enabled: bool):
     return SummaryWriter(str(out / "tensorboard"))
 
 
+def _write_metrics(out: Path, record: dict[str, Any], writer: Any) -> None:
+    with (out / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    if writer is not None:
+        _log_scalars(writer, record)
+
+
 def _log_scalars(writer: Any, record: dict[str, Any]) -> None:
     for name, value in record.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
             writer.add_scalar(f"train/{name}", value, record["step"])
+
+
+# ---- evaluation during training: zero-shot and retrieval on a held-out set ------------------------------------
+
+
+def _eval_items(config: RecipeConfig, patch_size: int, tokenizer: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The held-out set, decoded once (every rank): items at the largest patch budget, and their captions."""
+    budget = max(config.max_num_patches)
+    if is_shard_data(config.eval_data):
+        spec = StreamSpec(
+            tuple(parse_sources(config.eval_data)),
+            token_budget=budget,
+            patch_size=patch_size,
+            max_num_patches=(budget,),
+            shuffle_buffer=1,
+        )
+        stream = ShardStream(spec, tokenizer)
+        items, captions = [], []
+        for batch in Cursor(spec, 0, 0, 1, spec.urls).batches():  # one reader: every shard, samples in order
+            for item in batch:
+                try:
+                    items.append(stream._item(item))
+                    captions.append(item.files["txt"].decode("utf-8").strip())
+                except Exception as error:  # a bad held-out sample is left out, as in training
+                    print(f"kornia_siglip2 eval: left out {item.key}: {error}", flush=True)
+        return items, captions
+    dataset = ImageTextDataset(read_manifest(config.eval_data), tokenizer, patch_size, budget)
+    return [dataset[index] for index in range(len(dataset))], [record.caption for record in dataset.records]
+
+
+def retrieval_metrics(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: Sequence[str]
+) -> dict[str, float]:
+    """Zero-shot top-1 over the distinct captions (as class prompts) and image <-> text recall@1.
+
+    An answer is right when its caption equals the image's (captions may repeat: a retrieved text with the same
+    caption is a right one).
+
+    Example:
+        >>> embeds = torch.eye(3)
+        >>> retrieval_metrics(embeds, embeds, ["a", "b", "c"])["image_to_text_r1"]
+        1.0
+    """
+    similarity = image_embeds @ text_embeds.T
+    classes = sorted(set(captions))
+    first = [captions.index(name) for name in classes]
+    predicted = (image_embeds @ text_embeds[first].T).argmax(1).tolist()
+    count = len(captions)
+    texts_of_images = similarity.argmax(1).tolist()
+    images_of_texts = similarity.argmax(0).tolist()
+    return {
+        "zero_shot_top1": sum(classes[p] == captions[i] for i, p in enumerate(predicted)) / count,
+        "image_to_text_r1": sum(captions[j] == captions[i] for i, j in enumerate(texts_of_images)) / count,
+        "text_to_image_r1": sum(captions[j] == captions[i] for i, j in enumerate(images_of_texts)) / count,
+    }
+
+
+def _evaluate(
+    forward: nn.Module,
+    items: list[dict[str, Any]],
+    captions: list[str],
+    config: RecipeConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Encode the held-out set split over the ranks (each encodes as many batches: FSDP needs every rank), gather."""
+    batches: list[list[int]] = [[]]
+    used = 0
+    for index, item in enumerate(items):
+        tokens = item["patches"].shape[0]
+        if batches[-1] and used + tokens > config.token_budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(index)
+        used += tokens
+    mine = batches[rank::world_size]
+    rounds = math.ceil(len(batches) / world_size)
+    dtype = torch.float64 if config.precision == "fp64" else torch.float32
+    results: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+    was_training = forward.training
+    forward.eval()
+    with torch.no_grad():
+        for position in range(rounds):
+            indices = mine[position] if position < len(mine) else batches[0]  # a spare round: encoded, not kept
+            batch = collate_packed([items[index] for index in indices]).to(device, dtype)
+            image_embeds, text_embeds, _, _ = forward(batch.images.patches, batch.images.grid_thw, batch.input_ids)
+            if position < len(mine):
+                results.append((indices, image_embeds.double().cpu(), text_embeds.double().cpu()))
+    forward.train(was_training)
+    gathered = _gather(results, world_size)
+    order = [index for part in gathered for indices, _, _ in part for index in indices]
+    images = torch.cat([embeds for part in gathered for _, embeds, _ in part])[torch.argsort(torch.tensor(order))]
+    texts = torch.cat([embeds for part in gathered for _, _, embeds in part])[torch.argsort(torch.tensor(order))]
+    return {f"eval_{name}": value for name, value in retrieval_metrics(images, texts, captions).items()}
 
 
 def train(config: RecipeConfig) -> list[dict[str, Any]]:
@@ -1010,6 +1123,11 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
         ),
     )
     data = _open_data(config, model.patch_size, tokenizer, rank, world_size)
+    evaluation = None
+    if config.eval_data is not None:
+        items, captions = _eval_items(config, model.patch_size, tokenizer)
+        # the wrapped forward (DDP / FSDP2) for the sigmoid objective; the model itself under the full objective
+        evaluation = (wrapped if objective is None else ContrastiveForward(model), items, captions)
 
     step = 0
     checkpoints = out / "checkpoints"
@@ -1107,10 +1225,6 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
             }
             records.append(record)
             if rank == 0:
-                with (out / "metrics.jsonl").open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    _log_scalars(writer, record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -1125,6 +1239,17 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
                         f"mem {record['memory_mb']:.0f} MB",
                         flush=True,
                     )
+            if evaluation is not None and (
+                step == config.steps or (config.eval_every and step % config.eval_every == 0)
+            ):
+                record.update(_evaluate(*evaluation, config, rank, world_size, device))
+                if rank == 0:
+                    scores = " ".join(
+                        f"{name} {value:.3f}" for name, value in record.items() if name.startswith("eval_")
+                    )
+                    print(f"step {step} {scores}", flush=True)
+            if rank == 0:
+                _write_metrics(out, record, writer)
             _check_skips(stats, config)
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
                 trainer_state = {**data.state_dict(), "scheduler": scheduler.state_dict()}
