@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -588,12 +589,16 @@ class StreamFeed:
         self.stream.start(self.epoch, self.roles, self.next_role)
         if self.num_workers == 0:
             return self._in_order()
+        # fork where there is one (PyTorch's own default on Linux), also in a process that was itself spawned:
+        # a spawned worker re-imports torch and the package at every epoch start (seconds to tens of seconds)
+        context = "fork" if "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin" else None
         loader = DataLoader(
             self.stream,
             batch_size=None,
             collate_fn=_identity,
             num_workers=self.num_workers,
             worker_init_fn=_worker_init,
+            multiprocessing_context=context,
         )
         return iter(loader)
 
