@@ -245,7 +245,8 @@ def write_shards(
         >>> [path.name for path in write_shards(manifest, str(folder / "shard-{:03d}.tar"), max_count=2)]
         ['shard-000.tar', 'shard-001.tar', 'shard-002.tar']
     """
-    from kornia_siglip2.training.data import image_size, read_manifest
+    from kornia_siglip2.images import image_size
+    from kornia_siglip2.training.data import read_manifest
 
     check(max_count >= 1, lambda: f"max_count must be positive, got {max_count}.")
     check("{" in pattern, lambda: f"pattern {pattern!r} needs a '{{}}' (e.g. 'shard-{{:06d}}.tar') for the number.")

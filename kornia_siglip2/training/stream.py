@@ -8,8 +8,9 @@ logged with its shard and key), keeps up to ``shuffle_buffer`` samples and hands
 token-budget packer (the same first-fit over ``max_open_batches`` open batches as
 :class:`~kornia_siglip2.training.data.TokenBudgetBatchSampler`). Tokens are counted before decoding, from the
 sample's ``json`` width and height (img2dataset writes them) or the image header; only the images of an emitted
-batch are decoded. At the end of its shards a reader drains its buffer into the packer and repacks the open
-batches first-fit decreasing, as the sampler does.
+batch are decoded (:func:`kornia_siglip2.images.load_image`: the pixels inference reads). At the end of its
+shards a reader drains its buffer into the packer and repacks the open batches first-fit decreasing, as the
+sampler does.
 
 A rank's DataLoader takes one batch from each of its workers in turn (PyTorch's order for an iterable
 dataset), skipping workers that are done. With ``resampled``, readers draw shards with replacement (a source by
@@ -28,7 +29,6 @@ epoch is split the new way.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import sys
@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kornia_siglip2.errors import check
+from kornia_siglip2.images import image_size, load_image
 from kornia_siglip2.preprocess import NaFlexImagePreprocessor
 from kornia_siglip2.training.data import collate_packed, naflex_num_tokens, num_kept_tokens
 from kornia_siglip2.training.shards import IMAGE_EXTENSIONS, Source, iter_samples, read_sample
@@ -314,10 +315,7 @@ class Cursor:
                 return None
         if size is None:  # the header only: no decoding
             try:
-                from PIL import Image
-
-                with Image.open(io.BytesIO(sample.files[images[0]])) as image:
-                    size = (image.height, image.width)
+                size = image_size(sample.files[images[0]])
             except Exception as error:
                 self._skip("undecodable", f"{where}.{images[0]}", str(error))
                 return None
@@ -407,15 +405,6 @@ def redeal(states: Sequence[dict[str, Any]], reader: int, num_readers: int) -> l
     return list(states[reader::num_readers])
 
 
-def _decode(data: bytes) -> torch.Tensor:
-    """An image's bytes as a ``(3, H, W)`` uint8 tensor (Pillow, RGB)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
 def _identity(value: Any) -> Any:
     return value
 
@@ -490,7 +479,7 @@ class ShardStream(IterableDataset):
         return self._preprocessors[budget]
 
     def _item(self, item: _Item) -> dict[str, Any]:
-        image = _decode(next(item.files[name] for name in IMAGE_EXTENSIONS if name in item.files))
+        image = load_image(next(item.files[name] for name in IMAGE_EXTENSIONS if name in item.files))
         if tuple(image.shape[1:]) != item.size:
             raise _SizeMismatchError(
                 f"json says {item.size[1]}x{item.size[0]}, image is {image.shape[2]}x{image.shape[1]}"
