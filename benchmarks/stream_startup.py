@@ -3,7 +3,7 @@
 ``python -m benchmarks.stream_startup [--sizes 1000 1000000] [--manifest-sizes 1000 100000] [--folder DIR]``
 
 For every size it writes generated samples (one 16x16 PNG, a caption and a ``json`` with width and height per
-sample, 1000 samples per shard; the manifest variant lists one image file many times with its width and height,
+sample, 500 samples per shard; the manifest variant lists one image file many times with its width and height,
 so that planning an epoch opens no file), then runs ``python -m kornia_siglip2.train`` on a tiny model (the tests'
 16-wide one, 2 steps, 2 DataLoader workers, 1 thread) in a fresh process and measures, from the launch:
 
@@ -19,6 +19,7 @@ It prints a Markdown table. Run by hand (not part of ``make bench``): writing 10
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PER_SHARD = 1000
+PER_SHARD = 500
 TINY = {
     "model_type": "siglip2",
     "vision_config": {
@@ -117,6 +118,22 @@ def measure(data: str, folder: Path) -> dict:
     return {"first_step_s": first_step, "main_rss_mib": main / 2**20, "worker_rss_mib": workers / 2**20}
 
 
+def measure_imports() -> dict:
+    """The same measures for a process that only imports the recipe (the share of start-up no data size changes)."""
+    import psutil
+
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    command = [sys.executable, "-c", "import kornia_siglip2.training.recipe"]
+    process = subprocess.Popen(command, env=environment)
+    peak = 0
+    while process.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            peak = max(peak, psutil.Process(process.pid).memory_info().rss)
+        time.sleep(0.02)
+    return {"first_step_s": time.perf_counter() - start, "main_rss_mib": peak / 2**20, "worker_rss_mib": 0.0}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 1000000], help="samples in shards")
@@ -124,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder", default=None, help="where to write the data (default: a temporary folder)")
     args = parser.parse_args(argv)
     root = Path(args.folder or tempfile.mkdtemp(prefix="stream-startup-"))
-    rows = []
+    rows = [("imports only", 0, 0.0, measure_imports())]
+    print(json.dumps({"data": "imports only", **rows[0][3]}), flush=True)
     for kind, sizes, writer in (
         ("tar shards", args.sizes, write_shards),
         ("JSONL", args.manifest_sizes, write_manifest),
