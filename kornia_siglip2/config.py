@@ -76,6 +76,7 @@ CONFIG_LIMITS: dict[str, int] = {
     "max_position_embeddings": 2**20,
     "projection_size": 2**16,
 }
+#: environment variable that lifts :data:`CONFIG_LIMITS` when set to ``1``
 NO_LIMITS_ENV = "KORNIA_SIGLIP2_NO_CONFIG_LIMITS"
 
 
