@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -225,3 +226,20 @@ def test_second_identical_command_is_refused(checkpoint, images, tmp_path, capsy
     assert "another embed process" in err and str(parts) in err
     assert run_embed(images, "--out", out, "--model", checkpoint) == 0  # once it is done, the command runs
     assert read(out)[0].shape == (6, WIDTH) and not parts.exists()
+
+
+def test_model_fingerprint_sees_new_weights_of_the_same_shapes(tmp_path):
+    """A large weight file is fingerprinted by header and sampled blocks: retrained weights change it, cheaply."""
+    import time
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    generator = torch.Generator().manual_seed(0)
+    save_file({"w": torch.randn(3, 4_000_000, generator=generator)}, folder / "model.safetensors")  # 48 MB
+    start = time.perf_counter()
+    before = embed.model_fingerprint(folder)
+    assert time.perf_counter() - start < 2.0
+    assert embed.model_fingerprint(folder) == before
+    save_file({"w": torch.randn(3, 4_000_000, generator=generator)}, folder / "model.safetensors")
+    assert embed.model_fingerprint(folder) != before
