@@ -164,3 +164,25 @@ def test_bad_image_mid_epoch_names_file_and_line(data, tmp_path):
     image.write_bytes(image.read_bytes()[:60])  # truncated after the header was read
     with pytest.raises(OSError, match=rf"{rows[2]['image']} \(.*line 3\)"):
         dataset[2]
+
+
+@pytest.mark.parametrize("damage", ["truncated-jpeg", "decompression-bomb"])
+def test_other_bad_images_name_file_and_line(data, tmp_path, monkeypatch, damage):
+    """Main: a truncated JPEG or a decompression bomb stopped training with a Pillow message naming no file."""
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.jpg", quality=95)
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(folder / "b.jpg", quality=95)
+    manifest = _write(folder / "m.jsonl", [{"image": "a.jpg", "caption": "red"}, {"image": "b.jpg", "caption": "g"}])
+    dataset = ImageTextDataset(read_manifest(manifest), ByteTokenizer(12), PATCH, PATCHES)
+    if damage == "truncated-jpeg":
+        path = folder / "b.jpg"
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+        expected = OSError
+    else:
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 30 is then a bomb (over twice the limit)
+        expected = Image.DecompressionBombError
+    with pytest.raises(expected, match=r"b\.jpg \(.*m\.jsonl line 2\)"):
+        dataset[1]

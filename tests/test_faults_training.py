@@ -243,3 +243,19 @@ class TestRunFolder:
         train(RecipeConfig(**_options(root, run, steps=4)))
         assert _steps(metrics) == [1, 2, 3, 4]
         assert all(line.endswith("\n") for line in metrics.read_text().splitlines(keepends=True))
+
+
+def test_cli_refuses_out_of_range_options_with_non_zero_exit(root, tmp_path):
+    """Main: ``--learning-rate 1e6`` ran, diverged to NaN and exited 0."""
+    import os
+    import subprocess
+    import sys
+
+    options = _options(root, tmp_path / "cli", learning_rate=1e6)
+    command = [sys.executable, "-m", "kornia_siglip2.train"]
+    for name in ("data", "out", "model_config", "learning_rate", "device", "parallel"):
+        command += ["--" + name.replace("_", "-"), str(options[name])]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode != 0 and "learning_rate (--learning-rate) must be in" in result.stderr
+    assert not (tmp_path / "cli" / "final").exists()

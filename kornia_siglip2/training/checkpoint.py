@@ -204,7 +204,8 @@ def find_resume_checkpoint(folder: str | Path) -> Path | None:
             why = f"names {named[:80]!r}, not a complete checkpoint"
         else:
             why = f"names {named!r}, older than the complete {newest.name}"
-        print(f"{folder / LATEST} {why}: resuming from the newest complete checkpoint {newest}", file=sys.stderr)
+        if _rank_world()[0] == 0:
+            print(f"{folder / LATEST} {why}: resuming from the newest complete checkpoint {newest}", file=sys.stderr)
     return newest
 
 
