@@ -71,7 +71,7 @@ def _steps(metrics: Path) -> list[int]:
 
 
 class TestResumePoint:
-    @pytest.mark.parametrize("damage", ["deleted", "garbage", "stale", "names-a-file"])
+    @pytest.mark.parametrize("damage", ["deleted", "garbage", "stale", "names-a-file", "incomplete"])
     def test_damaged_latest_resumes_from_the_newest_checkpoint(self, root, two_steps, tmp_path, damage, capsys):
         """Main: a stale, garbage or deleted ``latest`` restarted from step 0 and overwrote the run."""
         run = _copy(two_steps, tmp_path)
@@ -80,7 +80,10 @@ class TestResumePoint:
             pointer.unlink()
         elif damage == "garbage":
             pointer.write_bytes(b"\xff\xfe\x00garbage")
-        elif damage == "stale":
+        elif damage == "stale":  # names a checkpoint the rotation removed
+            pointer.write_text("step-00000000\n")
+        elif damage == "incomplete":  # names a folder whose files are not all there
+            (run / "checkpoints" / "step-00000001" / "optimizer.json").unlink()
             pointer.write_text("step-00000001\n")
         else:
             pointer.write_text("trainer.json\n")
@@ -88,6 +91,15 @@ class TestResumePoint:
         records = train(RecipeConfig(**_options(root, run, steps=3)))
         assert [record["step"] for record in records] == [3]
         assert "newest complete checkpoint" in capsys.readouterr().err
+        assert _steps(run / "metrics.jsonl") == [1, 2, 3]
+
+    def test_latest_naming_an_older_complete_checkpoint_rewinds(self, root, two_steps, tmp_path, capsys):
+        """Editing ``latest`` to an older complete checkpoint rewinds the run (with a note), as on main."""
+        run = _copy(two_steps, tmp_path)
+        (run / "checkpoints" / LATEST).write_text("step-00000001\n")
+        records = train(RecipeConfig(**_options(root, run, steps=3)))
+        assert [record["step"] for record in records] == [2, 3]
+        assert "older than the complete step-00000002" in capsys.readouterr().err
         assert _steps(run / "metrics.jsonl") == [1, 2, 3]
 
     def test_incomplete_checkpoints_refuse_a_silent_restart(self, root, two_steps, tmp_path):

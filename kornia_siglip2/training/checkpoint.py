@@ -169,13 +169,13 @@ def _complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def find_resume_checkpoint(folder: str | Path) -> Path | None:
-    """The checkpoint a run resumes from: the newest complete ``step-*`` folder under ``folder``, or ``None``.
+    """The checkpoint a run resumes from, or ``None`` when ``folder`` holds no checkpoint folder at all.
 
-    ``latest`` names it when all is well. When ``latest`` is missing, unreadable, names no complete checkpoint,
-    or is stale (a run killed between renaming a new checkpoint into place and updating ``latest``), the
-    checkpoints themselves decide, with a note on stderr saying why. ``None`` only when ``folder`` holds no
-    checkpoint folder at all: ``step-*`` folders none of which is complete are an error, never a silent restart
-    from step 0 over them.
+    ``latest`` decides when it names a complete ``step-*`` folder (also an older one: rewinding a run by editing
+    ``latest`` is allowed, with a note on stderr). When ``latest`` is missing, unreadable, or stale (it names a
+    folder that is gone or incomplete), the checkpoints themselves decide: the newest complete one, with a note on
+    stderr saying why. ``step-*`` folders none of which is complete are an error, never a silent restart from
+    step 0 over them.
 
     Raises:
         FileNotFoundError: ``step-*`` folders exist but none holds a complete checkpoint.
@@ -197,16 +197,19 @@ def find_resume_checkpoint(folder: str | Path) -> Path | None:
         named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
     except (OSError, UnicodeDecodeError):
         named = "<unreadable>"
-    if named != newest.name:
-        if named is None:
-            why = "is missing"
-        elif not any(path.name == named for _, path in complete):
-            why = f"names {named[:80]!r}, not a complete checkpoint"
-        else:
-            why = f"names {named!r}, older than the complete {newest.name}"
-        if _rank_world()[0] == 0:
-            print(f"{folder / LATEST} {why}: resuming from the newest complete checkpoint {newest}", file=sys.stderr)
-    return newest
+    by_name = {path.name: path for _, path in complete}
+    note = None
+    if named in by_name:
+        chosen = by_name[named]
+        if chosen != newest:
+            note = f"{folder / LATEST} names {named}, older than the complete {newest.name}: resuming from {chosen}"
+    else:
+        chosen = newest
+        why = "is missing" if named is None else f"names {named[:80]!r}, not a complete checkpoint"
+        note = f"{folder / LATEST} {why}: resuming from the newest complete checkpoint {newest}"
+    if note is not None and _rank_world()[0] == 0:
+        print(note, file=sys.stderr)
+    return chosen
 
 
 def _floating_non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:

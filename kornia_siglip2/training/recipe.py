@@ -245,7 +245,7 @@ def _check_ranges(config: RecipeConfig) -> None:
 
 def _check_launch(config: RecipeConfig) -> None:
     """``--parallel none`` under a multi-process launcher would train one independent model per process."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     check(
         config.parallel != "none" or world_size == 1,
         lambda: (
@@ -260,9 +260,10 @@ def run_lock(out: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``out/.lock`` (rank 0 of a run): a second run on the same folder is refused.
 
     ``fcntl.flock`` on a local file system; on NFS it depends on the server (``lockd``), so give each run its
-    own ``--out`` there. Other ranks (``RANK`` > 0) take no lock.
+    own ``--out`` there. Other ranks (of the process group, or ``RANK`` > 0 before it exists) take no lock.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank != 0:
         yield
         return
     folder = Path(out)
