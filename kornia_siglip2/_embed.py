@@ -5,8 +5,9 @@ Output contract (also in ``kornia-siglip2 embed --help`` and the user guide):
 - rows follow the **sorted relative POSIX paths** of the images (Python string order of ``a/b.jpg``), whatever the
   number of processes; with ``--skip-errors`` the skipped images have no row;
 - ``.safetensors``: tensor ``image_embeds`` :math:`(N, D)` float32, L2-normalized; metadata ``files`` (JSON list,
-  entry ``i`` = image of row ``i``), ``skipped`` (JSON list of ``{"file", "error"}``), ``model``, ``dtype``,
-  ``row_order`` and ``format``;
+  entry ``i`` = image of row ``i``), ``skipped`` (JSON list of ``{"file", "error"}``), ``model``,
+  ``model_fingerprint`` (:func:`model_fingerprint`), ``dtype``, ``row_order``, ``format`` and, when links named a
+  file or folder twice, ``duplicates`` (``{"file", "same_as"}``);
 - ``.npy``: the :math:`(N, D)` float32 array, plus a sidecar ``<name>.json`` beside it holding the same metadata
   (``.npy`` itself cannot carry any).
 
@@ -762,6 +763,7 @@ def merge(job: EmbedJob) -> dict[str, Any] | None:
             "skipped": sorted(skipped, key=lambda entry: entry["file"]),
             **({"duplicates": job.listing.duplicates} if job.listing.duplicates else {}),
             "model": job.model_name,
+            **({"model_fingerprint": job.model_sha256} if job.model_sha256 else {}),
             "dtype": str(job.dtype).removeprefix("torch."),
             "row_order": ROW_ORDER,
             "key": EMBED_KEY,

@@ -39,10 +39,11 @@ DEFAULT_MODEL = "google/siglip2-base-patch16-naflex"
 _PROG = "kornia-siglip2"
 _SKIPPED_STATUS = 3
 _EMBED_EPILOG = """output: .safetensors holds tensor 'image_embeds' [N, D] float32 (L2-normalized) and metadata
-'files' (JSON list: image of each row), 'skipped' (JSON list of {file, error}), 'model', 'dtype', 'row_order';
-.npy holds the array and FILE's .json sidecar the same metadata. Rows follow the sorted relative POSIX paths
-of the images, whatever the number of processes. Chunks are kept in FILE.parts/ until FILE is written: rerun
-the same command to resume an interrupted run. Several processes: run the same command with --rank 0..W-1
+'files' (JSON list: image of each row), 'skipped' (JSON list of {file, error}), 'model', 'model_fingerprint',
+'dtype', 'row_order'; .npy holds the array and FILE's .json sidecar the same metadata. Rows follow the sorted
+relative POSIX paths of the images, whatever the number of processes. Chunks are kept in FILE.parts/ until FILE
+is written: rerun the same command to resume an interrupted run (refused, naming what changed, if the images,
+the model's files or the options did). Several processes: run the same command with --rank 0..W-1
 --world-size W (or under torchrun); each computes its share of the chunks and the last one writes FILE."""
 
 
