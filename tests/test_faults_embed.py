@@ -243,3 +243,19 @@ def test_model_fingerprint_sees_new_weights_of_the_same_shapes(tmp_path):
     assert embed.model_fingerprint(folder) == before
     save_file({"w": torch.randn(3, 4_000_000, generator=generator)}, folder / "model.safetensors")
     assert embed.model_fingerprint(folder) != before
+
+
+def test_two_identical_commands_at_once_never_crash(checkpoint, images, tmp_path):
+    """Two real processes on one --out: each either writes the output or is refused by the lock; none crashes."""
+    out = tmp_path / "e.safetensors"
+    command = [sys.executable, "-m", "kornia_siglip2", "embed", str(images), "--out", str(out)]
+    command += ["--model", str(checkpoint), "--chunk-size", "1", "--workers", "0", "--no-progress"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
+    processes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    results = [(process.wait(timeout=300), *process.communicate(timeout=60)) for process in processes]
+    for code, _, err in results:
+        assert code == 0 or (code == 1 and "another embed process" in err), err
+    assert any(code == 0 for code, _, _ in results)
+    embeddings, metadata = read(out)
+    assert embeddings.shape == (6, WIDTH) and len(json.loads(metadata["files"])) == 6

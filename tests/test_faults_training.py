@@ -271,3 +271,18 @@ def test_cli_refuses_out_of_range_options_with_non_zero_exit(root, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
     assert result.returncode != 0 and "learning_rate (--learning-rate) must be in" in result.stderr
     assert not (tmp_path / "cli" / "final").exists()
+
+
+def test_hostile_model_config_names_file_and_field(root, tmp_path):
+    """Main: ``--model-config`` with 10**5 layers built for minutes; a string width failed deep inside torch."""
+    for change, message in [
+        ({"num_hidden_layers": 10**5}, "vision_config.num_hidden_layers 100000 is above"),
+        ({"hidden_size": "16"}, "vision_config.hidden_size must be an integer"),
+    ]:
+        config = tiny_siglip2_config()
+        config["vision_config"].update(change)
+        path = tmp_path / "hostile.json"
+        path.write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=message) as error:
+            train(RecipeConfig(**_options(root, tmp_path / "x", model_config=str(path))))
+        assert str(path) in str(error.value)

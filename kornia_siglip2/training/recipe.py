@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kornia_siglip2.config import SigLip2Config
+from kornia_siglip2.config import SigLip2Config, validate_hf_config
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
 from kornia_siglip2.errors import check
 from kornia_siglip2.losses.distill.ema import EMATeacher
@@ -409,10 +409,18 @@ def build_model(config: RecipeConfig) -> SigLip2:
         model = SigLip2.from_pretrained(config.model)
     else:
         torch.manual_seed(config.seed)
-        hf_config = json.loads(Path(config.model_config).read_text())
-        model = SigLip2(SigLip2Config.from_hf_dict(hf_config))
+        model = SigLip2(_read_model_config(config.model_config))
         model.init_weights()
     return model.double() if config.precision == "fp64" else model.float()
+
+
+def _read_model_config(path: str) -> SigLip2Config:
+    """``--model-config``, validated before the model is built; errors name the file and the field."""
+    try:
+        hf_config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"--model-config {path} is not a JSON config: {error}") from error
+    return validate_hf_config(hf_config, str(path))
 
 
 def build_objective(model: SigLip2, config: RecipeConfig, tokenizer: Any, world_size: int) -> SigLip2Objective:
