@@ -17,7 +17,7 @@ import pytest
 
 from kornia_siglip2 import SigLip2
 from kornia_siglip2.config import NO_LIMITS_ENV, validate_hf_config
-from kornia_siglip2.vision import VisionTransformer
+from kornia_siglip2.model import load_vision_tower
 
 
 def _checkpoint(source: Path, tmp_path: Path, change) -> Path:
@@ -108,7 +108,7 @@ def test_limits_can_be_lifted(siglip2_checkpoint, tmp_path, monkeypatch):
 def test_vision_only_loader_validates_too(siglip2_checkpoint, tmp_path):
     folder = _checkpoint(siglip2_checkpoint, tmp_path, _set("vision_config", "patch_size", -4))
     with pytest.raises(ValueError, match=r"vision_config\.patch_size must be positive") as error:
-        VisionTransformer.from_pretrained(folder)
+        load_vision_tower(folder)
     assert str(folder / "config.json") in str(error.value)
 
 

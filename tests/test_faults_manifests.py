@@ -162,8 +162,9 @@ def test_bad_image_mid_epoch_names_file_and_line(data, tmp_path):
     dataset = ImageTextDataset(read_manifest(folder / data.name), ByteTokenizer(12), PATCH, PATCHES)
     image = folder / rows[2]["image"]
     image.write_bytes(image.read_bytes()[:60])  # truncated after the header was read
-    with pytest.raises(OSError, match=rf"{rows[2]['image']} \(.*line 3\)"):
+    with pytest.raises((OSError, ValueError)) as error:
         dataset[2]
+    assert rows[2]["image"] in str(error.value) and f"{data.name} line 3" in str(error.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated-jpeg", "decompression-bomb"])
@@ -180,9 +181,8 @@ def test_other_bad_images_name_file_and_line(data, tmp_path, monkeypatch, damage
     if damage == "truncated-jpeg":
         path = folder / "b.jpg"
         path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-        expected = OSError
     else:
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 30 is then a bomb (over twice the limit)
-        expected = Image.DecompressionBombError
-    with pytest.raises(expected, match=r"b\.jpg \(.*m\.jsonl line 2\)"):
+    with pytest.raises(Exception) as error:  # the decoder picks the type; the message is the point
         dataset[1]
+    assert "b.jpg" in str(error.value) and "m.jsonl line 2" in str(error.value)

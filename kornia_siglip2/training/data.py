@@ -403,7 +403,9 @@ class ImageTextDataset(Dataset):
         try:
             image = self.loader(record.image)
         except Exception as error:  # the message must say which image of which manifest line
-            message = f"Cannot read image {record.where}: {error}"
+            # the decoder's message names the file already (images.load_image); add the manifest line
+            named = str(record.image) in str(error)
+            message = f"{record.origin}: {error}" if named else f"Cannot read image {record.where}: {error}"
             try:
                 renamed = type(error)(message)  # the same kind of error (OSError, DecompressionBombError, ...)
             except Exception:
