@@ -230,7 +230,7 @@ def _check_ranges(config: RecipeConfig) -> None:
     for name, low in (("warmup_steps", 0), ("token_budget", 1), ("text_length", 1), ("log_every", 1)):
         finite(name, low)
     finite("num_workers", 0)
-    finite("save_every", 1, optional=True)
+    finite("save_every", 0, optional=True)  # 0 or None: only at the end
     finite("threads", 1, optional=True)
     if config.device != "auto":
         try:
