@@ -5,8 +5,9 @@ Output contract (also in ``kornia-siglip2 embed --help`` and the user guide):
 - rows follow the **sorted relative POSIX paths** of the images (Python string order of ``a/b.jpg``), whatever the
   number of processes; with ``--skip-errors`` the skipped images have no row;
 - ``.safetensors``: tensor ``image_embeds`` :math:`(N, D)` float32, L2-normalized; metadata ``files`` (JSON list,
-  entry ``i`` = image of row ``i``), ``skipped`` (JSON list of ``{"file", "error"}``), ``model``, ``dtype``,
-  ``row_order`` and ``format``;
+  entry ``i`` = image of row ``i``), ``skipped`` (JSON list of ``{"file", "error"}``), ``model``,
+  ``model_fingerprint`` (:func:`model_fingerprint`), ``dtype``, ``row_order``, ``format`` and, when links named a
+  file or folder twice, ``duplicates`` (``{"file", "same_as"}``);
 - ``.npy``: the :math:`(N, D)` float32 array, plus a sidecar ``<name>.json`` beside it holding the same metadata
   (``.npy`` itself cannot carry any).
 
@@ -14,15 +15,30 @@ Work is kept in ``<out>.parts/``: one ``chunk-KKKKKK.safetensors`` per ``--chunk
 list, each written atomically as soon as it is computed. Rank ``r`` of ``W`` computes chunks ``r, r + W, ...``;
 rerunning the same command skips the chunks already there (an interrupted run resumes), and the process that
 finds every chunk present writes ``<out>`` atomically (temporary file + rename) and removes ``<out>.parts/``.
+
+Provenance: ``<out>.parts/manifest.json`` records what the chunks are made of (the file list's hash, the model
+files' fingerprint (:func:`model_fingerprint`), dtype, preprocessing and decoder, chunk size); a resume whose
+inputs differ is refused, naming what changed. Each chunk records its run (the manifest's hash), its index and
+its file slice's hash; every chunk is verified (run, index, rows, files, width) before it is resumed or merged,
+and a damaged one is named. Each rank holds an ``flock`` on ``<out>.parts/.rank-R.lock`` while it runs: a
+second identical command is refused (``flock`` is reliable on local file systems; on NFS it depends on the
+server's lock daemon).
+
+Listing: symbolic links are followed once (a folder or file reached again through a link, by its real path, is
+not listed twice: the later names are recorded under ``duplicates``); FIFOs, sockets and devices are never
+opened (reading a FIFO would block forever), dangling links and link loops are reported as such; file names
+that are not UTF-8 are recorded with ``\\xNN`` escapes (:func:`display_name`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -43,57 +59,163 @@ _MANIFEST = "manifest.json"
 
 @dataclass
 class Listing:
-    """Images of a folder: sorted relative POSIX paths, and what could not be read (``{"file", "error"}``)."""
+    """Images of a folder: sorted relative POSIX paths, and what could not be read (``{"file", "error"}``).
+
+    ``duplicates``: names under which an already listed file or folder was reached again through a symbolic
+    link (``{"file", "same_as"}``); they get no row.
+    """
 
     files: list[str]
     skipped: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[dict[str, str]] = field(default_factory=list)
+
+
+def display_name(name: str) -> str:
+    """A file name as recorded in metadata and messages: bytes that are not UTF-8 become ``\\xNN`` escapes.
+
+    Python decodes such names with ``surrogateescape``; JSON and safetensors metadata need valid UTF-8.
+
+    Example:
+        >>> display_name(os.fsdecode(b"caf\\xe9.png")), display_name("café.png")
+        ('caf\\\\xe9.png', 'café.png')
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _names_sha256(names: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"))
+
+
+def _unreadable(path: str) -> str | None:
+    """Why the image at ``path`` cannot be read (without opening it), or ``None``."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "dangling symbolic link (its target does not exist)" if os.path.islink(path) else "file vanished"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return error.strerror or type(error).__name__
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a file")
+        if stat.S_ISBLK(info.st_mode):
+            kind = "a block device"
+        return f"not a regular file ({kind}); never opened"
+    if not os.access(path, os.R_OK):
+        return "permission denied"
+    return None
 
 
 def list_images(folder: Path, skip_errors: bool = False) -> Listing:
     """Every image under ``folder`` (recursive, by suffix), sorted by relative POSIX path.
 
-    A folder or file that cannot be read is an error naming it, unless ``skip_errors``: it is then listed in
-    :attr:`Listing.skipped`. Symlinked folders are followed (their images are listed under the link's path);
-    a link back to one of its own ancestors (a cycle) is not descended again.
+    A folder or file that cannot be read (no permission, a dangling link, a link loop, a FIFO / socket /
+    device, which is never opened) is an error naming it, unless ``skip_errors``: it is then listed in
+    :attr:`Listing.skipped` with the reason. Symbolic links are followed once: a folder or file whose real path
+    was already listed is not listed again (:attr:`Listing.duplicates`), so link cycles end.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder")
-    files: list[str] = []
+    found: list[tuple[str, str]] = []  # (relative name, real path)
     skipped: list[dict[str, str]] = []
+    duplicates: list[dict[str, str]] = []
+    seen_folders: dict[str, str] = {}
+
+    def relative(path: str) -> str:
+        return Path(path).relative_to(folder).as_posix() if Path(path) != folder else "."
 
     def fail(path: str, reason: str, what: str) -> None:
-        relative = Path(path).relative_to(folder).as_posix() if Path(path) != folder else "."
+        name = display_name(relative(path))
         if not skip_errors:
-            raise PermissionError(
-                f"cannot read {what} {path}: {reason}; fix its permissions, or pass --skip-errors to skip it "
+            error = PermissionError if reason == "permission denied" else OSError
+            raise error(
+                f"cannot read {what} {display_name(path)}: {reason}; fix it, or pass --skip-errors to skip it "
                 "(it is then listed in the output's 'skipped' metadata)"
             )
-        skipped.append({"file": relative + ("/" if what == "folder" else ""), "error": reason})
+        skipped.append({"file": name + ("/" if what == "folder" else ""), "error": reason})
 
     def on_error(error: OSError) -> None:
         fail(str(error.filename), error.strerror or type(error).__name__, "folder")
 
     for directory, subfolders, names in os.walk(folder, onerror=on_error, followlinks=True):
-        here = Path(directory).resolve()
-        # a symlinked folder is followed unless it leads back to this folder or an ancestor (an endless walk)
-        subfolders[:] = sorted(
-            sub
-            for sub in subfolders
-            if not os.path.islink(os.path.join(directory, sub))
-            or not here.is_relative_to(Path(directory, sub).resolve())
-        )
+        real = os.path.realpath(directory)
+        if real in seen_folders:  # reached again through a link (a cycle, or two names of one folder)
+            duplicates.append({"file": display_name(relative(directory)) + "/", "same_as": seen_folders[real]})
+            subfolders[:] = []
+            continue
+        seen_folders[real] = display_name(relative(directory)) + "/"
+        subfolders.sort()
         for name in names:
             if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             path = os.path.join(directory, name)
-            if not os.access(path, os.R_OK):
-                fail(path, "permission denied", "image")
+            reason = _unreadable(path)
+            if reason is not None:
+                fail(path, reason, "image")
                 continue
-            files.append(Path(path).relative_to(folder).as_posix())
-    files.sort()
+            found.append((relative(path), os.path.realpath(path)))
+    files: list[str] = []
+    first: dict[str, str] = {}
+    for name, real in sorted(found):
+        if real in first:
+            duplicates.append({"file": display_name(name), "same_as": display_name(first[real])})
+            continue
+        first[real] = name
+        files.append(name)
     skipped.sort(key=lambda entry: entry["file"])
-    return Listing(files, skipped)
+    duplicates.sort(key=lambda entry: entry["file"])
+    return Listing(files, skipped, duplicates)
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """SHA-256 fingerprint of a model folder's weights and configuration: what the chunks of ``embed`` record.
+
+    Covers every ``*.safetensors`` file and the configuration JSON files at the folder's top level: the JSON files
+    whole; each weight file by its size, its safetensors header (every tensor's name, dtype, shape and offsets,
+    and the metadata) and :data:`FINGERPRINT_BLOCKS` blocks of :data:`FINGERPRINT_BLOCK_SIZE` bytes spread evenly
+    over it (all of it when smaller). New weights under the same folder name (another training, a fine-tune, a
+    re-save in another dtype) change it; hashing whole files would cost seconds per GiB (SHA-256 reads about
+    500 MiB/s here) at every start, this reads 16 MiB per file.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "config.json").write_text("{}")
+        >>> before = model_fingerprint(folder)
+        >>> _ = (folder / "config.json").write_text('{"hidden_size": 8}')
+        >>> model_fingerprint(folder) != before
+        True
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or not (path.suffix == ".safetensors" or path.name in _MODEL_JSON):
+            continue
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            whole = path.suffix != ".safetensors" or size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK_SIZE
+            if whole:
+                digest.update(hashlib.file_digest(handle, "sha256").digest())
+                continue
+            head = handle.read(8)
+            header_size = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest.update(head + handle.read(min(header_size, size)))
+            step = (size - FINGERPRINT_BLOCK_SIZE) // (FINGERPRINT_BLOCKS - 1)
+            for block in range(FINGERPRINT_BLOCKS):
+                handle.seek(block * step)
+                digest.update(handle.read(FINGERPRINT_BLOCK_SIZE))
+    return digest.hexdigest()
+
+
+#: :func:`model_fingerprint` reads this many blocks of each large weight file ...
+FINGERPRINT_BLOCKS = 64
+#: ... of this many bytes (16 MiB in all per file)
+FINGERPRINT_BLOCK_SIZE = 256 * 1024
+_MODEL_JSON = ("config.json", "model.safetensors.index.json", "preprocessor_config.json")
 
 
 def check_writable(out: Path) -> None:
@@ -289,6 +411,8 @@ class EmbedJob:
     skip_errors: bool = False
     progress: bool | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    model_sha256: str = ""
+    width: int = 0
 
     @property
     def parts(self) -> Path:
@@ -301,17 +425,31 @@ class EmbedJob:
     def chunk_path(self, chunk: int) -> Path:
         return self.parts / f"chunk-{chunk:06d}.safetensors"
 
+    def chunk_rows(self, chunk: int) -> range:
+        """The rows (indices into ``listing.files``) of chunk ``chunk``."""
+        return range(chunk * self.chunk_size, min(len(self.listing.files), (chunk + 1) * self.chunk_size))
+
+    def chunk_files_sha256(self, chunk: int) -> str:
+        rows = self.chunk_rows(chunk)
+        return _names_sha256(self.listing.files[rows.start : rows.stop])
+
     def manifest(self) -> dict[str, Any]:
-        digest = hashlib.sha256("\n".join(self.listing.files).encode("utf-8")).hexdigest()
         return {
-            "version": 1,
+            "version": 2,
             "num_files": len(self.listing.files),
-            "files_sha256": digest,
+            "files_sha256": _names_sha256(self.listing.files),
             "model": self.model_name,
+            "model_sha256": self.model_sha256,
+            "width": self.width,
             "dtype": str(self.dtype).removeprefix("torch."),
             "chunk_size": self.chunk_size,
             **self.settings,
         }
+
+    @property
+    def run_id(self) -> str:
+        """SHA-256 of :meth:`manifest`: every chunk of this run records it."""
+        return hashlib.sha256(json.dumps(self.manifest(), sort_keys=True).encode()).hexdigest()
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -344,11 +482,73 @@ def _atomic_write_all(writes: list[tuple[Path, Callable[[Path], None]]]) -> None
         raise
 
 
-def _save_chunk(path: Path, embeddings: torch.Tensor, rows: list[int], skipped: list[dict[str, str]]) -> None:
+def _save_chunk(
+    job: EmbedJob, chunk: int, embeddings: torch.Tensor, rows: list[int], skipped: list[dict[str, Any]]
+) -> None:
+    """Write one chunk with its provenance: the run, its index, its file slice's hash (safetensors metadata)."""
     from safetensors.torch import save_file
 
     tensors = {EMBED_KEY: embeddings.float().cpu().contiguous(), "rows": torch.tensor(rows, dtype=torch.int64)}
-    _atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata={"skipped": json.dumps(skipped)}))
+    metadata = {
+        "skipped": json.dumps(skipped),
+        "run": job.run_id,
+        "chunk": str(chunk),
+        "files_sha256": job.chunk_files_sha256(chunk),
+    }
+    _atomic_write(job.chunk_path(chunk), lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+
+def _read_chunk(job: EmbedJob, chunk: int) -> tuple[torch.Tensor, list[int], list[dict[str, Any]]]:
+    """A kept chunk, verified: its run, index, file slice, rows and width. Raises naming the chunk file."""
+    from safetensors import safe_open
+
+    path = job.chunk_path(chunk)
+
+    def damaged(reason: str) -> ValueError:
+        return ValueError(
+            f"chunk {path} cannot be used: {reason}; delete it and rerun the same command to recompute it"
+        )
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            embeddings = handle.get_tensor(EMBED_KEY)
+            rows_tensor = handle.get_tensor("rows")
+        skipped = json.loads(metadata.get("skipped", "[]"))
+    except Exception as error:  # safetensors raises its own types for a damaged header
+        raise damaged(f"it is damaged ({' '.join(str(error).split()) or type(error).__name__})") from error
+    if metadata.get("run") != job.run_id:
+        raise damaged("it was computed by another run (other images, model, dtype or preprocessing)")
+    if metadata.get("chunk") != str(chunk):
+        raise damaged(f"it holds chunk {metadata.get('chunk')!r}, not {chunk} (a copied file?)")
+    if metadata.get("files_sha256") != job.chunk_files_sha256(chunk):
+        raise damaged("its images are not this chunk's images")
+    expected = job.chunk_rows(chunk)
+    rows = rows_tensor.tolist() if rows_tensor.ndim == 1 and rows_tensor.dtype == torch.int64 else None
+    skipped_rows = [entry.get("row") for entry in skipped] if isinstance(skipped, list) else None
+    if rows is None or skipped_rows is None or sorted(rows + skipped_rows) != list(expected):
+        raise damaged(f"its rows and skipped images do not cover rows {expected.start}..{expected.stop - 1} once")
+    if rows != sorted(rows):
+        raise damaged("its rows are out of order")
+    if tuple(embeddings.shape) != (len(rows), job.width) or embeddings.dtype != torch.float32:
+        raise damaged(
+            f"its embeddings are {tuple(embeddings.shape)} {embeddings.dtype}, expected ({len(rows)}, {job.width}) "
+            "float32 (cut short?)"
+        )
+    return embeddings, rows, skipped
+
+
+_MANIFEST_FIELDS = {
+    "files_sha256": "the image list",
+    "num_files": "the number of images",
+    "model_sha256": "the model's weight or config files",
+    "model": "the model name",
+    "width": "the embedding width",
+    "dtype": "the dtype",
+    "chunk_size": "--chunk-size",
+    "preprocessor": "the preprocessing options",
+    "decoder": "--decoder",
+}
 
 
 def _prepare_parts(job: EmbedJob) -> None:
@@ -356,12 +556,20 @@ def _prepare_parts(job: EmbedJob) -> None:
     manifest_file = job.parts / _MANIFEST
     expected = job.manifest()
     if manifest_file.is_file():
-        found = json.loads(manifest_file.read_text(encoding="utf-8"))
-        if found != expected:
-            changed = sorted(key for key in set(found) | set(expected) if found.get(key) != expected.get(key))
+        try:
+            found = json.loads(manifest_file.read_text(encoding="utf-8"))
+            get = found.get  # a JSON object
+        except (OSError, ValueError, AttributeError) as error:
             raise ValueError(
-                f"{job.parts} holds the chunks of a different run (differs in {', '.join(changed)}): rerun with the "
-                f"same folder, model and options to resume it, or delete {job.parts} to start again"
+                f"cannot read {manifest_file} ({' '.join(str(error).split()) or type(error).__name__}): delete "
+                f"{job.parts} to start again"
+            ) from error
+        if found != expected:
+            changed = sorted(key for key in set(found) | set(expected) if get(key) != expected.get(key))
+            what = ", ".join(f"{_MANIFEST_FIELDS.get(key, key)} ({key})" for key in changed)
+            raise ValueError(
+                f"{job.parts} holds the chunks of a different run: changed since they were computed: {what}. Rerun "
+                f"with the same folder, model and options to resume it, or delete {job.parts} to start again"
             )
         return
     text = json.dumps(expected, indent=1)
@@ -404,10 +612,11 @@ def _batches(
         if error is not None:
             if not job.skip_errors:
                 raise ValueError(
-                    f"cannot read image {job.folder / job.listing.files[row]}: {error}; the chunks computed so far "
+                    f"cannot read image {display_name(str(job.folder / job.listing.files[row]))}: {error}; the "
+                    "chunks computed so far "
                     f"are kept in {job.parts} (rerun to resume), or pass --skip-errors to skip unreadable images"
                 )
-            skipped.append({"file": job.listing.files[row], "error": error})
+            skipped.append({"file": display_name(job.listing.files[row]), "error": error, "row": row})
             continue
         size = preprocessed[0].shape[0] if naflex else 1
         over_budget = naflex and budget is not None and items and tokens + size > budget
@@ -431,9 +640,11 @@ def run_embed(job: EmbedJob, classifier: Any) -> tuple[int, int]:
     _prepare_parts(job)
     mine = range(job.rank, job.num_chunks, job.world_size)
     todo = [chunk for chunk in mine if not job.chunk_path(chunk).is_file()]
+    for chunk in mine:
+        if chunk not in todo:
+            _read_chunk(job, chunk)  # a kept chunk must be this run's, whole: else an error naming it
     resumed = len(mine) - len(todo)
-    total = len(job.listing.files)
-    rows = [row for chunk in todo for row in range(chunk * job.chunk_size, min(total, (chunk + 1) * job.chunk_size))]
+    rows = [row for chunk in todo for row in job.chunk_rows(chunk)]
     naflex = classifier.model.config.is_naflex
     preprocessor = classifier.preprocessor.cpu()  # workers preprocess on the CPU; the model may be elsewhere
     dataset = _Images(job.folder, job.listing.files, rows, preprocessor, job.decoder)
@@ -463,8 +674,8 @@ def run_embed(job: EmbedJob, classifier: Any) -> tuple[int, int]:
             bar.update(len(batch_rows) + len(skipped))
             done += len(batch_rows)
             if chunk_ends:
-                embeddings = torch.cat(pending) if pending else torch.zeros(0, 0)
-                _save_chunk(job.chunk_path(chunk), embeddings, pending_rows, pending_skipped)
+                embeddings = torch.cat(pending) if pending else torch.zeros(0, job.width)
+                _save_chunk(job, chunk, embeddings, pending_rows, pending_skipped)
                 pending, pending_rows, pending_skipped = [], [], []
     return done, resumed
 
@@ -479,6 +690,32 @@ def _encode(model: Any, batch: Any, device: torch.device) -> torch.Tensor:
         else:
             moved = type(batch)(*(tensor.to(device) for tensor in batch))
         return _image_embeddings(model, moved).float().cpu()
+
+
+@contextlib.contextmanager
+def rank_lock(job: EmbedJob) -> Iterator[None]:
+    """Hold ``<out>.parts/.rank-R.lock`` while this rank runs: a second identical command is refused, not mixed in.
+
+    ``fcntl.flock``: reliable on local file systems; on NFS it depends on the server, so give concurrent runs
+    there their own ``--out``.
+    """
+    job.parts.mkdir(parents=True, exist_ok=True)
+    handle = open(job.parts / f".rank-{job.rank}.lock", "a")  # noqa: SIM115
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError as error:
+            raise RuntimeError(
+                f"another embed process (rank {job.rank}) is already writing {job.parts}: wait for it to finish, "
+                "or give this one another --out"
+            ) from error
+        yield
+    finally:
+        handle.close()
 
 
 @contextlib.contextmanager
@@ -502,9 +739,11 @@ def _locked(path: Path) -> Iterator[bool]:
 
 
 def merge(job: EmbedJob) -> dict[str, Any] | None:
-    """Write ``job.out`` from the chunks if all are there (atomically), remove the parts; ``None`` if not yet."""
-    from safetensors import safe_open
+    """Write ``job.out`` from the chunks if all are there (atomically), remove the parts; ``None`` if not yet.
 
+    Every chunk is verified first (:func:`_read_chunk`): one that is damaged, cut short, copied from another
+    chunk or computed by another run is an error naming it, and nothing is written.
+    """
     with _locked(job.parts / ".lock") as held:
         if not held or not (job.parts / _MANIFEST).is_file():
             return {"merged_by_other": True}
@@ -513,17 +752,18 @@ def merge(job: EmbedJob) -> dict[str, Any] | None:
             return None
         embeddings, rows, skipped = [], [], list(job.listing.skipped)
         for chunk in range(job.num_chunks):
-            with safe_open(job.chunk_path(chunk), framework="pt") as handle:
-                embeddings.append(handle.get_tensor(EMBED_KEY))
-                rows += handle.get_tensor("rows").tolist()
-                skipped += json.loads(handle.metadata()["skipped"])
-        embeddings = [tensor for tensor in embeddings if tensor.numel()] or [torch.zeros(0, 0)]
-        matrix = torch.cat(embeddings).contiguous()
-        files = [job.listing.files[row] for row in rows]
+            chunk_embeddings, chunk_rows, chunk_skipped = _read_chunk(job, chunk)
+            embeddings.append(chunk_embeddings)
+            rows += chunk_rows
+            skipped += [{"file": entry["file"], "error": entry["error"]} for entry in chunk_skipped]
+        matrix = torch.cat([torch.zeros(0, job.width), *embeddings]).contiguous()
+        files = [display_name(job.listing.files[row]) for row in rows]
         metadata = {
             "files": files,
             "skipped": sorted(skipped, key=lambda entry: entry["file"]),
+            **({"duplicates": job.listing.duplicates} if job.listing.duplicates else {}),
             "model": job.model_name,
+            **({"model_fingerprint": job.model_sha256} if job.model_sha256 else {}),
             "dtype": str(job.dtype).removeprefix("torch."),
             "row_order": ROW_ORDER,
             "key": EMBED_KEY,

@@ -294,6 +294,8 @@ def _attend(
     if backend == "auto":
         backend = "flash" if _flash_available(query) and len(set(layout.causal)) <= 1 else "grouped"
     if backend == "eager":
+        if not torch.compiler.is_compiling():
+            _check_eager_memory(query, layout, weights)
         return _eager_attention(query, key, value, layout, scale, weights)
     if backend == "dense":
         if not torch.compiler.is_compiling():
@@ -337,10 +339,12 @@ def _loop_attention(
 ) -> torch.Tensor:
     outputs = []
     for q, k, v, causal in _per_sequence(query, key, value, layout):
+        # [L, H, Dh] -> [1, H, L, Dh]: a 4-D call takes SDPA's fused kernels (memory linear in L); a 3-D one falls
+        # back to the math path, which materialises the H x L x L scores (17 GB for one 32,768-token image)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale, is_causal=causal
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale=scale, is_causal=causal
         )
-        outputs.append(out.transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1))
     return torch.cat(outputs)
 
 
@@ -398,6 +402,27 @@ def _check_dense_memory(query: torch.Tensor, key: torch.Tensor) -> None:
             f"backend='dense' needs about {needed / 2**30:.1f} GiB for the {query.shape[1]} x {query.shape[0]} x "
             f"{key.shape[0]} attention scores of this batch, more than the {free / 2**30:.1f} GiB free on "
             f"{query.device}: use backend='grouped' (memory linear in the tokens) or split the batch."
+        ),
+    )
+
+
+def _check_eager_memory(query: torch.Tensor, layout: VarlenLayout, weights: bool) -> None:
+    """Fail fast when the ``"eager"`` backend's explicit per-sequence scores cannot fit in free memory.
+
+    It holds :math:`H \\times L_q \\times L_k` scores and probabilities of one sequence at a time, and every
+    sequence's probabilities when the weights are returned. Host arithmetic on the layout's lengths (no device read).
+    """
+    blocks = [len_q * len_k for len_q, len_k in zip(layout.seqlens_q, layout.seqlens_k, strict=True)] or [0]
+    per_element = query.shape[1] * query.element_size()
+    needed = per_element * (2 * max(blocks) + (sum(blocks) if weights else 0))
+    free = _free_memory(query.device)
+    check(
+        free is None or needed <= free,
+        lambda: (
+            f"backend='eager' needs about {needed / 2**30:.1f} GiB for the explicit attention scores of this batch "
+            f"(longest sequence {max(layout.seqlens_q, default=0)} tokens, {query.shape[1]} heads), more than the "
+            f"{free / 2**30:.1f} GiB free on {query.device}: use backend='grouped' or 'loop' (memory linear in the "
+            "tokens; output_attentions=True needs 'eager'), or shorter sequences."
         ),
     )
 

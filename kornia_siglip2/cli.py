@@ -39,10 +39,11 @@ DEFAULT_MODEL = "google/siglip2-base-patch16-naflex"
 _PROG = "kornia-siglip2"
 _SKIPPED_STATUS = 3
 _EMBED_EPILOG = """output: .safetensors holds tensor 'image_embeds' [N, D] float32 (L2-normalized) and metadata
-'files' (JSON list: image of each row), 'skipped' (JSON list of {file, error}), 'model', 'dtype', 'row_order';
-.npy holds the array and FILE's .json sidecar the same metadata. Rows follow the sorted relative POSIX paths
-of the images, whatever the number of processes. Chunks are kept in FILE.parts/ until FILE is written: rerun
-the same command to resume an interrupted run. Several processes: run the same command with --rank 0..W-1
+'files' (JSON list: image of each row), 'skipped' (JSON list of {file, error}), 'model', 'model_fingerprint',
+'dtype', 'row_order'; .npy holds the array and FILE's .json sidecar the same metadata. Rows follow the sorted
+relative POSIX paths of the images, whatever the number of processes. Chunks are kept in FILE.parts/ until FILE
+is written: rerun the same command to resume an interrupted run (refused, naming what changed, if the images,
+the model's files or the options did). Several processes: run the same command with --rank 0..W-1
 --world-size W (or under torchrun); each computes its share of the chunks and the last one writes FILE."""
 
 
@@ -263,6 +264,8 @@ def _embed(args: argparse.Namespace) -> int:
     if max_tokens is None and classifier.model.config.is_naflex:
         max_tokens = args.batch_size * classifier.preprocessor.max_num_patches
     workers = args.workers if args.workers is not None else max(1, min(8, os.cpu_count() or 1))
+    from kornia_siglip2.hub import resolve_checkpoint
+
     job = embed.EmbedJob(
         folder=folder,
         out=out,
@@ -279,19 +282,23 @@ def _embed(args: argparse.Namespace) -> int:
         skip_errors=args.skip_errors,
         progress=False if args.no_progress else None,
         settings={"preprocessor": repr(classifier.preprocessor), "decoder": args.decoder},
+        # what the chunks record: new weights in the same folder must not resume old chunks
+        model_sha256=embed.model_fingerprint(resolve_checkpoint(args.model)),
+        width=classifier.model.config.vision_config.hidden_size,
     )
-    try:
-        computed, resumed = embed.run_embed(job, classifier)
-    except KeyboardInterrupt:
-        kept = len(list(job.parts.glob("chunk-*.safetensors")))
-        print(
-            f"{_PROG} embed: interrupted; {kept} finished chunk(s) kept in {job.parts}: rerun the same command to "
-            "resume",
-            file=sys.stderr,
-        )
-        return 130
+    with embed.rank_lock(job):
+        try:
+            computed, resumed = embed.run_embed(job, classifier)
+        except KeyboardInterrupt:
+            kept = len(list(job.parts.glob("chunk-*.safetensors")))
+            print(
+                f"{_PROG} embed: interrupted; {kept} finished chunk(s) kept in {job.parts}: rerun the same command "
+                "to resume",
+                file=sys.stderr,
+            )
+            return 130
+        result = embed.merge(job)
     note = f" ({resumed} chunk(s) resumed from {job.parts})" if resumed else ""
-    result = embed.merge(job)
     if result is None:
         print(
             f"rank {rank}/{world_size}: computed {computed} embeddings{note} into {job.parts}; the last rank to "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,12 +16,15 @@ from kornia_siglip2.errors import check
 
 __all__ = [
     "ACTIVATIONS",
+    "CONFIG_LIMITS",
     "MODEL_TYPES",
+    "NO_LIMITS_ENV",
     "POSITION_EMBEDDINGS",
     "VISION_MODEL_TYPES",
     "SigLip2Config",
     "TextConfig",
     "VisionConfig",
+    "validate_hf_config",
 ]
 
 #: ``model_type`` of a dual-tower Hugging Face checkpoint -> the position-embedding kind of its vision tower:
@@ -53,6 +58,67 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "quick_gelu": _quick_gelu,
     "relu": F.relu,
 }
+
+
+#: Upper bounds of the integer fields, far above every released SigLIP / SigLIP 2 (So400m: width 1152, 27 layers,
+#: vocabulary 256k): a ``config.json`` above them is refused before anything is allocated (10**5 layers would
+#: build for minutes). Set the environment variable :data:`NO_LIMITS_ENV` to ``1`` to load such a model anyway.
+CONFIG_LIMITS: dict[str, int] = {
+    "hidden_size": 2**16,
+    "intermediate_size": 2**18,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_channels": 64,
+    "patch_size": 1024,
+    "image_size": 2**16,
+    "num_patches": 2**20,
+    "vocab_size": 2**22,
+    "max_position_embeddings": 2**20,
+    "projection_size": 2**16,
+}
+#: environment variable that lifts :data:`CONFIG_LIMITS` when set to ``1``
+NO_LIMITS_ENV = "KORNIA_SIGLIP2_NO_CONFIG_LIMITS"
+
+
+def _check_fields(config: Any, tower: str) -> None:
+    """Types and ranges of a tower config's fields, each error naming ``<tower>_config.<field>``."""
+    limits = os.environ.get(NO_LIMITS_ENV, "") in ("", "0")
+    for item in dataclasses.fields(config):
+        value, name = getattr(config, item.name), f"{tower}_config.{item.name}"
+        if item.name in CONFIG_LIMITS:
+            if value is None and item.name == "projection_size":
+                continue
+            check(
+                isinstance(value, int) and not isinstance(value, bool),
+                lambda value=value, name=name: f"{name} must be an integer, got {type(value).__name__} {value!r}.",
+            )
+            check(value > 0, lambda value=value, name=name: f"{name} must be positive, got {value}.")
+            bound = CONFIG_LIMITS[item.name]
+            check(
+                not limits or value <= bound,
+                lambda value=value, name=name, bound=bound: (
+                    f"{name} {value} is above the sane bound {bound} (no released SigLIP comes near it): a damaged "
+                    f"or hostile config? Set {NO_LIMITS_ENV}=1 to load it anyway."
+                ),
+            )
+        elif item.name == "layer_norm_eps":
+            check(
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                lambda value=value, name=name: f"{name} must be a finite number, got {value!r}.",
+            )
+            check(0 < value < 1, lambda value=value, name=name: f"{name} must be in (0, 1), got {value}.")
+        elif item.name == "vision_use_head":
+            check(isinstance(value, bool), lambda value=value, name=name: f"{name} must be true or false: {value!r}.")
+        elif item.name == "pad_token_id":
+            check(
+                value is None or (isinstance(value, int) and not isinstance(value, bool)),
+                lambda value=value, name=name: f"{name} must be an integer or null, got {value!r}.",
+            )
+        elif item.name in ("hidden_act", "position_embedding"):
+            check(
+                value is None or isinstance(value, str),
+                lambda value=value, name=name: f"{name} must be a string, got {value!r}.",
+            )
 
 
 @dataclass
@@ -98,6 +164,7 @@ class VisionConfig:
     position_embedding: str | None = None
 
     def __post_init__(self) -> None:
+        _check_fields(self, "vision")
         _check_heads(self.hidden_size, self.num_attention_heads, "vision")
         _check_activation(self.hidden_act, "vision")
         check(
@@ -150,6 +217,7 @@ class TextConfig:
     pad_token_id: int | None = 1
 
     def __post_init__(self) -> None:
+        _check_fields(self, "text")
         if self.projection_size is None:
             self.projection_size = self.hidden_size
         _check_heads(self.hidden_size, self.num_attention_heads, "text")
@@ -202,7 +270,9 @@ class SigLip2Config:
         if self.is_naflex:
             side = round(self.vision_config.num_patches**0.5)
             if side * side != self.vision_config.num_patches:
-                raise ValueError(f"vision num_patches must be a perfect square, got {self.vision_config.num_patches}.")
+                raise ValueError(
+                    f"vision_config.num_patches must be a perfect square, got {self.vision_config.num_patches}."
+                )
         else:
             # sizes the patch does not divide are fine: the Conv2d patch embedding floors (patch 14 at 384 is a
             # 27 x 27 grid, 6 pixel rows / columns dropped), and so does the table size (image_size // patch)^2
@@ -210,7 +280,7 @@ class SigLip2Config:
             check(
                 0 < vision.patch_size <= vision.image_size,
                 lambda: (
-                    f"vision image_size {vision.image_size} must be at least patch_size {vision.patch_size} "
+                    f"vision_config.image_size {vision.image_size} must be at least patch_size {vision.patch_size} "
                     "(both positive)."
                 ),
             )
@@ -234,8 +304,8 @@ class SigLip2Config:
         )
         return cls(
             model_type=model_type,
-            vision_config=_from_dict(VisionConfig, hf_config.get("vision_config") or {}),
-            text_config=_from_dict(TextConfig, hf_config.get("text_config") or {}),
+            vision_config=_from_dict(VisionConfig, _sub_config(hf_config, "vision_config")),
+            text_config=_from_dict(TextConfig, _sub_config(hf_config, "text_config")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,12 +335,74 @@ class SigLip2Config:
 def _check_heads(hidden_size: int, num_heads: int, tower: str) -> None:
     check(
         num_heads > 0 and hidden_size % num_heads == 0,
-        lambda: f"{tower} hidden_size {hidden_size} must be divisible by num_attention_heads {num_heads}.",
+        lambda: f"{tower}_config.hidden_size {hidden_size} must be divisible by num_attention_heads {num_heads}.",
     )
 
 
+def _sub_config(hf_config: dict[str, Any], key: str) -> dict[str, Any]:
+    value = hf_config.get(key)
+    check(
+        value is None or isinstance(value, dict),
+        lambda: f"{key} must be a JSON object (or absent), got {type(value).__name__}.",
+    )
+    return value or {}
+
+
+#: ``dtype`` / ``torch_dtype`` values of a ``config.json`` that name a dtype the model can run in
+_CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float64", "float", "half", "double")
+
+
+def validate_hf_config(hf_config: Any, source: str = "config.json") -> SigLip2Config:
+    """Check a ``config.json`` dict before anything is allocated; every error names the field and ``source``.
+
+    Types (an integer field given as ``"32"``, ``32.0``, ``true`` or ``null`` is refused), ranges (positive
+    sizes, a finite ``layer_norm_eps`` in (0, 1), :data:`CONFIG_LIMITS` upper bounds), relations
+    (``hidden_size % num_attention_heads``, ``patch_size <= image_size``, a square ``num_patches``), the
+    sub-configs (JSON objects) and the stored ``dtype`` (a floating type the model can run in: not float8,
+    not complex). Dual-tower and vision-only (``siglip_vision_model`` / ``siglip2_vision_model``) configs.
+
+    Args:
+        hf_config: the parsed ``config.json``.
+        source: the file, for messages.
+
+    Returns:
+        the configuration (a vision-only config comes back as a dual-tower one with default text tower).
+
+    Raises:
+        ValueCheckError: the first problem found, as ``"<source>: <field> ..."``.
+
+    Example:
+        >>> config = validate_hf_config({"model_type": "siglip2", "vision_config": {"hidden_size": 96}})
+        >>> config.vision_config.hidden_size
+        96
+        >>> validate_hf_config({"model_type": "siglip2", "vision_config": {"patch_size": 0}}, "ckpt/config.json")
+        Traceback (most recent call last):
+        ...
+        kornia_siglip2.errors.ValueCheckError: ckpt/config.json: vision_config.patch_size must be positive, got 0.
+    """
+    try:
+        check(isinstance(hf_config, dict), lambda: f"must hold a JSON object, got {type(hf_config).__name__}.")
+        for name in ("dtype", "torch_dtype"):
+            value = hf_config.get(name)
+            check(
+                value is None or (isinstance(value, str) and value.removeprefix("torch.") in _CONFIG_DTYPES),
+                lambda name=name, value=value: (
+                    f"{name} {value!r} is not a floating type the model can run in (one of {_CONFIG_DTYPES}; "
+                    "float8 and complex are refused)."
+                ),
+            )
+        model_type = hf_config.get("model_type")
+        if model_type in VISION_MODEL_TYPES:
+            return SigLip2Config.from_hf_dict(
+                {"model_type": VISION_MODEL_TYPES[model_type], "vision_config": hf_config}
+            )
+        return SigLip2Config.from_hf_dict(hf_config)
+    except ValueError as error:
+        raise type(error)(f"{source}: {error}") from error
+
+
 def _check_activation(name: str, tower: str) -> None:
-    check(name in ACTIVATIONS, lambda: f"{tower} hidden_act must be one of {tuple(ACTIVATIONS)}, got {name!r}.")
+    check(name in ACTIVATIONS, lambda: f"{tower}_config.hidden_act must be one of {tuple(ACTIVATIONS)}, got {name!r}.")
 
 
 def _from_dict(config_class: type, values: dict[str, Any]) -> Any:

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from kornia_siglip2.config import MODEL_TYPES, VISION_MODEL_TYPES, SigLip2Config
+from kornia_siglip2.config import MODEL_TYPES, VISION_MODEL_TYPES, SigLip2Config, validate_hf_config
 from kornia_siglip2.errors import ValueCheckError, check, check_type
 from kornia_siglip2.loading import LoadOptions, load_options, stored_dtype
 from kornia_siglip2.packing import conv_to_linear_patch_weight
@@ -459,17 +459,27 @@ def load_vision_pretrained(tower_class: type[_Module], name_or_path: str | Path,
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict:
-    """The ``config.json`` of a checkpoint folder as a dict.
+    """The ``config.json`` of a checkpoint folder as a dict, validated before anything is allocated.
+
+    See :func:`~kornia_siglip2.config.validate_hf_config`: every error names the file and the field.
 
     Raises:
         FileNotFoundError: the folder has no ``config.json``.
-        ValueError: not valid JSON.
+        ValueError: not valid JSON (also nested too deeply to parse), or a field of the wrong type or range
+            (``ValueCheckError``).
     """
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"No config.json in {folder}.")
-    return read_json(config_file)
+    try:
+        hf_config = read_json(config_file)
+    except RecursionError as error:  # json's decoder recurses once per nesting level
+        raise ValueError(
+            f"{config_file} is nested too deeply to be a config.json; re-download or re-save it."
+        ) from error
+    validate_hf_config(hf_config, str(config_file))
+    return hf_config
 
 
 def _parse_size(size: int | str, name: str = "max_shard_size") -> int:

@@ -290,7 +290,27 @@ def packed_to_padded(
         >>> padded, mask = packed_to_padded(torch.arange(5.0)[:, None], torch.tensor([3, 2]))
         >>> padded[..., 0].tolist(), mask.tolist()
         ([[0.0, 1.0, 2.0], [3.0, 4.0, 0.0]], [[True, True, True], [True, True, False]])
+
+    Raises:
+        ValueCheckError: ``seqlens`` not a 1-D integer tensor of non-negative lengths summing to ``N`` (a float
+            length such as ``2.5`` is refused, not truncated), or ``max_length`` shorter than a sequence.
     """
+    check(
+        isinstance(seqlens, torch.Tensor)
+        and seqlens.ndim == 1
+        and not seqlens.is_floating_point()
+        and not seqlens.is_complex()
+        and seqlens.dtype != torch.bool,
+        lambda: (
+            "seqlens must be a 1-D integer tensor of sequence lengths, got "
+            f"{getattr(seqlens, 'dtype', type(seqlens).__name__)} {tuple(getattr(seqlens, 'shape', ()))}."
+        ),
+    )
+    check(seqlens.numel() == 0 or int(seqlens.min()) >= 0, "seqlens must not be negative.")
+    check(
+        max_length is None or (isinstance(max_length, int) and not isinstance(max_length, bool)),
+        lambda: f"max_length must be an integer or None, got {max_length!r}.",
+    )
     check(
         int(seqlens.sum()) == tokens.shape[0],
         f"seqlens sum to {int(seqlens.sum())} but tokens has {tokens.shape[0]} rows.",

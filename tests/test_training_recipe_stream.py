@@ -162,7 +162,7 @@ def test_kill_and_resume_on_shards_equals_uninterrupted(root):
     ("change", "match"),
     [
         ({"seed": 2}, "seed: was 1, now 2"),
-        ({"steps": 9}, "steps: was 6, now 9"),
+        ({"warmup_steps": 3}, "warmup_steps: was 2, now 3"),
         ({"token_budget": 64}, "token_budget: was 48, now 64"),
         ({"max_num_patches": (16,)}, r"max_num_patches: was \[8, 16\], now \[16\]"),
         ({"data": "DATA"}, "data: was"),

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +40,20 @@ from kornia_siglip2.errors import check
 __all__ = [
     "LATEST",
     "SHARDED",
+    "find_resume_checkpoint",
     "is_sharded_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
     "load_sharded_checkpoint",
     "save_checkpoint",
     "save_sharded_checkpoint",
+    "verify_checkpoint",
 ]
 
 LATEST = "latest"
+#: the files every complete checkpoint folder holds (written before the folder gets its final name)
+_REQUIRED = ("trainer.json", "model.safetensors", "optimizer.safetensors", "optimizer.json")
+_STEP_NAME = re.compile(r"^step-(\d{8,})$")
 
 
 def _rank_world() -> tuple[int, int]:
@@ -155,6 +162,128 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def _complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``step-*`` folders holding every file of a checkpoint, oldest first."""
+    found = []
+    for path in folder.glob("step-*"):
+        match = _STEP_NAME.match(path.name)
+        # a full checkpoint's files, or a sharded one's trainer state and torch.distributed.checkpoint metadata
+        sharded = (path / "trainer.json").is_file() and (path / SHARDED / ".metadata").is_file()
+        if match and path.is_dir() and (sharded or all((path / name).is_file() for name in _REQUIRED)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_resume_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint a run resumes from, or ``None`` when ``folder`` holds no checkpoint folder at all.
+
+    ``latest`` decides when it names a complete ``step-*`` folder (also an older one: rewinding a run by editing
+    ``latest`` is allowed, with a note on stderr). When ``latest`` is missing, unreadable, or stale (it names a
+    folder that is gone or incomplete), the checkpoints themselves decide: the newest complete one, with a note on
+    stderr saying why. ``step-*`` folders none of which is complete are an error, never a silent restart from
+    step 0 over them.
+
+    Raises:
+        FileNotFoundError: ``step-*`` folders exist but none holds a complete checkpoint.
+    """
+    folder = Path(folder)
+    complete = _complete_checkpoints(folder)
+    if not complete:
+        partial = sorted(path.name for path in folder.glob("step-*") if path.is_dir())
+        if partial:
+            raise FileNotFoundError(
+                f"{folder} holds checkpoint folders ({', '.join(partial)}) but none is complete (each needs "
+                f"{', '.join(_REQUIRED)}): resuming would restart from step 0 over them. Restore one, or pass "
+                "--no-resume (or use another --out) to start a new run."
+            )
+        return None
+    newest = complete[-1][1]
+    pointer = folder / LATEST
+    try:
+        named = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        named = "<unreadable>"
+    by_name = {path.name: path for _, path in complete}
+    note = None
+    if named in by_name:
+        chosen = by_name[named]
+        if chosen != newest:
+            note = f"{folder / LATEST} names {named}, older than the complete {newest.name}: resuming from {chosen}"
+    else:
+        chosen = newest
+        why = "is missing" if named is None else f"names {named[:80]!r}, not a complete checkpoint"
+        note = f"{folder / LATEST} {why}: resuming from the newest complete checkpoint {newest}"
+    if note is not None and _rank_world()[0] == 0:
+        print(note, file=sys.stderr)
+    return chosen
+
+
+def _floating_non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def verify_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = None) -> None:
+    """Check a checkpoint before resuming from it: every file readable, the model's keys and shapes, all finite.
+
+    Reads the files (safetensors and JSON only); compares the saved model (and EMA) weights with ``model``'s
+    state dict (names and shapes, as :func:`torch.distributed.checkpoint.state_dict.get_model_state_dict` gives
+    them: global shapes under FSDP2); every floating tensor (weights, EMA, optimizer moments) must be finite.
+
+    Raises:
+        ValueError: a file that cannot be read, a missing / unexpected / mis-shaped weight, a non-finite tensor, or
+            a ``trainer.json`` whose step disagrees with the folder name; the message names the file.
+    """
+    path = Path(path)
+
+    def read(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(path / name)
+        except Exception as error:  # safetensors raises its own types for a damaged header
+            raise ValueError(f"Cannot resume from {path}: {path / name} is damaged ({error}).") from error
+
+    try:
+        state = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+        json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot resume from {path}: a JSON file is damaged ({error}).") from error
+    match = _STEP_NAME.match(path.name)
+    check(
+        isinstance(state, dict) and (match is None or state.get("step") == int(match.group(1))),
+        lambda: f"Cannot resume from {path}: {path / 'trainer.json'} does not hold this checkpoint's step.",
+    )
+    pairs = [("model.safetensors", model), ("ema.safetensors", ema)]
+    for name, module in pairs:
+        if module is None:
+            continue
+        saved = read(name)
+        expected = {key: tuple(getattr(value, "shape", ())) for key, value in get_model_state_dict(module).items()}
+        missing = sorted(set(expected) - set(saved))
+        unexpected = sorted(set(saved) - set(expected))
+        shapes = sorted(
+            key for key in set(expected) & set(saved) if expected[key] and tuple(saved[key].shape) != expected[key]
+        )
+        problems = [
+            f"{label} {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
+            if keys
+        ]
+        check(
+            not problems,
+            lambda name=name, problems=problems: f"Cannot resume from {path / name}: {'; '.join(problems)}.",
+        )
+        bad = _floating_non_finite(saved)
+        check(
+            not bad,
+            lambda name=name, bad=bad: f"Cannot resume from {path / name}: non-finite values (NaN / inf) in {bad[:5]}.",
+        )
+    bad = _floating_non_finite(read("optimizer.safetensors"))
+    check(not bad, lambda: f"Cannot resume from {path / 'optimizer.safetensors'}: non-finite values in {bad[:5]}.")
+
+
 def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None = None
 ) -> dict[str, Any]:
@@ -168,10 +297,12 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: ``path`` is not a checkpoint folder.
+        ValueError: the checkpoint is damaged (see :func:`verify_checkpoint`).
     """
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_checkpoint (no trainer.json).")
+    verify_checkpoint(path, model, ema)
     rank, world_size = _rank_world()
     state = json.loads((path / "trainer.json").read_text())
     model_state = load_file(path / "model.safetensors")

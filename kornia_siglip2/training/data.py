@@ -20,6 +20,7 @@ each image is seen exactly once per epoch across the ranks and every rank takes 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -106,15 +107,23 @@ class ImageTextRecord:
     Attributes:
         image: path of the image file.
         caption: its caption.
-        size: ``(height, width)`` in pixels if the manifest gives it (then the sampler opens no file).
+        size: ``(height, width)`` in pixels if the manifest gives it (:meth:`ImageTextDataset.sizes` checks it
+            against the file's header).
         regions: boxes with their texts, for LocCa's referring-expression and grounded-captioning tasks
             (empty: the image trains LocCa's captioning task only).
+        origin: where the record comes from (``"manifest.jsonl line 7"``, or the caption file), for messages.
     """
 
     image: Path
     caption: str
     size: tuple[int, int] | None = None
     regions: tuple[Region, ...] = ()
+    origin: str = field(default="", compare=False)
+
+    @property
+    def where(self) -> str:
+        """``image (origin)`` for error messages."""
+        return f"{self.image} ({self.origin})" if self.origin else str(self.image)
 
 
 def read_manifest(source: str | Path, image_key: str = "image", caption_key: str = "caption") -> list[ImageTextRecord]:
@@ -128,7 +137,8 @@ def read_manifest(source: str | Path, image_key: str = "image", caption_key: str
     - ``.csv``: a header row naming ``image_key`` and ``caption_key`` (optional ``width`` and ``height``; no
       regions).
 
-    Relative image paths are relative to the manifest's folder.
+    Relative image paths are relative to the manifest's folder. Text is UTF-8 (a CSV may start with the byte
+    order mark Excel writes). Every error names the manifest (or caption file) and the line.
 
     Args:
         source: the folder or the manifest file.
@@ -140,20 +150,28 @@ def read_manifest(source: str | Path, image_key: str = "image", caption_key: str
 
     Raises:
         FileNotFoundError: ``source`` or a folder image's caption file does not exist.
-        ValueCheckError: an unknown manifest suffix, a line that is not a JSON object, a missing field (named
-            with its line), a malformed region (box not 4 numbers with ``0 <= x0 <= x1 <= 1`` and
-            ``0 <= y0 <= y1 <= 1``, or no text), or an empty manifest.
+        ValueError: text that is not UTF-8, a line that is not JSON, or a CSV that cannot be parsed (with the line).
+        ValueCheckError: an unknown manifest suffix, a line that is not a JSON object, a missing field, an image
+            path that is not a string or names a folder, a caption that is not a string or is empty / only
+            whitespace, a width / height that is not a positive integer (``true`` is not one), a malformed region
+            (box not 4 numbers with ``0 <= x0 <= x1 <= 1`` and ``0 <= y0 <= y1 <= 1``, or no text), or an empty
+            manifest; each names the file and the line.
     """
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"No image folder or manifest at {source}.")
     if source.is_dir():
         records = []
-        for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
             caption_file = path.with_suffix(".txt")
             if not caption_file.is_file():
                 raise FileNotFoundError(f"Image {path} has no caption file {caption_file}: write one beside it.")
-            records.append(ImageTextRecord(path, caption_file.read_text().strip()))
+            caption = _decode(caption_file.read_bytes(), caption_file).strip()
+            check(
+                bool(caption),
+                lambda caption_file=caption_file: f"{caption_file} line 1: the caption is empty or only whitespace.",
+            )
+            records.append(ImageTextRecord(path, caption, origin=str(caption_file)))
     else:
         suffix = source.suffix.lower()
         check(suffix in (".jsonl", ".csv"), lambda: f"Manifest {source} must be .jsonl or .csv, got {suffix!r}.")
@@ -163,33 +181,79 @@ def read_manifest(source: str | Path, image_key: str = "image", caption_key: str
     return records
 
 
+def _decode(data: bytes, source: Path) -> str:
+    """UTF-8 text (a leading byte order mark dropped); an error names the file and the line of the bad byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(
+            f"{source} line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}): save it as UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8)."
+        ) from error
+
+
 def _read_rows(source: Path, suffix: str) -> list[tuple[int, dict[str, Any]]]:
+    text = _decode(source.read_bytes(), source)
     if suffix == ".csv":
-        with source.open(newline="") as handle:
-            return [(line, row) for line, row in enumerate(csv.DictReader(handle), start=2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = []
+        try:
+            for row in reader:
+                rows.append((reader.line_num, row))
+        except csv.Error as error:
+            raise ValueError(f"{source} line {reader.line_num} is not valid CSV: {error}") from error
+        return rows
     rows = []
-    for line, text in enumerate(source.read_text().splitlines(), start=1):
-        if not text.strip():
+    for line, content in enumerate(text.splitlines(), start=1):
+        if not content.strip():
             continue
         try:
-            row = json.loads(text)
-        except json.JSONDecodeError as error:
+            row = json.loads(content)
+        except (json.JSONDecodeError, RecursionError) as error:
             raise ValueError(f"{source} line {line} is not valid JSON: {error}") from error
         check(isinstance(row, dict), lambda line=line: f"{source} line {line} must be a JSON object.")
         rows.append((line, row))
     return rows
 
 
+def _dimension(value: Any, name: str, where: str) -> int:
+    """A positive integer width / height from JSON (an int, not a bool) or CSV (its digits)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    check(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        lambda: f"{where}: {name} must be a positive integer number of pixels, got {value!r}.",
+    )
+    return value
+
+
 def _record(row: dict[str, Any], line: int, source: Path, image_key: str, caption_key: str) -> ImageTextRecord:
+    where = f"{source} line {line}"
     for key in (image_key, caption_key):
         check(key in row and row[key] not in (None, ""), lambda key=key: f"{source} line {line} has no {key!r}.")
-    image = Path(row[image_key])
+    image, caption = row[image_key], row[caption_key]
+    check(
+        isinstance(image, str) and image.strip() != "",
+        lambda: f"{where}: {image_key!r} must be an image path (a string), got {image!r}.",
+    )
+    check(
+        isinstance(caption, str),
+        lambda: f"{where}: {caption_key!r} must be a string, got {type(caption).__name__} {caption!r}.",
+    )
+    check(caption.strip() != "", lambda: f"{where}: {caption_key!r} is empty or only whitespace.")
     size = None
-    if row.get("width") not in (None, "") and row.get("height") not in (None, ""):
-        size = (int(row["height"]), int(row["width"]))
+    width, height = row.get("width"), row.get("height")
+    if width not in (None, "") or height not in (None, ""):
+        check(
+            width not in (None, "") and height not in (None, ""),
+            lambda: f"{where}: give both width and height, or neither.",
+        )
+        size = (_dimension(height, "height", where), _dimension(width, "width", where))
     regions = _regions(row.get("regions"), line, source)
-    path = image if image.is_absolute() else source.parent / image
-    return ImageTextRecord(path, str(row[caption_key]), size, regions)
+    path = Path(image) if Path(image).is_absolute() else source.parent / image
+    check(not path.is_dir(), lambda: f"{where}: image {path} is a folder, not an image file.")
+    return ImageTextRecord(path, caption, size, regions, origin=where)
 
 
 def _regions(value: Any, line: int, source: Path) -> tuple[Region, ...]:
@@ -200,12 +264,17 @@ def _regions(value: Any, line: int, source: Path) -> tuple[Region, ...]:
     regions = []
     for entry in value:
         check(
-            isinstance(entry, dict) and "box" in entry and entry.get("text") not in (None, ""),
+            isinstance(entry, dict)
+            and "box" in entry
+            and isinstance(entry.get("text"), str)
+            and entry["text"].strip() != "",
             lambda entry=entry: f"{where}: every region needs a 'box' and a non-empty 'text', got {entry!r}.",
         )
         box = entry["box"]
         check(
-            isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box),
+            isinstance(box, list)
+            and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box),
             lambda box=box: f"{where}: a region box must be 4 numbers [x0, y0, x1, y1], got {box!r}.",
         )
         x0, y0, x1, y1 = (float(v) for v in box)
@@ -298,8 +367,30 @@ class ImageTextDataset(Dataset):
         return len(self.records)
 
     def sizes(self) -> list[tuple[int, int]]:
-        """``(height, width)`` of every image: from the manifest where given, else from the file header."""
-        return [record.size if record.size is not None else image_size(record.image) for record in self.records]
+        """``(height, width)`` of every image, read from its file's header (Pillow reads no pixels).
+
+        A size the manifest gives must agree: the token budget is only kept if the sampler counts the tokens the
+        images really have.
+
+        Raises:
+            ValueError: an image that cannot be opened, or whose size disagrees with the manifest (both named).
+        """
+        sizes = []
+        for record in self.records:
+            try:
+                size = image_size(record.image)
+            except Exception as error:  # Pillow raises its own types for files that are not images
+                raise ValueError(f"Cannot read the size of image {record.where}: {error}") from error
+            check(
+                record.size is None or tuple(record.size) == size,
+                lambda record=record, size=size: (
+                    f"Image {record.where}: the manifest gives height x width {record.size[0]} x {record.size[1]}, "
+                    f"the file is {size[0]} x {size[1]}: fix the manifest (or drop width / height: sizes are read "
+                    "from the files)."
+                ),
+            )
+            sizes.append(size)
+        return sizes
 
     def _preprocessor(self, max_num_patches: int) -> NaFlexImagePreprocessor:
         if max_num_patches not in self._preprocessors:
@@ -309,7 +400,17 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, max_num_patches = key if isinstance(key, tuple) else (key, self.max_num_patches)
         record = self.records[index]
-        image = self.loader(record.image)
+        try:
+            image = self.loader(record.image)
+        except Exception as error:  # the message must say which image of which manifest line
+            # the decoder's message names the file already (images.load_image); add the manifest line
+            named = str(record.image) in str(error)
+            message = f"{record.origin}: {error}" if named else f"Cannot read image {record.where}: {error}"
+            try:
+                renamed = type(error)(message)  # the same kind of error (OSError, DecompressionBombError, ...)
+            except Exception:
+                renamed = OSError(message)
+            raise renamed from error
         with torch.no_grad():
             packed = self._preprocessor(max_num_patches)(image[None] if image.ndim == 3 else image)
         input_ids = self.tokenizer([record.caption, *(region.text for region in record.regions)])

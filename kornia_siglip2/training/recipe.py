@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kornia_siglip2.config import SigLip2Config
+from kornia_siglip2.config import SigLip2Config, validate_hf_config
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
 from kornia_siglip2.errors import check
 from kornia_siglip2.losses.distill.ema import EMATeacher
@@ -53,8 +53,8 @@ from kornia_siglip2.losses.sigmoid import SigmoidLoss, sigmoid_loss
 from kornia_siglip2.model import SigLip2
 from kornia_siglip2.packing import PackedImages
 from kornia_siglip2.training.checkpoint import (
+    find_resume_checkpoint,
     is_sharded_checkpoint,
-    latest_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
     save_checkpoint,
@@ -84,6 +84,7 @@ __all__ = [
     "parameter_groups",
     "retrieval_metrics",
     "main",
+    "run_lock",
     "train",
     "warmup_cosine",
     "wrap_model",
@@ -255,8 +256,142 @@ class RecipeConfig:
             "eval_data with objective 'siglip2' needs parallel 'none' or 'ddp' (FSDP2 shards the objective as one).",
         )
         check(self.shuffle_buffer >= 1, lambda: f"shuffle_buffer must be positive: {self.shuffle_buffer}.")
+        _check_ranges(self)
         if self.grad_clip is not None and self.grad_clip <= 0:
             self.grad_clip = None
+
+
+#: AdamW learning rates above this diverge at once; a typo (``1e3`` for ``1e-3``) is refused up front
+MAX_LEARNING_RATE = 1.0
+
+
+def _check_ranges(config: RecipeConfig) -> None:
+    """Refuse option values that cannot train (NaN, negative rates, a device that is not there), up front."""
+
+    def finite(name: str, low: float, high: float = math.inf, *, optional: bool = False) -> None:
+        value = getattr(config, name)
+        if value is None and optional:
+            return
+        flag = "--" + name.replace("_", "-")
+        check(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+            lambda: f"{name} ({flag}) must be a finite number, got {value!r}.",
+        )
+        check(low <= value <= high, lambda: f"{name} ({flag}) must be in [{low}, {high}], got {value}.")
+
+    finite("learning_rate", 0.0, MAX_LEARNING_RATE)
+    finite("weight_decay", 0.0)
+    finite("min_lr_ratio", 0.0, 1.0)
+    finite("grad_clip", 0.0, optional=True)
+    finite("teacher_momentum", 0.0, 1.0)
+    finite("ema_momentum", 0.0, 1.0, optional=True)
+    finite("size_factor", 0.0, optional=True)
+    for name, low in (("warmup_steps", 0), ("token_budget", 1), ("text_length", 1), ("log_every", 1)):
+        finite(name, low)
+    finite("num_workers", 0)
+    finite("save_every", 0, optional=True)  # 0 or None: only at the end
+    finite("threads", 1, optional=True)
+    if config.device != "auto":
+        try:
+            device = torch.device(config.device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device (--device) {config.device!r} is not a torch device: {error}") from error
+        check(
+            device.type != "cuda" or torch.cuda.is_available(),
+            lambda: f"device (--device) {config.device!r}: CUDA is not available here; use --device cpu or auto.",
+        )
+
+
+def _check_launch(config: RecipeConfig) -> None:
+    """``--parallel none`` under a multi-process launcher would train one independent model per process."""
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    check(
+        config.parallel != "none" or world_size == 1,
+        lambda: (
+            f"--parallel none under a launcher with WORLD_SIZE={world_size}: every process would train its own "
+            "weights and only rank 0's would be exported. Use --parallel ddp or fsdp, or run one process."
+        ),
+    )
+
+
+@contextlib.contextmanager
+def run_lock(out: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out/.lock`` (rank 0 of a run): a second run on the same folder is refused.
+
+    ``fcntl.flock`` on a local file system; on NFS it depends on the server (``lockd``), so give each run its
+    own ``--out`` there. Other ranks (of the process group, or ``RANK`` > 0 before it exists) take no lock.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        yield
+        return
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")  # noqa: SIM115
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # not POSIX: no lock
+            pass
+        except OSError as error:
+            raise RuntimeError(
+                f"Another training run is using {folder} (it holds {folder / '.lock'}): wait for it to finish, or "
+                "give this run another --out."
+            ) from error
+        yield
+    finally:
+        handle.close()
+
+
+def _repair_metrics(path: Path, step: int) -> None:
+    """Keep the whole metric lines of steps up to ``step`` (the resume point); drop a cut line and later steps.
+
+    A run killed while writing (disk full, SIGKILL) may leave a half line; the steps after its last checkpoint
+    are computed again, so their old lines would repeat.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        whole = line.endswith("\n") and isinstance(record, dict) and isinstance(record.get("step"), int)
+        if whole and record["step"] <= step:
+            kept.append(line)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _check_finite_step(step: int, loss: float, grad_norm: float | None) -> None:
+    """A non-finite loss or gradient norm stops the run (before the optimizer step spreads it to the weights)."""
+    if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+        return
+    raise FloatingPointError(
+        f"step {step}: the loss is {loss} and the gradient norm {grad_norm}: training diverged. Lower "
+        "--learning-rate or set --grad-clip; the run stops without writing non-finite weights (resume from the last "
+        "checkpoint with other options)."
+    )
+
+
+def _check_finite_weights(module: nn.Module, what: str) -> None:
+    """Every parameter finite on every rank (one flag all-reduced, so that all ranks stop together)."""
+    finite = True
+    for parameter in module.parameters():
+        local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+        if local.is_floating_point() and not bool(torch.isfinite(local.detach()).all()):
+            finite = False
+            break
+    flag = torch.tensor([0.0 if finite else 1.0])
+    if dist.is_initialized():
+        flag = flag.to(next(module.parameters()).device)
+        dist.all_reduce(flag)
+    if float(flag.sum()) > 0:
+        raise FloatingPointError(f"non-finite weights (NaN / inf) before {what}: training diverged; nothing written.")
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0) -> float:
@@ -333,10 +468,18 @@ def build_model(config: RecipeConfig) -> SigLip2:
         model = SigLip2.from_pretrained(config.model)
     else:
         torch.manual_seed(config.seed)
-        hf_config = json.loads(Path(config.model_config).read_text())
-        model = SigLip2(SigLip2Config.from_hf_dict(hf_config))
+        model = SigLip2(_read_model_config(config.model_config))
         model.init_weights()
     return model.double() if config.precision == "fp64" else model.float()
+
+
+def _read_model_config(path: str) -> SigLip2Config:
+    """``--model-config``, validated before the model is built; errors name the file and the field."""
+    try:
+        hf_config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"--model-config {path} is not a JSON config: {error}") from error
+    return validate_hf_config(hf_config, str(path))
 
 
 def build_objective(model: SigLip2, config: RecipeConfig, tokenizer: Any, world_size: int) -> SigLip2Objective:
@@ -842,11 +985,17 @@ def agree_on_checkpoint(checkpoints: Path, resume: bool, rank: int, world_size: 
         RuntimeError: a rank cannot read the checkpoint rank 0 picked (the run refuses rather than letting the
             ranks start from different steps).
     """
-    name = None
+    name, failure = None, None
     if rank == 0 and resume:
-        path = latest_checkpoint(checkpoints)
-        name = path.name if path is not None else None
-    name = _broadcast(name)
+        try:
+            path = find_resume_checkpoint(checkpoints)
+        except (FileNotFoundError, OSError) as error:  # every rank must stop, not wait for rank 0
+            failure = str(error)
+        else:
+            name = path.name if path is not None else None
+    name, failure = _broadcast((name, failure))
+    if failure is not None:
+        raise FileNotFoundError(failure)
     if name is None:
         return None
     path = checkpoints / name
@@ -927,11 +1076,17 @@ def run_record(config: RecipeConfig, world_size: int) -> dict[str, Any]:
     return record
 
 
+# a resume may change these (with a note): the world size and workers (tar shards re-deal the interrupted epoch's
+# readers; a manifest refuses mid-epoch), and --steps (to extend or shorten a run: the schedule becomes the new one's)
+_MAY_CHANGE = ("world_size", "num_workers", "steps")
+
+
 def check_run_record(out: Path, record: dict[str, Any]) -> list[str]:
     """Compare a resumed run with the ``run.json`` it started with; the changes that are allowed, as notes.
 
     World size and workers may change (tar shards re-deal the interrupted epoch's readers; a manifest refuses
-    mid-epoch, see the data classes). Anything else that defines the run refuses.
+    mid-epoch, see the data classes), and ``steps`` (the learning-rate schedule becomes the new total's from the
+    resumed step on, said in a note). Anything else that defines the run refuses.
 
     Raises:
         ValueError: a field of :data:`RUN_FIELDS`, the data or the model config differ from the recorded run.
@@ -943,7 +1098,7 @@ def check_run_record(out: Path, record: dict[str, Any]) -> list[str]:
     changed = [
         f"{name}: was {before.get(name)!r}, now {value!r}"
         for name, value in record.items()
-        if name not in ("world_size", "num_workers", "history") and before.get(name) != value
+        if name not in (*_MAY_CHANGE, "history") and before.get(name) != value
     ]
     if changed:
         raise ValueError(
@@ -952,9 +1107,14 @@ def check_run_record(out: Path, record: dict[str, Any]) -> list[str]:
             "--out (--model <checkpoint>/final to start from its weights)."
         )
     notes = []
-    for name in ("world_size", "num_workers"):
+    for name in _MAY_CHANGE:
         if before.get(name) != record[name]:
             notes.append(f"{name} {before.get(name)} -> {record[name]}")
+    if before.get("steps") != record["steps"]:
+        notes.append(
+            f"the learning-rate schedule is now that of {record['steps']} steps (warmup, then the cosine to step "
+            f"{record['steps']}): the rate changes from the resumed step on"
+        )
     return notes
 
 
@@ -1093,8 +1253,18 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
     """Run (or resume) training in this process; returns this run's metric records (every step).
 
     Call it on every rank (``torchrun`` sets ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``; a process group that is
-    already initialized is used as is).
+    already initialized is used as is). Rank 0 holds a lock on ``out`` (:func:`run_lock`) for the whole run.
+
+    Raises:
+        FloatingPointError: the loss, the gradient norm or the weights became non-finite (nothing is exported).
+        RuntimeError: another run holds ``out``.
     """
+    _check_launch(config)
+    with run_lock(config.out):
+        return _train(config)
+
+
+def _train(config: RecipeConfig) -> list[dict[str, Any]]:
     rank, world_size, device = _setup_distributed(config)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -1144,6 +1314,7 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
     writer = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        _repair_metrics(out / "metrics.jsonl", step)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
         _write_run_record(out, record_of_run, notes, step)
         writer = _tensorboard(out, config.tensorboard)
@@ -1192,6 +1363,7 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
             if config.grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
                 grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            _check_finite_step(step + 1, step_loss, grad_norm)
             learning_rate = scheduler.get_last_lr()[0]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -1253,6 +1425,7 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
             _check_skips(stats, config)
             if (config.save_every and step % config.save_every == 0) or step == config.steps:
                 trainer_state = {**data.state_dict(), "scheduler": scheduler.state_dict()}
+                _check_finite_weights(wrapped, f"the step-{step} checkpoint")
                 saver = save_sharded_checkpoint if config.checkpoint_format == "sharded" else save_checkpoint
                 saver(checkpoints, step, wrapped, optimizer, trainer_state, ema)
     finally:
@@ -1261,6 +1434,7 @@ def train(config: RecipeConfig) -> list[dict[str, Any]]:
             writer.close()
     if bar is not None:
         bar.close()
+    _check_finite_weights(wrapped, "the final export")
     export_final(wrapped, model, out / "final", rank)
     return records
 
