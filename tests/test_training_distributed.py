@@ -31,7 +31,7 @@ from kornia_siglip2.training.data import (
     drop_tokens,
     read_manifest,
 )
-from kornia_siglip2.training.recipe import RecipeConfig, build_model, train
+from kornia_siglip2.training.recipe import RecipeConfig, build_model, parameter_groups, train
 from kornia_siglip2.training.synthetic import write_synthetic_dataset
 
 TINY = tiny_siglip2_config(vision_layers=2, vocab_size=ByteTokenizer.vocab_size)
@@ -149,24 +149,27 @@ def reference_run(root: Path, world_size: int, token_drop: float = 0.0) -> tuple
         plan = sampler.plan(epoch)
         rounds += [plan[start : start + world_size] for start in range(0, len(plan), world_size)]
         epochs += [epoch] * len(range(0, len(plan), world_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=LEARNING_RATE)
     losses = []
     for step in range(STEPS):
         for group in optimizer.param_groups:
             group["lr"] = LEARNING_RATE * _lr_factor(step)
-        step_loss = 0.0
+        # accumulation scores the step's micro-batches against each other: one batch of all of them
+        parts = []
         for micro in range(ACCUMULATION):
             index = step * ACCUMULATION + micro
             items = [dataset[item] for batch in rounds[index] for item in batch]
-            batch = drop_tokens(collate_packed(items), token_drop, epoch=epochs[index], seed=3)
-            images = batch.images
-            output = model(
-                input_ids=batch.input_ids,
-                pixel_values=PackedImages(images.patches.double(), images.grid_thw, images.keep_mask),
-                return_loss=True,
-            )
-            (output.loss / ACCUMULATION).backward()
-            step_loss += output.loss.item() / ACCUMULATION
+            parts.append(drop_tokens(collate_packed(items), token_drop, epoch=epochs[index], seed=3))
+        patches = torch.cat([part.images.patches for part in parts])
+        grid_thw = torch.cat([part.images.grid_thw for part in parts])
+        keep = None if token_drop == 0 else torch.cat([part.images.keep_mask for part in parts])
+        output = model(
+            input_ids=torch.cat([part.input_ids for part in parts]),
+            pixel_values=PackedImages(patches.double(), grid_thw, keep),
+            return_loss=True,
+        )
+        output.loss.backward()
+        step_loss = output.loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
         optimizer.zero_grad()
@@ -269,7 +272,9 @@ def full_reference_run(root: Path, world_size: int) -> tuple[list[dict[str, floa
         plan = sampler.plan(epoch)
         rounds += [(epoch, plan[start : start + world_size]) for start in range(0, len(plan), world_size)]
     parameters = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=config.weight_decay)
+    groups = [parameter_groups(module, config.weight_decay) for module in (model, loss_fn)]
+    merged = [{**groups[0][i], "params": groups[0][i]["params"] + groups[1][i]["params"]} for i in range(2)]
+    optimizer = torch.optim.AdamW(merged, lr=LEARNING_RATE)
     ema = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
     records = []
     for step in range(FULL_STEPS):

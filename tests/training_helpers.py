@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["tiny_siglip2_config"]
+__all__ = ["free_port", "spawn", "tiny_siglip2_config"]
 
 
 def tiny_siglip2_config(vision_layers: int = 1, text_layers: int = 1, vocab_size: int = 258) -> dict[str, Any]:
@@ -31,3 +31,34 @@ def tiny_siglip2_config(vision_layers: int = 1, text_layers: int = 1, vocab_size
             "max_position_embeddings": 12,
         },
     }
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a gloo rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(function, world_size: int, *args, timeout_s: float = 240) -> None:
+    """Run ``function(rank, world_size, port, *args)`` in ``world_size`` fresh processes; fail if they hang."""
+    import time
+    from pathlib import Path
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+        context = mp.start_processes(function, args=(world_size, free_port(), *args), nprocs=world_size, join=False)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the {world_size} spawned gloo processes hung for {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()

@@ -39,10 +39,14 @@ from kornia_siglip2.errors import check
 
 __all__ = [
     "LATEST",
+    "SHARDED",
     "find_resume_checkpoint",
+    "is_sharded_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
+    "load_sharded_checkpoint",
     "save_checkpoint",
+    "save_sharded_checkpoint",
     "verify_checkpoint",
 ]
 
@@ -163,7 +167,9 @@ def _complete_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     found = []
     for path in folder.glob("step-*"):
         match = _STEP_NAME.match(path.name)
-        if match and path.is_dir() and all((path / name).is_file() for name in _REQUIRED):
+        # a full checkpoint's files, or a sharded one's trainer state and torch.distributed.checkpoint metadata
+        sharded = (path / "trainer.json").is_file() and (path / SHARDED / ".metadata").is_file()
+        if match and path.is_dir() and (sharded or all((path / name).is_file() for name in _REQUIRED)):
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -325,3 +331,120 @@ def load_checkpoint(
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+# ---- sharded checkpoints (FSDP2 at scale): torch.distributed.checkpoint ---------------------------------------------
+
+SHARDED = "dcp"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether the checkpoint folder was written by :func:`save_sharded_checkpoint`."""
+    return (Path(path) / SHARDED).is_dir()
+
+
+def save_sharded_checkpoint(
+    folder: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    ema: nn.Module | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` with every rank saving its own shards (``torch.distributed.checkpoint``).
+
+    Nothing is gathered on one rank: each rank writes the shards it holds (FSDP2's DTensors; replicated tensors
+    once) into ``step-XXXXXXXX/dcp``, beside the same ``trainer.json`` and per-rank RNG files as
+    :func:`save_checkpoint`, then the folder is published atomically the same way. A sharded checkpoint can be
+    loaded on another world size (the loader re-shards). Its ``.metadata`` file is a pickle (the format of
+    ``torch.distributed.checkpoint``): load only checkpoints you wrote. Export weights for ``from_pretrained`` with
+    the recipe's final export, which gathers the full state.
+
+    Args and returns: as :func:`save_checkpoint`; call on every rank.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    rank, world_size = _rank_world()
+    folder = Path(folder)
+    final = folder / f"step-{step:08d}"
+    temporary = folder / f".tmp-step-{step:08d}"
+    if rank == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    _barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if ema is not None:
+        state["ema"] = get_model_state_dict(ema)
+    dcp.save(state, checkpoint_id=temporary / SHARDED)
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, temporary / f"rng-rank{rank:05d}.safetensors")
+    if rank == 0:
+        trainer = {"step": step, "world_size": world_size, **trainer_state}
+        (temporary / "trainer.json").write_text(json.dumps(trainer, indent=2))
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        pointer = folder / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, folder / LATEST)
+        complete = sorted(path for path in folder.glob("step-*") if path.is_dir())
+        for old in complete[: max(len(complete) - keep, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_sharded_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None = None
+) -> dict[str, Any]:
+    """Restore what :func:`save_sharded_checkpoint` wrote (each rank reads its shards); call on every rank.
+
+    Returns:
+        the trainer state, as :func:`load_checkpoint`.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    path = Path(path)
+    if not (path / "trainer.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint written by save_sharded_checkpoint (no trainer.json).")
+    rank, world_size = _rank_world()
+    trainer = json.loads((path / "trainer.json").read_text())
+    saved_keys = set(FileSystemReader(path / SHARDED).read_metadata().state_dict_metadata)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if ema is not None:
+        check(any(key.startswith("ema.") for key in saved_keys), lambda: f"{path} holds no EMA weights.")
+        state["ema"] = get_model_state_dict(ema)
+    # partial: a parameter without AdamW state yet (a head that switches on later) has none saved
+    dcp.load(state, checkpoint_id=path / SHARDED, planner=DefaultLoadPlanner(allow_partial_load=True))
+    saved_parameters = {
+        key.split(".", 2)[2].rsplit(".", 1)[0] for key in saved_keys if key.startswith("optimizer.state.")
+    }
+    kept = {name: value for name, value in state["optimizer"]["state"].items() if name in saved_parameters}
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict={**state["optimizer"], "state": kept},
+        options=StateDictOptions(strict=False),
+    )
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    for name, parameter in module.named_parameters():
+        if name not in saved_parameters:
+            optimizer.state.pop(parameter, None)
+    if ema is not None:
+        set_model_state_dict(ema, state["ema"])
+    rng_file = path / f"rng-rank{rank:05d}.safetensors"
+    if trainer["world_size"] == world_size and rng_file.is_file():
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return trainer

@@ -52,7 +52,14 @@ from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSc
 from kornia_siglip2.losses.sigmoid import SigmoidLoss, sigmoid_loss
 from kornia_siglip2.model import SigLip2
 from kornia_siglip2.packing import PackedImages
-from kornia_siglip2.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from kornia_siglip2.training.checkpoint import (
+    find_resume_checkpoint,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from kornia_siglip2.training.data import (
     ByteTokenizer,
     ImageTextDataset,
@@ -63,6 +70,8 @@ from kornia_siglip2.training.data import (
     read_manifest,
 )
 from kornia_siglip2.training.objective import SigLip2Objective, distillation_inputs, locca_targets
+from kornia_siglip2.training.shards import is_shard_data, parse_sources
+from kornia_siglip2.training.stream import SKIP_REASONS, Cursor, ShardStream, StreamFeed, StreamSpec
 
 __all__ = [
     "OBJECTIVES",
@@ -72,6 +81,8 @@ __all__ = [
     "RecipeConfig",
     "build_objective",
     "build_model",
+    "parameter_groups",
+    "retrieval_metrics",
     "main",
     "run_lock",
     "train",
@@ -82,6 +93,7 @@ __all__ = [
 PARALLEL_MODES = ("none", "ddp", "fsdp")
 PRECISIONS = ("fp32", "bf16", "fp64")
 OBJECTIVES = ("sigmoid", "siglip2")
+CHECKPOINT_FORMATS = ("full", "sharded")
 
 
 @dataclass
@@ -89,8 +101,30 @@ class RecipeConfig:
     """Everything a run needs; the command-line flags of ``python -m kornia_siglip2.train`` are its fields.
 
     Attributes:
-        data: a manifest (JSONL / CSV) or an image folder (see :func:`~kornia_siglip2.training.data.read_manifest`).
-        out: run folder: ``metrics.jsonl``, ``checkpoints/``, ``final/`` (``save_pretrained`` layout).
+        data: tar shards by brace pattern (``'shards/train-{000000..000099}.tar'``, local or an fsspec URL such as
+            ``s3://...``; several sources joined with ``::``, see :mod:`~kornia_siglip2.training.stream`), or for small
+            local data a manifest (JSONL / CSV) or an image folder (see
+            :func:`~kornia_siglip2.training.data.read_manifest`).
+        out: run folder: ``metrics.jsonl``, ``run.json``, ``checkpoints/``, ``final/`` (``save_pretrained`` layout).
+        data_weights: with tar shards, ``::``-separated sampling weights of the ``::``-separated sources (a
+            mixture; needs ``data_resampled``).
+        data_resampled: with tar shards, draw shards with replacement (by source weight, then uniformly) without
+            end, instead of reading every shard once per epoch.
+        shuffle_buffer: with tar shards, samples each reader holds to shuffle within and across its shards.
+        checkpoint_format: ``"full"`` (the full state gathered on rank 0, safetensors + JSON, nothing unpickled) or
+            ``"sharded"`` (every rank writes its own shards with ``torch.distributed.checkpoint``: for FSDP2 at
+            scale; its metadata file is a pickle, see
+            :func:`~kornia_siglip2.training.checkpoint.save_sharded_checkpoint`). The final export is the full
+            ``save_pretrained`` model either way.
+        eval_data: a held-out set (tar shards or a manifest, as ``data``) to evaluate on during training: zero-shot
+            top-1 over its distinct captions as class prompts, and image-to-text / text-to-image recall@1
+            (``eval_*`` in the metrics; see :func:`retrieval_metrics`). Decoded once, kept in memory: keep it small.
+        eval_every: with ``eval_data``, steps between evaluations (0: at the end only).
+        tensorboard: write the metrics for TensorBoard under ``out/tensorboard`` too, when ``tensorboard`` is
+            installed (it is not a dependency).
+        max_skip_fraction: stop the run when more than this fraction of the samples read (all ranks, since the
+            start; checked from 100 samples on and at every epoch end) were skipped as bad (undecodable image,
+            no image, no or empty caption, bad json).
         model: a checkpoint ``SigLip2.from_pretrained`` loads, to fine-tune; or ``None`` to train from scratch.
         model_config: with ``model=None``, a ``config.json`` (transformers layout) of the model to initialise.
         tokenizer: ``"bytes"`` (:class:`~kornia_siglip2.training.data.ByteTokenizer`, from scratch) or a folder
@@ -119,9 +153,13 @@ class RecipeConfig:
             SILC and TIPS terms use each image's full grid).
         max_num_patches: NaFlex patch budgets drawn per image.
         steps: optimizer steps.
-        accumulation: micro-batches per optimizer step.
+        accumulation: micro-batches per optimizer step. With objective ``"sigmoid"`` every micro-batch is scored
+            against the features of all of them (open_clip's ``--accum-freq``: the step's contrastive batch is
+            the ``accumulation`` micro-batches of every rank; features are computed once without gradient, then
+            each micro-batch again with it); with ``"siglip2"`` the micro-batch losses are averaged.
         learning_rate: peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay of the weight matrices; biases, norms, position embeddings, the probe,
+            ``logit_scale`` and ``logit_bias`` are not decayed (see :func:`parameter_groups`).
         warmup_steps: linear warmup steps.
         min_lr_ratio: the cosine decays to ``learning_rate * min_lr_ratio``.
         grad_clip: clip the global gradient norm to this (``None`` or 0: no clipping).
@@ -140,6 +178,14 @@ class RecipeConfig:
 
     data: str
     out: str
+    data_weights: str | None = None
+    data_resampled: bool = False
+    shuffle_buffer: int = 1000
+    max_skip_fraction: float = 0.1
+    tensorboard: bool = True
+    checkpoint_format: Literal["full", "sharded"] = "full"
+    eval_data: str | None = None
+    eval_every: int = 0
     model: str | None = None
     model_config: str | None = None
     tokenizer: str = "bytes"
@@ -197,6 +243,19 @@ class RecipeConfig:
             "Give model (a checkpoint to fine-tune) or model_config (a config.json to train from scratch).",
         )
         self.max_num_patches = tuple(int(value) for value in self.max_num_patches)
+        check(
+            0.0 <= self.max_skip_fraction <= 1.0,
+            lambda: f"max_skip_fraction must be in [0, 1]: {self.max_skip_fraction}.",
+        )
+        check(
+            self.checkpoint_format in CHECKPOINT_FORMATS,
+            lambda: f"checkpoint_format must be one of {CHECKPOINT_FORMATS}: {self.checkpoint_format!r}",
+        )
+        check(
+            self.eval_data is None or self.objective == "sigmoid" or self.parallel != "fsdp",
+            "eval_data with objective 'siglip2' needs parallel 'none' or 'ddp' (FSDP2 shards the objective as one).",
+        )
+        check(self.shuffle_buffer >= 1, lambda: f"shuffle_buffer must be positive: {self.shuffle_buffer}.")
         _check_ranges(self)
         if self.grad_clip is not None and self.grad_clip <= 0:
             self.grad_clip = None
@@ -588,16 +647,81 @@ def _objective_micro_step(
     return dict(zip(names, terms.tolist(), strict=True)), num_images, int(counts[1])
 
 
-def _batches(
-    loader: DataLoader, sampler: TokenBudgetBatchSampler, epoch: int, position: int
-) -> Iterator[tuple[int, int, PackedBatch]]:
-    """``(epoch, position after the batch, batch)`` forever, epoch after epoch, from ``(epoch, position)``."""
-    while True:
-        sampler.set_epoch(epoch, position)
-        for batch in loader:
-            position += 1
-            yield epoch, position, batch
-        epoch, position = epoch + 1, 0
+_NO_DECAY = ("position_embedding", "probe", "logit_scale", "logit_bias")
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on the weight matrices only.
+
+    Not decayed (as open_clip and big_vision): every parameter with fewer than two dimensions (biases, norm
+    gains, ``logit_scale``, ``logit_bias``), the position embeddings and the attention-pooling probe. Frozen
+    parameters (the EMA teacher) are left out.
+
+    Example:
+        >>> groups = parameter_groups(nn.Linear(3, 2), 0.1)
+        >>> [(len(group["params"]), group["weight_decay"]) for group in groups]
+        [(1, 0.1), (1, 0.0)]
+    """
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        excluded = parameter.ndim < 2 or any(tag in name for tag in _NO_DECAY)
+        (no_decay if excluded else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _accumulated_step(
+    model: nn.Module,
+    batches: Sequence[tuple[int, PackedBatch]],
+    config: RecipeConfig,
+    world_size: int,
+    device: torch.device,
+    parallel: str,
+) -> tuple[torch.Tensor, int, int]:
+    """One optimizer step's gradients over ``k`` micro-batches scored against each other (open_clip ``--accum-freq``).
+
+    The features of every micro-batch are computed without gradient; then each micro-batch is encoded again with
+    gradient and the sigmoid loss of the whole step's batch (its features in place of their cached copies) is
+    backpropagated. The gradient of the loss on the concatenated batch is the sum of these backward passes;
+    ``logit_scale`` and ``logit_bias`` take part with gradient in the last pass only, so that their gradient is
+    counted once (open_clip counts it ``k`` times). Returns the global loss, images and tokens.
+    """
+    dtype = torch.float64 if config.precision == "fp64" else torch.float32
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
+    )
+    prepared = [
+        drop_tokens(batch, config.token_drop, epoch=epoch, seed=config.seed).to(device, dtype)
+        for epoch, batch in batches
+    ]
+
+    def encode(batch: PackedBatch) -> tuple[torch.Tensor, ...]:
+        with autocast:
+            images, texts, scale, bias = model(
+                batch.images.patches, batch.images.grid_thw, batch.input_ids, batch.images.keep_mask
+            )
+        return images.to(dtype), texts.to(dtype), scale.to(dtype), bias.to(dtype)
+
+    with torch.no_grad():
+        cached = [encode(batch)[:2] for batch in prepared]
+    local_images = sum(batch.images.num_images for batch in prepared)
+    counts = _all_reduce(torch.tensor([local_images, sum(batch.num_tokens for batch in prepared)], dtype=torch.float64))
+    num_images = int(counts[0])
+    weight = world_size * local_images / num_images
+    mode = config.distributed_loss if world_size > 1 else None
+    last = len(prepared) - 1
+    for index, batch in enumerate(prepared):
+        with _sync_context(model, parallel, sync=index == last):
+            images, texts, scale, bias = encode(batch)
+            if index != last:
+                scale, bias = scale.detach(), bias.detach()
+            all_images = torch.cat([*(c[0] for c in cached[:index]), images, *(c[0] for c in cached[index + 1 :])])
+            all_texts = torch.cat([*(c[1] for c in cached[:index]), texts, *(c[1] for c in cached[index + 1 :])])
+            loss = sigmoid_loss(all_images, all_texts, scale, bias, distributed=mode)
+            (loss * weight).backward()
+    global_loss = _all_reduce(loss.detach().double() * local_images / num_images)
+    return global_loss, num_images, int(counts[1])
 
 
 def _memory_mb(device: torch.device) -> float:
@@ -612,6 +736,517 @@ def _tokenizer(config: RecipeConfig):
     from kornia_siglip2.tokenizer import SigLipTokenizer
 
     return SigLipTokenizer.from_pretrained(config.tokenizer, max_length=config.text_length)
+
+
+# ---- data: a manifest (small, local) or tar shards (streamed) ----------------------------------------------------
+
+
+class _ManifestData:
+    """The manifest path: every rank plans the epoch from the full list (:class:`TokenBudgetBatchSampler`)."""
+
+    def __init__(self, config: RecipeConfig, patch_size: int, tokenizer: Any, rank: int, world_size: int) -> None:
+        dataset = ImageTextDataset(read_manifest(config.data), tokenizer, patch_size, max(config.max_num_patches))
+        self.sampler = TokenBudgetBatchSampler(
+            dataset.sizes(),
+            config.token_budget,
+            patch_size,
+            config.max_num_patches,
+            num_replicas=world_size,
+            rank=rank,
+            seed=config.seed,
+            token_drop=config.token_drop,
+        )
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate_packed,
+            num_workers=config.num_workers,
+            pin_memory=False,
+        )
+        self.world_size = world_size
+        self.epoch, self.position = 0, 0
+        self._batches: Iterator | None = None
+
+    def next(self) -> tuple[int, PackedBatch]:
+        if self._batches is None:
+            self._batches = self._generate(self.epoch, self.position)
+        self.epoch, self.position, batch = next(self._batches)
+        return self.epoch, batch
+
+    def _generate(self, epoch: int, position: int) -> Iterator[tuple[int, int, PackedBatch]]:
+        while True:
+            self.sampler.set_epoch(epoch, position)
+            for batch in self.loader:
+                position += 1
+                yield epoch, position, batch
+            epoch, position = epoch + 1, 0
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any], rank: int) -> None:
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if state["world_size"] != self.world_size and position != 0:
+            raise ValueError(
+                f"The checkpoint was written by {state['world_size']} processes in the middle of epoch {epoch} of a "
+                f"manifest; this run has {self.world_size}. A manifest epoch is planned for one world size: resume "
+                f"with {state['world_size']} processes, or train from tar shards (python -m "
+                "kornia_siglip2.training.shards write ...), whose readers are re-dealt to a new world size."
+            )
+        self.epoch, self.position = epoch, position
+
+    def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close()  # shuts the DataLoader workers down
+
+
+class _ShardData:
+    """The tar-shard path: a :class:`~kornia_siglip2.training.stream.StreamFeed` per rank, epochs ended together.
+
+    Every micro-batch the ranks agree (``all_reduce`` of a flag, minimum) whether each has a batch: when one
+    rank's readers are done, the epoch ends for every rank and the others' remaining batches of the epoch are
+    dropped (counted as ``dropped``), so every rank steps the same number of times.
+    """
+
+    def __init__(self, config: RecipeConfig, patch_size: int, tokenizer: Any, rank: int, world_size: int) -> None:
+        spec = StreamSpec(
+            tuple(parse_sources(config.data, config.data_weights)),
+            token_budget=config.token_budget,
+            patch_size=patch_size,
+            max_num_patches=tuple(config.max_num_patches),
+            seed=config.seed,
+            shuffle_buffer=config.shuffle_buffer,
+            resampled=config.data_resampled,
+            token_drop=config.token_drop,
+        )
+        stream = ShardStream(spec, tokenizer, rank, world_size, config.num_workers)
+        self.feed = StreamFeed(stream, config.num_workers)
+        self.rank, self.world_size, self.num_workers = rank, world_size, config.num_workers
+        self.dropped = 0
+        self.epoch_ended = False
+
+    def next(self) -> tuple[int, PackedBatch]:
+        restarted = False
+        while True:
+            item = self.feed.next()
+            while item is not None and item["batch"] is None:  # every image of the packed batch was bad
+                item = self.feed.next()
+            have = torch.tensor([0.0 if item is None else 1.0])
+            if dist.is_initialized():
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if have.item() == 1.0:
+                return self.feed.epoch, item["batch"]
+            check(
+                not restarted,
+                lambda: (
+                    f"Epoch {self.feed.epoch} gives a rank no batch: the shards hold fewer samples than "
+                    f"{self.world_size} ranks x {max(self.num_workers, 1)} workers need."
+                ),
+            )
+            while item is not None:  # the ragged end of the epoch on this rank: dropped, counted
+                self.dropped += 0 if item["batch"] is None else item["batch"].images.num_images
+                item = self.feed.next()
+            self.feed.end_epoch()
+            self.epoch_ended = restarted = True
+
+    def stats(self) -> dict[str, Any]:
+        """Read, skipped (per rank and reason) and dropped samples since the start of the run (collective)."""
+        totals = self.feed.totals
+        local = torch.tensor(
+            [totals["read"], *(totals[name] for name in SKIP_REASONS), self.dropped], dtype=torch.float64
+        )
+        gathered = [torch.zeros_like(local) for _ in range(self.world_size)]
+        if dist.is_initialized():
+            dist.all_gather(gathered, local)
+        else:
+            gathered = [local]
+        table = torch.stack(gathered)
+        reasons = table[:, 1 : 1 + len(SKIP_REASONS)].sum(0).tolist()
+        ended, self.epoch_ended = self.epoch_ended, False
+        return {
+            "read": int(table[:, 0].sum()),
+            "skipped": int(sum(reasons)),
+            "skipped_per_rank": [int(value) for value in table[:, 1 : 1 + len(SKIP_REASONS)].sum(1).tolist()],
+            "skipped_reasons": {name: int(value) for name, value in zip(SKIP_REASONS, reasons, strict=True) if value},
+            "dropped": int(table[:, -1].sum()),
+            "epoch_ended": ended,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's stream position (collective: gathered to every rank, rank 0 writes it)."""
+        own = {**self.feed.state_dict(), "dropped": self.dropped}
+        ranks: list[Any] = [None] * self.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(ranks, own)
+        else:
+            ranks = [own]
+        stream = {"world_size": self.world_size, "num_workers": self.num_workers, "ranks": ranks}
+        return {"epoch": self.feed.epoch, "position": 0, "stream": stream}
+
+    def load_state_dict(self, state: dict[str, Any], rank: int) -> None:
+        check(
+            "stream" in state,
+            "The checkpoint holds no stream position (it was written by a manifest run): resume with its --data.",
+        )
+        saved = state["stream"]
+        redealt = self.feed.load_state_dict(saved["ranks"])
+        same = not redealt
+        self.dropped = int(saved["ranks"][rank]["dropped"]) if same else 0
+        if not same and rank == 0:
+            self.dropped = sum(int(entry["dropped"]) for entry in saved["ranks"])
+            print(
+                f"resuming epoch {self.feed.epoch}, read by {saved['world_size']} ranks x "
+                f"{max(saved['num_workers'], 1)} workers, on {self.world_size} x {max(self.num_workers, 1)}: the "
+                "interrupted readers continue on the new ones (nothing of the epoch lost or read twice); the next "
+                "epoch splits the shards the new way.",
+                flush=True,
+            )
+
+    def close(self) -> None:
+        self.feed.close()
+
+
+def _open_data(config: RecipeConfig, patch_size: int, tokenizer: Any, rank: int, world_size: int):
+    kind = _ShardData if is_shard_data(config.data) else _ManifestData
+    return kind(config, patch_size, tokenizer, rank, world_size)
+
+
+def _check_skips(stats: dict[str, Any], config: RecipeConfig) -> None:
+    """Stop (on every rank: the numbers are global) when too many samples were skipped."""
+    read, skipped = stats.get("read", 0), stats.get("skipped", 0)
+    if read == 0 or not (read >= 100 or stats.get("epoch_ended")):
+        return
+    if skipped / read > config.max_skip_fraction:
+        raise RuntimeError(
+            f"{skipped} of {read} samples read were skipped ({skipped / read:.1%} > --max-skip-fraction "
+            f"{config.max_skip_fraction}): {stats['skipped_reasons']}, per rank {stats['skipped_per_rank']}. The "
+            "first skipped samples of each reader are named on stderr ('kornia_siglip2 data: skipped ...'): fix or "
+            "rewrite those shards, or raise --max-skip-fraction."
+        )
+
+
+# ---- the run folder: shared by every rank, one checkpoint for all, a record of what the run is --------------------
+
+
+def _broadcast(value: Any) -> Any:
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value: Any, world_size: int) -> list[Any]:
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def check_shared_folder(out: Path, rank: int, world_size: int) -> None:
+    """Refuse to start unless every rank sees the run folder rank 0 writes (collective).
+
+    Rank 0 writes a token file into ``out``; every rank checks that it sees it. Checkpoints are written by
+    rank 0 and read by every rank, so ``out`` must be one shared file system for every node.
+
+    Raises:
+        RuntimeError: some rank does not see rank 0's token (named with its host).
+    """
+    if world_size == 1:
+        return
+    import socket
+    import uuid
+
+    token = _broadcast(f".shared-{uuid.uuid4().hex}" if rank == 0 else None)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / token).write_text("written by rank 0\n")
+    dist.barrier()
+    seen = _gather(((out / token).is_file(), socket.gethostname()), world_size)
+    dist.barrier()
+    if rank == 0:
+        (out / token).unlink(missing_ok=True)
+    blind = [f"rank {index} on {host}" for index, (ok, host) in enumerate(seen) if not ok]
+    if blind:
+        raise RuntimeError(
+            f"--out {out} is not shared: {', '.join(blind)} cannot see the file rank 0 wrote there. Checkpoints are "
+            "written by rank 0 and read by every rank: put --out on a file system every node mounts (NFS, Lustre...)."
+        )
+
+
+def agree_on_checkpoint(checkpoints: Path, resume: bool, rank: int, world_size: int) -> Path | None:
+    """The checkpoint every rank resumes from: rank 0 picks it, the others load the same (collective).
+
+    Raises:
+        RuntimeError: a rank cannot read the checkpoint rank 0 picked (the run refuses rather than letting the
+            ranks start from different steps).
+    """
+    name, failure = None, None
+    if rank == 0 and resume:
+        try:
+            path = find_resume_checkpoint(checkpoints)
+        except (FileNotFoundError, OSError) as error:  # every rank must stop, not wait for rank 0
+            failure = str(error)
+        else:
+            name = path.name if path is not None else None
+    name, failure = _broadcast((name, failure))
+    if failure is not None:
+        raise FileNotFoundError(failure)
+    if name is None:
+        return None
+    path = checkpoints / name
+    seen = _gather((path / "trainer.json").is_file(), world_size)
+    missing = [index for index, ok in enumerate(seen) if not ok]
+    if missing:
+        raise RuntimeError(
+            f"Rank 0 resumes from {path}, which rank(s) {missing} cannot read: every rank must resume from the same "
+            "step. Put --out on a file system every node shares, or start a new run (--no-resume or a new --out)."
+        )
+    return path
+
+
+# what the run is: a resume with any of these changed refuses (the rest may change: logging, threads, devices...)
+RUN_FIELDS = (
+    "data",
+    "data_weights",
+    "data_resampled",
+    "shuffle_buffer",
+    "model",
+    "model_config",
+    "tokenizer",
+    "text_length",
+    "objective",
+    "distill_start",
+    "size_factor",
+    "locca_num_bins",
+    "distill_heads",
+    "num_local_views",
+    "teacher_momentum",
+    "distributed_loss",
+    "token_budget",
+    "token_drop",
+    "max_num_patches",
+    "steps",
+    "accumulation",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "min_lr_ratio",
+    "grad_clip",
+    "ema_momentum",
+    "seed",
+)
+
+
+def _data_fingerprint(data: str, weights: str | None) -> str:
+    """The shard list (tar shards) or the manifest's bytes / the folder's file list, hashed."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    if is_shard_data(data):
+        for source in parse_sources(data, weights):
+            digest.update(("\n".join(source.urls) + f"|{source.weight}\n").encode())
+    else:
+        path = Path(data)
+        if path.is_file():
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        elif path.is_dir():
+            for file in sorted(path.rglob("*")):
+                digest.update(f"{file.relative_to(path)}|{file.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def run_record(config: RecipeConfig, world_size: int) -> dict[str, Any]:
+    """What defines the run (``run.json``): its options, the data and model-config fingerprints, the world size."""
+    options = asdict(config)
+    record: dict[str, Any] = {name: options[name] for name in RUN_FIELDS}
+    record["max_num_patches"] = list(record["max_num_patches"])
+    record["distill_heads"] = list(record["distill_heads"])
+    record["data_sha256"] = _data_fingerprint(config.data, config.data_weights)
+    if config.model_config is not None and Path(config.model_config).is_file():
+        record["model_config_json"] = json.loads(Path(config.model_config).read_text())
+    record["world_size"] = world_size
+    record["num_workers"] = config.num_workers
+    return record
+
+
+# a resume may change these (with a note): the world size and workers (tar shards re-deal the interrupted epoch's
+# readers; a manifest refuses mid-epoch), and --steps (to extend or shorten a run: the schedule becomes the new one's)
+_MAY_CHANGE = ("world_size", "num_workers", "steps")
+
+
+def check_run_record(out: Path, record: dict[str, Any]) -> list[str]:
+    """Compare a resumed run with the ``run.json`` it started with; the changes that are allowed, as notes.
+
+    World size and workers may change (tar shards re-deal the interrupted epoch's readers; a manifest refuses
+    mid-epoch, see the data classes), and ``steps`` (the learning-rate schedule becomes the new total's from the
+    resumed step on, said in a note). Anything else that defines the run refuses.
+
+    Raises:
+        ValueError: a field of :data:`RUN_FIELDS`, the data or the model config differ from the recorded run.
+    """
+    path = out / "run.json"
+    if not path.is_file():
+        return []
+    before = json.loads(path.read_text())
+    changed = [
+        f"{name}: was {before.get(name)!r}, now {value!r}"
+        for name, value in record.items()
+        if name not in (*_MAY_CHANGE, "history") and before.get(name) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"Resuming {out} with a different run: {'; '.join(changed)}. A resumed run must train the same data, "
+            "model, budgets and schedule. Pass the recorded values (run.json), or start a new run with another "
+            "--out (--model <checkpoint>/final to start from its weights)."
+        )
+    notes = []
+    for name in _MAY_CHANGE:
+        if before.get(name) != record[name]:
+            notes.append(f"{name} {before.get(name)} -> {record[name]}")
+    if before.get("steps") != record["steps"]:
+        notes.append(
+            f"the learning-rate schedule is now that of {record['steps']} steps (warmup, then the cosine to step "
+            f"{record['steps']}): the rate changes from the resumed step on"
+        )
+    return notes
+
+
+def _write_run_record(out: Path, record: dict[str, Any], notes: list[str], step: int) -> None:
+    path = out / "run.json"
+    history = json.loads(path.read_text()).get("history", []) if path.is_file() else []
+    history.append({"step": step, "world_size": record["world_size"], "num_workers": record["num_workers"]})
+    temporary = out / ".run.json.tmp"
+    temporary.write_text(json.dumps({**record, "history": history}, indent=2))
+    os.replace(temporary, path)
+    if notes:
+        print(f"resumed at step {step} with {', '.join(notes)}", flush=True)
+
+
+def _tensorboard(out: Path, enabled: bool):
+    """A TensorBoard writer when ``torch.utils.tensorboard`` imports (``tensorboard`` installed), else ``None``."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("TensorBoard is not installed (pip install tensorboard): metrics go to metrics.jsonl only.", flush=True)
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _write_metrics(out: Path, record: dict[str, Any], writer: Any) -> None:
+    with (out / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    if writer is not None:
+        _log_scalars(writer, record)
+
+
+def _log_scalars(writer: Any, record: dict[str, Any]) -> None:
+    for name, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+            writer.add_scalar(f"train/{name}", value, record["step"])
+
+
+# ---- evaluation during training: zero-shot and retrieval on a held-out set ------------------------------------
+
+
+def _eval_items(config: RecipeConfig, patch_size: int, tokenizer: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """The held-out set, decoded once (every rank): items at the largest patch budget, and their captions."""
+    budget = max(config.max_num_patches)
+    if is_shard_data(config.eval_data):
+        spec = StreamSpec(
+            tuple(parse_sources(config.eval_data)),
+            token_budget=budget,
+            patch_size=patch_size,
+            max_num_patches=(budget,),
+            shuffle_buffer=1,
+        )
+        stream = ShardStream(spec, tokenizer)
+        items, captions = [], []
+        for batch in Cursor(spec, 0, 0, 1, spec.urls).batches():  # one reader: every shard, samples in order
+            for item in batch:
+                try:
+                    items.append(stream._item(item))
+                    captions.append(item.files["txt"].decode("utf-8").strip())
+                except Exception as error:  # a bad held-out sample is left out, as in training
+                    print(f"kornia_siglip2 eval: left out {item.key}: {error}", flush=True)
+        return items, captions
+    dataset = ImageTextDataset(read_manifest(config.eval_data), tokenizer, patch_size, budget)
+    return [dataset[index] for index in range(len(dataset))], [record.caption for record in dataset.records]
+
+
+def retrieval_metrics(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: Sequence[str]
+) -> dict[str, float]:
+    """Zero-shot top-1 over the distinct captions (as class prompts) and image <-> text recall@1.
+
+    An answer is right when its caption equals the image's (captions may repeat: a retrieved text with the same
+    caption is a right one).
+
+    Example:
+        >>> embeds = torch.eye(3)
+        >>> retrieval_metrics(embeds, embeds, ["a", "b", "c"])["image_to_text_r1"]
+        1.0
+    """
+    similarity = image_embeds @ text_embeds.T
+    classes = sorted(set(captions))
+    first = [captions.index(name) for name in classes]
+    predicted = (image_embeds @ text_embeds[first].T).argmax(1).tolist()
+    count = len(captions)
+    texts_of_images = similarity.argmax(1).tolist()
+    images_of_texts = similarity.argmax(0).tolist()
+    return {
+        "zero_shot_top1": sum(classes[p] == captions[i] for i, p in enumerate(predicted)) / count,
+        "image_to_text_r1": sum(captions[j] == captions[i] for i, j in enumerate(texts_of_images)) / count,
+        "text_to_image_r1": sum(captions[j] == captions[i] for i, j in enumerate(images_of_texts)) / count,
+    }
+
+
+def _evaluate(
+    forward: nn.Module,
+    items: list[dict[str, Any]],
+    captions: list[str],
+    config: RecipeConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Encode the held-out set split over the ranks (each encodes as many batches: FSDP needs every rank), gather."""
+    batches: list[list[int]] = [[]]
+    used = 0
+    for index, item in enumerate(items):
+        tokens = item["patches"].shape[0]
+        if batches[-1] and used + tokens > config.token_budget:
+            batches.append([])
+            used = 0
+        batches[-1].append(index)
+        used += tokens
+    mine = batches[rank::world_size]
+    rounds = math.ceil(len(batches) / world_size)
+    dtype = torch.float64 if config.precision == "fp64" else torch.float32
+    results: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+    was_training = forward.training
+    forward.eval()
+    with torch.no_grad():
+        for position in range(rounds):
+            indices = mine[position] if position < len(mine) else batches[0]  # a spare round: encoded, not kept
+            batch = collate_packed([items[index] for index in indices]).to(device, dtype)
+            image_embeds, text_embeds, _, _ = forward(batch.images.patches, batch.images.grid_thw, batch.input_ids)
+            if position < len(mine):
+                results.append((indices, image_embeds.double().cpu(), text_embeds.double().cpu()))
+    forward.train(was_training)
+    gathered = _gather(results, world_size)
+    order = [index for part in gathered for indices, _, _ in part for index in indices]
+    images = torch.cat([embeds for part in gathered for _, embeds, _ in part])[torch.argsort(torch.tensor(order))]
+    texts = torch.cat([embeds for part in gathered for _, _, embeds in part])[torch.argsort(torch.tensor(order))]
+    return {f"eval_{name}": value for name, value in retrieval_metrics(images, texts, captions).items()}
 
 
 def train(config: RecipeConfig) -> list[dict[str, Any]]:
@@ -634,6 +1269,7 @@ def _train(config: RecipeConfig) -> list[dict[str, Any]]:
     if config.threads:
         torch.set_num_threads(config.threads)
     out = Path(config.out)
+    check_shared_folder(out, rank, world_size)
     model = build_model(config)
     if config.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -643,7 +1279,7 @@ def _train(config: RecipeConfig) -> list[dict[str, Any]]:
     wrapped = wrap_model(objective or ContrastiveForward(model), config.parallel, device, ema)
     # the frozen teacher is not optimized
     trained = [parameter for parameter in wrapped.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(wrapped, config.weight_decay), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
     )
@@ -656,116 +1292,146 @@ def _train(config: RecipeConfig) -> list[dict[str, Any]]:
             "pass the checkpoint's tokenizer folder as tokenizer."
         ),
     )
-    dataset = ImageTextDataset(read_manifest(config.data), tokenizer, model.patch_size, max(config.max_num_patches))
-    sampler = TokenBudgetBatchSampler(
-        dataset.sizes(),
-        config.token_budget,
-        model.patch_size,
-        config.max_num_patches,
-        num_replicas=world_size,
-        rank=rank,
-        seed=config.seed,
-        token_drop=config.token_drop,
-    )
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_packed, num_workers=config.num_workers, pin_memory=False
-    )
+    data = _open_data(config, model.patch_size, tokenizer, rank, world_size)
+    evaluation = None
+    if config.eval_data is not None:
+        items, captions = _eval_items(config, model.patch_size, tokenizer)
+        # the wrapped forward (DDP / FSDP2) for the sigmoid objective; the model itself under the full objective
+        evaluation = (wrapped if objective is None else ContrastiveForward(model), items, captions)
 
-    step, epoch, position = 0, 0, 0
+    step = 0
     checkpoints = out / "checkpoints"
-    resume_from = find_resume_checkpoint(checkpoints) if config.resume else None
+    record_of_run = run_record(config, world_size)
+    resume_from = agree_on_checkpoint(checkpoints, config.resume, rank, world_size)
+    notes: list[str] = []
     if resume_from is not None:
-        state = load_checkpoint(resume_from, wrapped, optimizer, ema)
+        notes = check_run_record(out, record_of_run)
+        loader = load_sharded_checkpoint if is_sharded_checkpoint(resume_from) else load_checkpoint
+        state = loader(resume_from, wrapped, optimizer, ema)
         scheduler.load_state_dict(state["scheduler"])
-        step, epoch, position = state["step"], state["epoch"], state["position"]
+        step = state["step"]
+        data.load_state_dict(state, rank)
+    writer = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _repair_metrics(out / "metrics.jsonl", step)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        _write_run_record(out, record_of_run, notes, step)
+        writer = _tensorboard(out, config.tensorboard)
         print(f"rank 0/{world_size} on {device}: {config.parallel}, {config.precision}, from step {step}", flush=True)
 
     records = []
-    batches = _batches(loader, sampler, epoch, position)
     bar = None
     if config.progress and rank == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=step, desc="train", unit="step")
     wrapped.train()
-    while step < config.steps:
-        start = time.perf_counter()
-        progress = step / config.steps
-        distilling = objective is not None and objective.loss.schedule.distillation_active(progress)
-        if distilling:
-            objective.start_distillation()  # the teacher becomes the student, once (a resumed run knows)
-        step_terms: dict[str, float] = {}
-        step_images, step_tokens = 0, 0
-        for micro in range(config.accumulation):
-            epoch, position, batch = next(batches)
-            with _sync_context(wrapped, config.parallel, sync=micro == config.accumulation - 1):
-                if objective is None:
-                    loss, images, tokens = _micro_step(wrapped, batch, epoch, config, world_size, device)
-                    terms = {"loss": float(loss)}
-                else:
-                    terms, images, tokens = _objective_micro_step(
-                        wrapped, objective, batch, epoch, progress, config, world_size, device
-                    )
-            for name, value in terms.items():
-                step_terms[name] = step_terms.get(name, 0.0) + value / config.accumulation
-            step_images += images
-            step_tokens += tokens
-        step_loss = step_terms["loss"]
-        grad_norm = None
-        if config.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        _check_finite_step(step + 1, step_loss, grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        if objective is not None:
-            objective.update_teacher()
-        step += 1
-        seconds = time.perf_counter() - start
-        if objective is not None and not distilling:
-            step_terms["consistency"] = step_terms["masked"] = None  # not computed before the switch
-        record = {
-            "step": step,
-            "epoch": epoch,
-            "loss": step_loss,
-            # the full objective: each unweighted term of the global batch, and whether SILC / TIPS were on
-            **({name: step_terms[name] for name in LOSS_TERMS} if objective is not None else {}),
-            **({"distillation": distilling} if objective is not None else {}),
-            "lr": learning_rate,
-            "images": step_images,
-            "tokens": step_tokens,
-            "tokens_per_s": step_tokens / seconds,
-            "seconds": seconds,
-            "memory_mb": _memory_mb(device),
-            "grad_norm": grad_norm,
-        }
-        records.append(record)
-        if rank == 0:
-            with (out / "metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            elif step % config.log_every == 0 or step == config.steps:
-                terms = "".join(f" {name} {record[name]:.4f}" for name in LOSS_TERMS if record.get(name) is not None)
-                print(
-                    f"step {step}/{config.steps} loss {step_loss:.4f}{terms} lr {learning_rate:.2e} "
-                    f"{record['tokens_per_s']:.0f} tok/s mem {record['memory_mb']:.0f} MB",
-                    flush=True,
+    epoch = 0
+    try:
+        while step < config.steps:
+            start = time.perf_counter()
+            progress = step / config.steps
+            distilling = objective is not None and objective.loss.schedule.distillation_active(progress)
+            if distilling:
+                objective.start_distillation()  # the teacher becomes the student, once (a resumed run knows)
+            step_terms: dict[str, float] = {}
+            step_images, step_tokens = 0, 0
+            batches = [data.next() for _ in range(config.accumulation)]
+            epoch = batches[-1][0]
+            if objective is None and config.accumulation > 1:
+                loss, step_images, step_tokens = _accumulated_step(
+                    wrapped, batches, config, world_size, device, config.parallel
                 )
-        if (config.save_every and step % config.save_every == 0) or step == config.steps:
-            trainer_state = {"epoch": epoch, "position": position, "scheduler": scheduler.state_dict()}
-            _check_finite_weights(wrapped, f"the step-{step} checkpoint")
-            save_checkpoint(checkpoints, step, wrapped, optimizer, trainer_state, ema)
-    batches.close()  # shuts the DataLoader workers down
+                step_terms = {"loss": float(loss)}
+            else:
+                for micro, (batch_epoch, batch) in enumerate(batches):
+                    with _sync_context(wrapped, config.parallel, sync=micro == config.accumulation - 1):
+                        if objective is None:
+                            loss, images, tokens = _micro_step(wrapped, batch, batch_epoch, config, world_size, device)
+                            terms = {"loss": float(loss)}
+                        else:
+                            terms, images, tokens = _objective_micro_step(
+                                wrapped, objective, batch, batch_epoch, progress, config, world_size, device
+                            )
+                    for name, value in terms.items():
+                        step_terms[name] = step_terms.get(name, 0.0) + value / config.accumulation
+                    step_images += images
+                    step_tokens += tokens
+            step_loss = step_terms["loss"]
+            grad_norm = None
+            if config.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(trained, config.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            _check_finite_step(step + 1, step_loss, grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
+            if objective is not None:
+                objective.update_teacher()
+            step += 1
+            seconds = time.perf_counter() - start
+            if objective is not None and not distilling:
+                step_terms["consistency"] = step_terms["masked"] = None  # not computed before the switch
+            stats = data.stats()
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": step_loss,
+                # the full objective: each unweighted term of the global batch, and whether SILC / TIPS were on
+                **({name: step_terms[name] for name in LOSS_TERMS} if objective is not None else {}),
+                **({"distillation": distilling} if objective is not None else {}),
+                "lr": learning_rate,
+                "images": step_images,
+                "tokens": step_tokens,
+                # the fraction of the token budgets the step's batches filled (all ranks and micro-batches)
+                "fill": step_tokens / (config.token_budget * config.accumulation * world_size),
+                "tokens_per_s": step_tokens / seconds,
+                "seconds": seconds,
+                "memory_mb": _memory_mb(device),
+                "grad_norm": grad_norm,
+                **{name: value for name, value in stats.items() if name != "epoch_ended"},
+            }
+            records.append(record)
+            if rank == 0:
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                elif step % config.log_every == 0 or step == config.steps:
+                    terms = "".join(
+                        f" {name} {record[name]:.4f}" for name in LOSS_TERMS if record.get(name) is not None
+                    )
+                    skipped = f" skipped {record['skipped']}" if "skipped" in record else ""
+                    print(
+                        f"step {step}/{config.steps} loss {step_loss:.4f}{terms} lr {learning_rate:.2e} "
+                        f"{record['tokens_per_s']:.0f} tok/s fill {record['fill']:.1%}{skipped} "
+                        f"mem {record['memory_mb']:.0f} MB",
+                        flush=True,
+                    )
+            if evaluation is not None and (
+                step == config.steps or (config.eval_every and step % config.eval_every == 0)
+            ):
+                record.update(_evaluate(*evaluation, config, rank, world_size, device))
+                if rank == 0:
+                    scores = " ".join(
+                        f"{name} {value:.3f}" for name, value in record.items() if name.startswith("eval_")
+                    )
+                    print(f"step {step} {scores}", flush=True)
+            if rank == 0:
+                _write_metrics(out, record, writer)
+            _check_skips(stats, config)
+            if (config.save_every and step % config.save_every == 0) or step == config.steps:
+                trainer_state = {**data.state_dict(), "scheduler": scheduler.state_dict()}
+                _check_finite_weights(wrapped, f"the step-{step} checkpoint")
+                saver = save_sharded_checkpoint if config.checkpoint_format == "sharded" else save_checkpoint
+                saver(checkpoints, step, wrapped, optimizer, trainer_state, ema)
+    finally:
+        data.close()  # shuts the DataLoader workers down
+        if writer is not None:
+            writer.close()
     if bar is not None:
         bar.close()
     _check_finite_weights(wrapped, "the final export")
@@ -814,6 +1480,7 @@ _CHOICES = {
     "precision": PRECISIONS,
     "distributed_loss": ("all_gather", "ring"),
     "objective": OBJECTIVES,
+    "checkpoint_format": CHECKPOINT_FORMATS,
 }
 
 
