@@ -309,7 +309,8 @@ def _ty(tree: Path, tools: Path) -> tuple[set[str], float]:
     command = [*_tool(tools, "ty"), "check", "--python", sys.prefix, "--output-format", "concise", "kornia"]
     _, out, seconds = _run(command, tree, _env(None))
     # a diagnostic without its line number, so that a line moved by a patch is the same diagnostic
-    return {re.sub(r":\d+:\d+:", ":", line) for line in out.splitlines() if re.match(r"^\S+\.py:\d+:\d+: ", line)}, seconds
+    lines = [line for line in out.splitlines() if re.match(r"^\S+\.py:\d+:\d+: ", line)]
+    return {re.sub(r":\d+:\d+:", ":", line) for line in lines}, seconds
 
 
 def _toctree_entries(tree: Path) -> set[str]:
@@ -400,7 +401,8 @@ def check_pr(number: int, commit: str, context: Context) -> list[CheckResult]:
 
     diagnostics, seconds = _ty(tree, context.tools)
     new = sorted(diagnostics - context.base_ty)
-    results.append(CheckResult("ty", not new, seconds, "\n".join(new) or f"{len(diagnostics)} diagnostics, as the base"))
+    detail = "\n".join(new) or f"{len(diagnostics)} diagnostics, as the base"
+    results.append(CheckResult("ty", not new, seconds, detail))
 
     for probe in ("fullgraph", "issue3481"):
         code, report, seconds = _probe(tree, probe)
@@ -465,7 +467,7 @@ def check(args: argparse.Namespace) -> int:
         context.base_failed = failed
         print(f"base: Kornia's tests {kornia_tests}: {summary} ({seconds:.0f} s); baseline failures {sorted(failed)}")
     report, ok = [], True
-    for number, (patch, commit) in enumerate(zip(patches, commits), start=1):
+    for number, (patch, commit) in enumerate(zip(patches, commits, strict=True), start=1):
         if args.pr and number > args.pr:
             break
         subject = _git(tree, "log", "-1", "--format=%s", commit).strip()
