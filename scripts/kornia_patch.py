@@ -53,6 +53,7 @@ __all__ = [
     "CheckResult",
     "apply_series",
     "build_base",
+    "build_base_from_package",
     "compare_api",
     "fetch_release",
     "main",
@@ -166,6 +167,22 @@ def build_base(out: Path, version: str, sdist: Path, kornia_repo: Path | None = 
         message = f"base: kornia/ of the kornia {version} release on {head}"
     _git(tree, "add", "-A")
     _git(tree, "commit", "-q", "--no-verify", "-m", message)
+    _git(tree, "tag", "-f", "base")
+    return tree
+
+
+def build_base_from_package(out: Path, package: Path) -> Path:
+    """A base tree of an installed ``kornia`` package folder and the harness (offline: ``tests/test_kornia_patch.py``).
+
+    Without the sdist's ``pyproject.toml`` there are no ruff or ty settings: enough to apply the series and import it.
+    """
+    tree = out.resolve() / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    shutil.copytree(package, tree / "kornia", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(HARNESS, tree, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+    _git(tree, "init", "-q")
+    _git(tree, "add", "-A")
+    _git(tree, "commit", "-q", "--no-verify", "-m", f"base: the kornia package of {package}")
     _git(tree, "tag", "-f", "base")
     return tree
 

@@ -12,6 +12,8 @@ and checks that ``import kornia`` imported none of safetensors, huggingface_hub,
 
 ``python probe.py issue3481``: kornia#3481's reproduction (log-scale 100): finite logits and loss.
 
+``python probe.py siglip CHECKPOINT INPUTS OUT``: Kornia's outputs for kornia_siglip2's equivalence test.
+
 Each prints a JSON report and exits 1 if a check fails.
 """
 
@@ -25,7 +27,7 @@ import pkgutil
 import sys
 from typing import Any
 
-__all__ = ["FORBIDDEN_AT_IMPORT", "api", "fullgraph", "issue3481", "runtime"]
+__all__ = ["FORBIDDEN_AT_IMPORT", "api", "fullgraph", "issue3481", "runtime", "siglip"]
 
 FORBIDDEN_AT_IMPORT = ("safetensors", "huggingface_hub", "transformers", "PIL")
 
@@ -181,12 +183,76 @@ def issue3481() -> dict[str, Any]:
     return report
 
 
+def siglip(checkpoint: str, inputs: str, out: str) -> dict[str, Any]:
+    """Kornia's side of kornia_siglip2's equivalence test (``tests/test_kornia_patch.py``).
+
+    Loads the transformers ``SiglipModel`` checkpoint folder ``checkpoint`` (``config.json`` + ``model.safetensors``,
+    text and vision of one width) into ``kornia.models.siglip2.SigLip2Model`` as ``SigLip2Builder.from_pretrained_hf``
+    does after its download, runs the ``torch.save``-d ``inputs`` (``pixel_values``, ``input_ids``, ``images`` in
+    ``[0, 255]``) through the model with the loss and through ``SigLip2ImagePreprocessor``, and saves the outputs to
+    ``out``.
+    """
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from kornia.models.siglip2 import SigLip2Config, SigLip2ImagePreprocessor, SigLip2Model
+    from kornia.models.siglip2.config import SigLip2TextConfig, SigLip2VisionConfig
+
+    folder = Path(checkpoint)
+    config = json.loads((folder / "config.json").read_text())
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act")
+    vision = {key: config["vision_config"][key] for key in keys}
+    text = {key: config["text_config"][key] for key in keys}
+    vision_config = SigLip2VisionConfig(
+        image_size=config["vision_config"]["image_size"],
+        patch_size=config["vision_config"]["patch_size"],
+        layer_norm_eps=config["vision_config"]["layer_norm_eps"],
+        **vision,
+    )
+    text_config = SigLip2TextConfig(
+        vocab_size=config["text_config"]["vocab_size"],
+        max_position_embeddings=config["text_config"]["max_position_embeddings"],
+        layer_norm_eps=config["text_config"]["layer_norm_eps"],
+        **text,
+    )
+    model = SigLip2Model(
+        SigLip2Config(vision_config=vision_config, text_config=text_config, projection_dim=vision["hidden_size"])
+    )
+    state = load_file(str(folder / "model.safetensors"))
+    state["vision_model.embeddings.position_embedding"] = state.pop("vision_model.embeddings.position_embedding.weight")
+    state = {key: value for key, value in state.items() if not key.endswith("position_ids")}
+    model.load_state_dict(state, strict=True)
+    model = model.eval().double()
+    data = torch.load(inputs)
+    with torch.no_grad():
+        result = model(pixel_values=data["pixel_values"], input_ids=data["input_ids"], return_loss=True)
+        size = tuple(data["pixel_values"].shape[-2:])
+        preprocessed = {
+            mode: SigLip2ImagePreprocessor(image_size=size, interpolation=mode).double()(data["images"])
+            for mode in ("bilinear", "bicubic")
+        }
+    outputs = {
+        "logits_per_image": result.logits_per_image,
+        "image_embeds": result.image_embeds,
+        "text_embeds": result.text_embeds,
+        "logit_scale": result.logit_scale,
+        "loss": result.loss,
+        **{f"preprocessed_{mode}": value for mode, value in preprocessed.items()},
+    }
+    torch.save(outputs, out)
+    return {"failures": [], "saved": sorted(outputs)}
+
+
 COMMANDS = {"runtime": runtime, "fullgraph": fullgraph, "issue3481": issue3481}
 
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else ""
     if command == "api":
         print(json.dumps(api(), indent=1, sort_keys=True))
+    elif command == "siglip":
+        print(json.dumps(siglip(*sys.argv[2:5])))
     elif command in COMMANDS:
         result = COMMANDS[command]()
         print(json.dumps(result, indent=1, sort_keys=True))
