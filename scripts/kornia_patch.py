@@ -502,8 +502,8 @@ def export(tree: Path, version: str | None = None) -> list[Path]:
     """Rewrite ``scripts/kornia_pr/series`` from the commits ``base..HEAD`` of ``tree`` (and the base's version)."""
     for old in series():
         old.unlink()
-    command = ["format-patch", "-q", "--zero-commit", "--no-signature", "--no-numbered", "-o", str(PATCHES)]
-    _git(tree, *command, "base..HEAD")
+    options = ["-q", "--zero-commit", "--full-index", "--no-signature", "--no-numbered", "-o", str(PATCHES)]
+    _git(tree, "format-patch", *options, "base..HEAD")
     if version is not None:
         BASE_RECORD.write_text(json.dumps({**json.loads(BASE_RECORD.read_text()), "kornia": version}, indent=1) + "\n")
     return series()
