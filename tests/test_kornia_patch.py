@@ -71,6 +71,9 @@ def test_series_is_patches_over_a_recorded_release(kornia_patch):
         fragments = [f for f in files if f.startswith("changelog.d/")]
         assert len(fragments) == 1, (patch.name, fragments)
         assert "Behaviour change:" in text, f"{patch.name}: its commit message states no behaviour change"
+        # a minimal diff of our change, not a copy: few library lines per PR
+        library = sum(len(added) for path, (_, added) in files.items() if path.startswith("kornia/"))
+        assert 0 < library <= 40, (patch.name, library)
 
 
 @pytest.mark.parametrize("patch", sorted((SERIES / "series").glob("*.patch")), ids=lambda p: p.name[:4])
