@@ -411,7 +411,8 @@ def check_pr(number: int, commit: str, context: Context) -> list[CheckResult]:
     summaries = [line.strip("= ") for line in out.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
     if code == 5:  # pytest: no tests collected, i.e. the touched files have no docstring example
         code, summaries = 0, ["no docstring example in the touched files"]
-    results.append(CheckResult("doctest", code == 0, seconds, summaries[-1] if code == 0 else out[-3000:]))
+    summary = (summaries or [out.strip()[-200:]])[-1]
+    results.append(CheckResult("doctest", code == 0, seconds, summary if code == 0 else out[-3000:]))
 
     ruff = _tool(tools=context.tools, name="ruff")
     code, out, seconds = _run([*ruff, "check", "--no-cache", *python], tree, _env(None))
