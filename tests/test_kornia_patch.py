@@ -189,6 +189,19 @@ def kornia_tree(kornia_patch, tmp_path_factory):
     return tree
 
 
+def test_a_conflict_fails_the_series(kornia_patch, tmp_path):
+    """``git am -3`` on a base whose lines under a patch changed: the checker stops, the tree is left clean."""
+    package = Path(importlib.util.find_spec("kornia").origin).parent
+    tree = kornia_patch.build_base_from_package(tmp_path, package)
+    config = tree / "kornia/models/siglip2/config.py"
+    config.write_text(config.read_text().replace("logit_scale_max: float = 100.0", "logit_scale_max: float = 50.0"))
+    kornia_patch._git(tree, "commit", "-qam", "a base that moved the line PR 1 changes")
+    kornia_patch._git(tree, "tag", "-f", "base")
+    with pytest.raises(SystemExit, match="does not apply"):
+        kornia_patch.apply_series(tree, kornia_patch.series()[:1])
+    assert kornia_patch._git(tree, "status", "--porcelain").strip() == ""
+
+
 @pytest.fixture(scope="module")
 def same_width_checkpoint(tmp_path_factory) -> Path:
     """A tiny transformers ``SiglipModel`` whose towers have one width (Kornia's layout needs it), saved."""
