@@ -16,7 +16,7 @@ MIN_VENV ?= .venv-min
 TEST_CMD = HF_HUB_OFFLINE=1 $(1)/bin/python -m pytest tests kornia_siglip2 -q $(PYTEST_ARGS)
 
 .PHONY: install demo test test-all test-dtypes test-latest test-min lint format bench bench-full bench-quick bench-targets gpu-check docs \
-	kornia-patch kornia-prs wheel \
+	kornia-patch kornia-prs kornia-prs-latest wheel \
 	lock versions clean
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
@@ -120,20 +120,28 @@ docs: $(VENV)/.docs-installed
 	$(PY) docs/make_figures.py
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
-# The Kornia PR series (scripts/kornia_pr/prN, docs/upstreaming.md): `make kornia-patch PR=2` renders PRs 1..2 onto a
-# copy of the installed Kornia 0.9.0 in build/kornia_pr/pr2 and checks it; `make kornia-prs` checks every PR.
+# The Kornia PR series (scripts/kornia_pr/series/*.patch over the release in scripts/kornia_pr/base.json; see
+# docs/upstreaming.md): `make kornia-prs` builds the base from the release's sdist (PyPI), applies the series with
+# `git am -3` and checks each PR (CI runs it); `make kornia-patch PR=N` checks PRs 1..N; KORNIA_REPO=PATH (a clone of
+# kornia/kornia) checks inside Kornia's tree with its own tests. `make kornia-prs-latest`: the newest Kornia release,
+# for people (a new release must not block CI).
 KORNIA_TOOLS := build/kornia_tools
+KORNIA_REPO ?=
 PR ?=
+KORNIA_CHECK = $(PY) scripts/kornia_patch.py check --tools $(KORNIA_TOOLS) $(if $(KORNIA_REPO),--kornia-repo $(KORNIA_REPO))
 
 $(KORNIA_TOOLS)/.installed: scripts/kornia_pr/tools.txt
 	$(PY) -m pip install --quiet --upgrade --target $(KORNIA_TOOLS) -r scripts/kornia_pr/tools.txt
 	touch $@
 
 kornia-patch: install $(KORNIA_TOOLS)/.installed
-	$(PY) scripts/kornia_patch.py $(if $(PR),--pr $(PR),--all) --check --tools $(KORNIA_TOOLS)
+	$(KORNIA_CHECK) $(if $(PR),--pr $(PR))
 
 kornia-prs: install $(KORNIA_TOOLS)/.installed
-	$(PY) scripts/kornia_patch.py --all --check --tools $(KORNIA_TOOLS)
+	$(KORNIA_CHECK)
+
+kornia-prs-latest: install $(KORNIA_TOOLS)/.installed
+	$(KORNIA_CHECK) --kornia latest --out build/kornia_pr_latest
 
 wheel: install
 	BUILD_PY=$(PY) TORCH_SPEC="$(TORCH_SPEC)" CONSTRAINTS=$(CONSTRAINTS) scripts/check_wheel.sh

@@ -7,8 +7,9 @@ transformers. Offline, CPU, a few seconds.
 
 Usage::
 
-    python scripts/kornia_compare.py                       # the installed kornia (0.9.0 here)
-    python scripts/kornia_compare.py --source DIR          # another copy of kornia/models/siglip2, e.g. main
+    python scripts/kornia_compare.py                       # the installed kornia (0.9.2 here)
+    python scripts/kornia_compare.py --source DIR          # another copy of kornia/models/siglip2, e.g. the
+                                                           # series applied: build/kornia_pr/tree/kornia/models/siglip2
     python scripts/kornia_compare.py --markdown            # the table of docs/upstreaming.md
 
 The Kornia columns are measurements, not assertions: ``tests/test_kornia_patch.py`` asserts only the
