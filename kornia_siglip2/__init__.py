@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from kornia_siglip2.text import TextOutput, TextTransformer
     from kornia_siglip2.tokenizer import SigLipTokenizer
     from kornia_siglip2.vision import VisionOutput, VisionTransformer
+    from kornia_siglip2.vision_model import SigLip2VisionModel
     from kornia_siglip2.zero_shot import ZeroShotClassifier
 
 # public name -> defining module, filled from the imports above
@@ -80,6 +81,7 @@ _LAZY = {
     "SigLipTokenizer": "kornia_siglip2.tokenizer",
     "VisionOutput": "kornia_siglip2.vision",
     "VisionTransformer": "kornia_siglip2.vision",
+    "SigLip2VisionModel": "kornia_siglip2.vision_model",
     "ZeroShotClassifier": "kornia_siglip2.zero_shot",
     "load_image": "kornia_siglip2.images",
 }
@@ -96,6 +98,7 @@ __all__ = [
     "SigLip2Config",
     "SigLip2ImagePreprocessor",
     "SigLip2Output",
+    "SigLip2VisionModel",
     "SigLipImagePreprocessor",
     "SigLipTokenizer",
     "TextConfig",

@@ -1,9 +1,9 @@
 """Checkpoint I/O: the only module that knows Hugging Face key names.
 
 Reads ``config.json`` + safetensors (single file or sharded) from a local folder or the Hugging Face
-cache / hub, maps HF keys to ours (they are the same keys; only the Conv2d patch embedding of ``siglip``
-checkpoints becomes the Linear over ``(py, px, c)`` patches), validates every key and shape, and writes the
-HF layout back. Never unpickles: ``*.bin`` / ``*.pt`` files are refused.
+cache / hub (our state dict has transformers' keys and shapes, so the mapping only drops the ``position_ids``
+buffers older releases saved), validates every key and shape, and writes the HF layout back, with
+``config.json`` for dual-tower and vision-only models. Never unpickles: ``*.bin`` / ``*.pt`` files are refused.
 
 It sits right above :mod:`~kornia_siglip2.config` in the import graph: it builds models through the class
 it is given and imports no model module, so the towers and the model can use it.
@@ -26,13 +26,14 @@ from safetensors.torch import save_file
 from kornia_siglip2.config import MODEL_TYPES, VISION_MODEL_TYPES, SigLip2Config, validate_hf_config
 from kornia_siglip2.errors import ValueCheckError, check, check_type
 from kornia_siglip2.loading import LoadOptions, load_options, stored_dtype
-from kornia_siglip2.packing import conv_to_linear_patch_weight
+from kornia_siglip2.packing import linear_to_conv_patch_weight
 
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 __all__ = [
     "download_file",
     "from_hf_state_dict",
+    "hf_config_dict",
     "load_pretrained",
     "load_vision_pretrained",
     "read_config",
@@ -52,6 +53,7 @@ _IGNORED = re.compile(r"(^|\.)position_ids$")
 _OWNED = re.compile(
     r"^(config\.json|model\.safetensors|model\.safetensors\.index\.json|model-\d+-of-\d+\.safetensors)$"
 )
+_HF_VISION_CLASSES = {"siglip_vision_model": "SiglipVisionModel", "siglip2_vision_model": "Siglip2VisionModel"}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
 _SIZE_UNITS.update({"GIB": 2**30, "TIB": 2**40})
 
@@ -288,25 +290,17 @@ def read_safetensors(folder: str | Path, *, check_finite: bool = True) -> dict[s
 def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map a transformers ``SiglipModel`` / ``Siglip2Model`` (or vision tower) state dict to our keys.
 
-    The keys are the same; a Conv2d patch embedding :math:`(D, C, p, p)` becomes the Linear over
-    ``(py, px, c)`` patches (:func:`conv_to_linear_patch_weight`) and the ``position_ids`` buffers older
-    transformers releases saved are dropped. Every other tensor is passed through as is (no copy).
+    Keys and shapes are transformers' own (a ``siglip`` patch embedding stays the Conv2d weight
+    :math:`(D, C, p, p)`, a ``siglip2`` one the Linear :math:`(D, p^2 C)`); only the ``position_ids`` buffers older
+    transformers releases saved are dropped. Every tensor is passed through as is (no copy).
 
     Example:
         >>> hf = {"vision_model.embeddings.patch_embedding.weight": torch.zeros(8, 3, 4, 4),
-        ...       "logit_bias": torch.ones(1)}
+        ...       "text_model.embeddings.position_ids": torch.arange(4)[None], "logit_bias": torch.ones(1)}
         >>> {key: tuple(value.shape) for key, value in from_hf_state_dict(hf).items()}
-        {'vision_model.embeddings.patch_embedding.weight': (8, 48), 'logit_bias': (1,)}
+        {'vision_model.embeddings.patch_embedding.weight': (8, 3, 4, 4), 'logit_bias': (1,)}
     """
-    state_dict: dict[str, torch.Tensor] = {}
-    for key, tensor in hf_state_dict.items():
-        if _IGNORED.search(key):
-            continue
-        if key.endswith(_PATCH_SUFFIX) and tensor.ndim == 4:
-            state_dict[key] = conv_to_linear_patch_weight(tensor)
-        else:
-            state_dict[key] = tensor
-    return state_dict
+    return {key: tensor for key, tensor in hf_state_dict.items() if not _IGNORED.search(key)}
 
 
 def to_hf_state_dict(
@@ -314,32 +308,24 @@ def to_hf_state_dict(
     config: SigLip2Config | None = None,
     prefix: str = "vision_model.",
 ) -> dict[str, torch.Tensor]:
-    """Our weights in transformers' layout (inverse of :func:`from_hf_state_dict`, bit-exact).
+    """Our weights in transformers' layout (the same keys and shapes; detached, contiguous, bit-exact).
 
     Args:
-        state_dict: a :class:`~kornia_siglip2.SigLip2` (its weights and config are used) or its
-            ``state_dict()`` (or a vision tower's, with ``prefix=""``).
-        config: the model's configuration (the patch embedding goes back to a Conv2d for ``siglip``);
-            taken from the model when a model is passed.
-        prefix: key prefix of the vision tower in ``state_dict``.
-
-    Raises:
-        ValueCheckError: no config is known.
+        state_dict: a model (its weights are used) or its ``state_dict()``.
+        config: the model's configuration: a state dict saved by releases <= 0.1, whose ``siglip`` patch
+            embedding was a Linear :math:`(D, p^2 C)`, gets transformers' Conv2d weight back with it.
+        prefix: key prefix of the vision tower in ``state_dict`` (``""`` for a vision-only model).
     """
     if isinstance(state_dict, torch.nn.Module):
-        config = state_dict.config if config is None else config
+        config = getattr(state_dict, "config", None) if config is None else config
         state_dict = state_dict.state_dict()
-    check(config is not None, "to_hf_state_dict needs the model's config with a bare state dict.")
-    vision = config.vision_config
+    vision = getattr(config, "vision_config", config)
     hf_state_dict: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
         tensor = tensor.detach()
-        if key == f"{prefix}{_PATCH_SUFFIX}" and not config.is_naflex:
-            patch = vision.patch_size
-            conv = tensor.reshape(tensor.shape[0], patch, patch, vision.num_channels).permute(0, 3, 1, 2)
-            hf_state_dict[key] = conv.contiguous()
-        else:
-            hf_state_dict[key] = tensor.contiguous()
+        if key == f"{prefix}{_PATCH_SUFFIX}" and tensor.ndim == 2 and vision is not None and not vision.is_naflex:
+            tensor = linear_to_conv_patch_weight(tensor, vision.num_channels)
+        hf_state_dict[key] = tensor.contiguous()
     return hf_state_dict
 
 
@@ -405,9 +391,11 @@ def load_pretrained(model_class: type[_Module], name_or_path: str | Path, **kwar
     :func:`read_safetensors`).
     """
     check_finite = kwargs.pop("check_finite", True)
+    config_source = kwargs.pop("config", None)
     options = load_options(**kwargs)
     folder = _checkpoint_folder(name_or_path, options)
-    hf_config = read_config(folder)
+    hf_config = read_config(folder) if config_source is None else _config_dict(config_source, options)
+    _check_not_vision_only(hf_config, model_class, name_or_path)
     config = SigLip2Config.from_hf_dict(hf_config)
     tensors = read_safetensors(folder, check_finite=check_finite)
     with torch.device("meta"):
@@ -429,9 +417,10 @@ def load_vision_pretrained(tower_class: type[_Module], name_or_path: str | Path,
         TypeError: an unknown keyword argument.
     """
     check_finite = kwargs.pop("check_finite", True)
+    config_source = kwargs.pop("config", None)
     options = load_options(**kwargs)
     folder = _checkpoint_folder(name_or_path, options)
-    hf_config = read_config(folder)
+    hf_config = read_config(folder) if config_source is None else _config_dict(config_source, options)
     model_type = hf_config.get("model_type")
     tensors = read_safetensors(folder, check_finite=check_finite)
     if model_type in VISION_MODEL_TYPES:
@@ -471,7 +460,14 @@ def read_config(folder: str | os.PathLike[str]) -> dict:
     folder = Path(folder)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"No config.json in {folder}.")
+        hint = ""
+        if (folder / "training_args.bin").is_file() or (folder / _SAFETENSORS).is_file():
+            hint = (
+                " A transformers Trainer.save_model folder holds the weights only: pass the configuration of the "
+                "model that was trained, from_pretrained(folder, config=BASE) with BASE the checkpoint it started "
+                "from (folder or hub id), its config, or model.config; or save with model.save_pretrained(folder)."
+            )
+        raise FileNotFoundError(f"No config.json in {folder}.{hint}")
     try:
         hf_config = read_json(config_file)
     except RecursionError as error:  # json's decoder recurses once per nesting level
@@ -480,6 +476,35 @@ def read_config(folder: str | os.PathLike[str]) -> dict:
         ) from error
     validate_hf_config(hf_config, str(config_file))
     return hf_config
+
+
+def _config_dict(config: Any, options: LoadOptions) -> dict:
+    """``config=`` of ``from_pretrained`` as a ``config.json`` dict: a folder / hub id, a config object or a dict."""
+    if isinstance(config, (str, os.PathLike)):
+        return read_config(resolve_checkpoint(config, **options.hub))
+    if isinstance(config, SigLip2Config):
+        return config.to_hf_dict()
+    if isinstance(config, dict) or hasattr(config, "to_dict"):  # a dict, a transformers SiglipConfig / Siglip2Config
+        hf_config = dict(config) if isinstance(config, dict) else config.to_dict()
+        validate_hf_config(hf_config, "config=")
+        return hf_config
+    raise TypeError(
+        f"config must be a checkpoint folder or hub id, a SigLip2Config, a transformers config or a dict, "
+        f"got {type(config).__name__}."
+    )
+
+
+def _check_not_vision_only(hf_config: dict, model_class: type, name_or_path: str | Path) -> None:
+    """A vision-only checkpoint given to the dual-tower loader: say which class loads it."""
+    model_type = hf_config.get("model_type")
+    check(
+        model_type not in VISION_MODEL_TYPES,
+        lambda: (
+            f"{name_or_path} is a vision-only checkpoint (model_type {model_type!r}, no text tower): load it with "
+            f"SigLip2VisionModel.from_pretrained (transformers: {_HF_VISION_CLASSES[model_type]}), not "
+            f"{model_class.__name__}.from_pretrained."
+        ),
+    )
 
 
 def _parse_size(size: int | str, name: str = "max_shard_size") -> int:
@@ -515,9 +540,34 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_size: int | None) -> lis
     return shards
 
 
-def _write_checkpoint(model: torch.nn.Module, folder: Path, max_shard_size: int | None) -> None:
+def hf_config_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """The ``config.json`` transformers writes for ``model``, with the parameters' ``dtype`` as transformers 5 adds it.
+
+    A dual-tower model (``config`` a :class:`~kornia_siglip2.config.SigLip2Config`) gives ``SiglipModel`` /
+    ``Siglip2Model``'s config; a vision tower (``config`` a :class:`~kornia_siglip2.config.VisionConfig`) gives
+    ``SiglipVisionModel`` / ``Siglip2VisionModel``'s (``model_type`` ``siglip_vision_model`` /
+    ``siglip2_vision_model``, the vision fields at the top level).
+    """
+    config = model.config
+    if isinstance(config, SigLip2Config):
+        hf_config = config.to_hf_dict()
+    else:
+        family = "siglip2" if config.is_naflex else "siglip"
+        hf_config = SigLip2Config(model_type=family, vision_config=config).to_hf_dict()["vision_config"]
+        prefix = "Siglip2" if config.is_naflex else "Siglip"
+        hf_config = {"architectures": [f"{prefix}VisionModel"], **hf_config}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    hf_config["dtype"] = str(dtype).removeprefix("torch.")
+    return hf_config
+
+
+def _write_checkpoint(
+    model: torch.nn.Module, folder: Path, max_shard_size: int | None, state_dict: dict[str, torch.Tensor] | None
+) -> None:
     """Write the weights (single file or shards + index), then ``config.json``, into the new folder ``folder``."""
-    tensors = {key: tensor.cpu() for key, tensor in to_hf_state_dict(model).items()}
+    prefix = "vision_model." if isinstance(model.config, SigLip2Config) else ""
+    source = model if state_dict is None else state_dict
+    tensors = {key: tensor.cpu() for key, tensor in to_hf_state_dict(source, model.config, prefix).items()}
     shards = _shards(tensors, max_shard_size)
     names = (
         [_SAFETENSORS]
@@ -535,7 +585,7 @@ def _write_checkpoint(model: torch.nn.Module, folder: Path, max_shard_size: int 
             "weight_map": {key: name for name, shard in zip(names, shards, strict=True) for key in shard},
         }
         (folder / _SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    (folder / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(model), indent=2) + "\n")
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -545,7 +595,13 @@ def _link_or_copy(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def save_pretrained(model: torch.nn.Module, folder: str | Path, *, max_shard_size: int | str | None = None) -> None:
+def save_pretrained(
+    model: torch.nn.Module,
+    folder: str | Path,
+    *,
+    max_shard_size: int | str | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write ``config.json`` and the safetensors weights in the layout transformers' ``from_pretrained`` reads.
 
     The save is atomic: everything is written into a temporary folder beside ``folder``, which then replaces
@@ -557,11 +613,13 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, *, max_shard_siz
     files are moved in one by one, weights first and ``config.json`` last, and the stale ones removed.
 
     Args:
-        model: a :class:`~kornia_siglip2.SigLip2` (anything with a ``config`` :class:`SigLip2Config`).
+        model: a :class:`~kornia_siglip2.SigLip2` or :class:`~kornia_siglip2.SigLip2VisionModel` (anything with a
+            ``config``, see :func:`hf_config_dict`).
         folder: target folder (created if needed, with its parents).
         max_shard_size: split the weights into ``model-0000i-of-0000n.safetensors`` shards of at most this size
             (bytes, or a string such as ``"5GB"``, ``"500MB"``, ``"2GiB"``; a tensor larger than it gets a shard of
             its own) with a ``model.safetensors.index.json``, as transformers does. ``None``: one file.
+        state_dict: tensors to write instead of ``model.state_dict()`` (same keys).
 
     Raises:
         ValueCheckError: an empty ``folder``, ``folder`` is a file, or a bad ``max_shard_size``.
@@ -589,7 +647,7 @@ def save_pretrained(model: torch.nn.Module, folder: str | Path, *, max_shard_siz
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(folder.stat().st_mode & 0o7777 if folder.is_dir() else 0o777 & ~umask)
-        _write_checkpoint(model, staging, limit)
+        _write_checkpoint(model, staging, limit, state_dict)
         if not folder.exists():
             os.replace(staging, folder)
             return

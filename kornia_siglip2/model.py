@@ -22,9 +22,10 @@ from torch import nn
 from kornia_siglip2.attention import set_attention_backend
 from kornia_siglip2.config import SigLip2Config
 from kornia_siglip2.errors import check
-from kornia_siglip2.hub import from_hf_state_dict, load_pretrained, load_vision_pretrained, save_pretrained
+from kornia_siglip2.hub import from_hf_state_dict, load_pretrained, load_vision_pretrained
 from kornia_siglip2.outputs import SigLip2Output, TextOutput, VisionOutput
 from kornia_siglip2.packing import ImageLayout, PackedImages
+from kornia_siglip2.pretrained import PreTrainedMixin
 from kornia_siglip2.text import TextTransformer
 from kornia_siglip2.vision import VisionTransformer
 
@@ -33,7 +34,7 @@ __all__ = ["SigLip2", "SigLip2Output", "load_vision_tower"]
 ImageInput = torch.Tensor | PackedImages | None
 
 
-class SigLip2(nn.Module):
+class SigLip2(PreTrainedMixin, nn.Module):
     """SigLIP v1, SigLIP 2 fixed-resolution and SigLIP 2 NaFlex in one packed-first module.
 
     Images always travel as a packed sequence (``patches [N, p*p*C]`` + ``grid_thw [n, 3]``); the
@@ -92,42 +93,11 @@ class SigLip2(nn.Module):
         """
         set_attention_backend(self, backend)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every encoder block of both towers in the backward pass (``torch.utils.checkpoint``)."""
-        self.vision_model.encoder.set_grad_checkpointing(enable)
-        self.text_model.encoder.set_grad_checkpointing(enable)
-
     # ------------------------------------------------------- transformers-style attributes
     @property
     def patch_size(self) -> int:
         """Patch side in pixels."""
         return self.config.vision_config.patch_size
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the parameters (transformers' ``PreTrainedModel.device``)."""
-        return self.logit_scale.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Floating dtype of the parameters (transformers' ``PreTrainedModel.dtype``)."""
-        return self.logit_scale.dtype
-
-    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-        """Number of parameters, as transformers' ``PreTrainedModel.num_parameters``.
-
-        Args:
-            only_trainable: count only parameters with ``requires_grad``.
-            exclude_embeddings: leave out the token and position embedding tables.
-        """
-        excluded = set()
-        if exclude_embeddings:
-            excluded = {id(module.weight) for module in self.modules() if isinstance(module, nn.Embedding)}
-        return sum(
-            parameter.numel()
-            for parameter in self.parameters()
-            if id(parameter) not in excluded and (parameter.requires_grad or not only_trainable)
-        )
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The text token embedding (transformers' ``get_input_embeddings``)."""
@@ -325,7 +295,11 @@ class SigLip2(nn.Module):
                 ``"auto"``, an int, a ``torch.device``) or our ``device``, ``attn_implementation`` (``"sdpa"``,
                 ``"eager"``, ``"flash_attention_2"``, mapped by :data:`kornia_siglip2.loading.ATTN_IMPLEMENTATIONS`),
                 the hub's ``revision``, ``cache_dir``, ``local_files_only``, ``token``, ``force_download``,
-                ``subfolder``; ``low_cpu_mem_usage`` and ``trust_remote_code`` are accepted and change nothing (the
+                ``subfolder``; ``config``, the configuration to use instead of the folder's ``config.json`` (a
+                checkpoint folder or hub id, a :class:`SigLip2Config`, a transformers config or a dict): a
+                ``transformers.Trainer.save_model`` folder holds weights only and reloads with
+                ``SigLip2.from_pretrained(folder, config=BASE)``, ``BASE`` the checkpoint training started from;
+                ``low_cpu_mem_usage`` and ``trust_remote_code`` are accepted and change nothing (the
                 weights always load straight into the parameters; no remote code is ever run);
                 ``use_safetensors=False`` is refused.
 
@@ -333,8 +307,9 @@ class SigLip2(nn.Module):
             the model in eval mode.
 
         Raises:
-            FileNotFoundError: no checkpoint at ``name_or_path``.
-            ValueCheckError: unknown ``model_type``, missing / unexpected / mis-shaped weights (named), a bad
+            FileNotFoundError: no checkpoint at ``name_or_path`` (or no ``config.json`` and no ``config=``).
+            ValueCheckError: a vision-only checkpoint (the message names :class:`SigLip2VisionModel`), unknown
+                ``model_type``, missing / unexpected / mis-shaped weights (named), a bad
                 ``dtype`` / ``device_map`` / ``attn_implementation``, or a ``device_map`` over several devices.
             ValueError: a corrupt safetensors file or ``config.json`` (the message names the file).
             TypeError: a keyword transformers' ``from_pretrained`` has but this loader does not (named).
@@ -347,8 +322,8 @@ class SigLip2(nn.Module):
     def from_transformers(cls, hf_model: nn.Module) -> SigLip2:
         """Build from an in-memory transformers ``SiglipModel`` / ``Siglip2Model`` (no save / load round trip).
 
-        The weights are shared where the layouts agree (every tensor but a Conv2d patch embedding), in the
-        model's dtype and on its device.
+        Every weight is shared (the state dicts have the same keys and shapes), in the model's dtype and on its
+        device.
 
         Args:
             hf_model: a transformers dual-tower SigLIP / SigLIP 2 model.
@@ -363,19 +338,6 @@ class SigLip2(nn.Module):
         model.load_state_dict(from_hf_state_dict(hf_model.state_dict()), strict=True, assign=True)
         model.name_or_path = getattr(hf_model, "name_or_path", "") or ""
         return model.to(device=reference.device).train(hf_model.training)
-
-    def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in the Hugging Face layout (transformers loads it).
-
-        Atomic (a temporary folder beside ``folder`` replaces it as a whole; stale shards and indexes are
-        removed) and optionally sharded; see :func:`kornia_siglip2.hub.save_pretrained`.
-
-        Args:
-            folder: target folder (created if needed).
-            max_shard_size: shard size (bytes or ``"5GB"``-style string) for ``model-0000i-of-0000n.safetensors``
-                shards with a ``model.safetensors.index.json``; ``None`` (default) writes one file.
-        """
-        save_pretrained(self, folder, max_shard_size=max_shard_size)
 
 
 def load_vision_tower(name_or_path: str | Path, **kwargs: Any) -> VisionTransformer:

@@ -34,6 +34,7 @@ __all__ = [
     "check_grid_thw",
     "check_keep_mask",
     "conv_to_linear_patch_weight",
+    "linear_to_conv_patch_weight",
     "grid_thw_to_cu_seqlens",
     "grid_thw_to_seqlens",
     "pack_inputs",
@@ -104,6 +105,18 @@ def conv_to_linear_patch_weight(weight: torch.Tensor) -> torch.Tensor:
         torch.Size([8, 48])
     """
     return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def linear_to_conv_patch_weight(weight: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """Inverse of :func:`conv_to_linear_patch_weight`: :math:`(D, p^2 C)` over ``(py, px, c)`` to :math:`(D, C, p, p)`.
+
+    Example:
+        >>> conv = torch.randn(8, 3, 4, 4)
+        >>> torch.equal(linear_to_conv_patch_weight(conv_to_linear_patch_weight(conv), 3), conv)
+        True
+    """
+    patch = round((weight.shape[1] // num_channels) ** 0.5)
+    return weight.reshape(weight.shape[0], patch, patch, num_channels).permute(0, 3, 1, 2).contiguous()
 
 
 def unpatchify(patches: torch.Tensor, grid_thw: torch.Tensor, patch_size: int) -> list[torch.Tensor]:

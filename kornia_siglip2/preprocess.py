@@ -12,16 +12,27 @@ holding NaN / inf, are an error that says how to pass 0-255 data (as ``uint8``),
 - float images are resized with ``torch.nn.functional.interpolate`` (PIL's filters, full precision), so
   gradients flow back to the pixels on any device. Against PIL this is within one uint8 level for bilinear
   (NaFlex) and 1.125 levels for bicubic: PIL rounds to uint8 after each of its two 1-D passes.
+
+transformers 5 has two backends for each image processor, which differ by up to 2 uint8 levels: PIL
+(``SiglipImageProcessorPil``, used when torchvision is not installed) and torchvision (``SiglipImageProcessor``,
+used whenever torchvision imports). ``backend="pil"`` (the default) reproduces the first, ``backend="torchvision"``
+the second exactly for ``uint8`` input: torchvision resizes ``uint8`` tensors on the CPU with
+``F.interpolate(..., antialias=True)`` on ``uint8`` itself, then transformers normalizes with the mean and std
+scaled by 255 (``tests/test_preprocess.py`` holds hashes of transformers' outputs; torchvision itself is never
+imported). PIL images and numpy arrays are accepted beside tensors and read as transformers reads them.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +43,9 @@ from kornia_siglip2.packing import PackedImages, check_grid_thw, packed_to_padde
 from kornia_siglip2.resample import pil_resize, pil_resizes_height_first
 
 __all__ = [
+    "BACKENDS",
     "PREPROCESSOR_CONFIG_NAME",
+    "PROCESSOR_CONFIG_NAME",
     "NaFlexImagePreprocessor",
     "PackedImages",
     "PaddedImages",
@@ -43,9 +56,14 @@ __all__ = [
 ]
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+#: transformers 5's ``processor.save_pretrained`` file: the image processor's config under ``"image_processor"``
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+#: ``backend=`` choices: transformers' PIL image processors, or its torchvision ones
+BACKENDS = ("pil", "torchvision")
 
-#: A :math:`(B, C, H, W)` batch or a list of :math:`(C, H, W)` images of any sizes.
-ImageInput = torch.Tensor | Sequence[torch.Tensor]
+#: A :math:`(B, C, H, W)` batch, or one image or a list of images of any sizes: :math:`(C, H, W)` tensors, PIL
+#: images, numpy arrays (:math:`(H, W, C)` or :math:`(C, H, W)`, as transformers' processors take them).
+ImageInput = torch.Tensor | Any | Sequence[Any]
 
 # ``resample`` of preprocessor_config.json is a PIL code; only these two have a PIL-equivalent torch op
 # (interpolate with antialias=True is PIL's separable filter: triangle, and cubic with a = -0.5).
@@ -172,6 +190,10 @@ class SigLip2ImagePreprocessor(nn.Module):
         pil_exact: resize ``uint8`` input with Pillow's integer arithmetic (bit-identical to transformers'
             PIL processors; needs ``antialias=True``). ``False`` converts it to float first and takes the
             float path. Float input always takes the differentiable float path.
+        backend: which of transformers' image processors ``uint8`` input reproduces exactly: ``"pil"`` (the
+            default; transformers' PIL backend, with ``pil_exact``) or ``"torchvision"`` (transformers 5's default
+            where torchvision is installed: ``uint8`` resized by ``F.interpolate`` on ``uint8``, as torchvision
+            does on the CPU). The two differ by up to 2 uint8 levels.
     """
 
     def __init__(
@@ -181,12 +203,16 @@ class SigLip2ImagePreprocessor(nn.Module):
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         pil_exact: bool = True,
+        backend: str = "pil",
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} (transformers' image processors), got {backend!r}.")
         self.resample = _resample_mode(resample)
         self.antialias = antialias
+        self.backend = backend
         # Pillow always antialiases; without antialias there is no Pillow result to match
-        self.pil_exact = pil_exact and antialias
+        self.pil_exact = pil_exact and antialias and backend == "pil"
         if len(image_mean) == 0 or len(image_mean) != len(image_std):
             raise ValueError(f"image_mean and image_std need one value per channel, got {image_mean} and {image_std}.")
         # [C, 1, 1]; not persistent: they come from the config, not from a state dict
@@ -194,6 +220,11 @@ class SigLip2ImagePreprocessor(nn.Module):
             "image_mean", torch.tensor(image_mean, dtype=torch.float32)[:, None, None], persistent=False
         )
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32)[:, None, None], persistent=False)
+
+    def _repr_tail(self) -> str:
+        if self.backend != "pil":
+            return f", backend={self.backend!r}"
+        return "" if self.pil_exact else ", pil_exact=False"
 
     @property
     def num_channels(self) -> int:
@@ -263,7 +294,11 @@ class SigLip2ImagePreprocessor(nn.Module):
         local_files_only: bool = False,
         **overrides: Any,
     ) -> _Preprocessor:
-        """Read ``preprocessor_config.json`` from a folder, a JSON file or the Hugging Face hub.
+        """Read ``preprocessor_config.json`` or ``processor_config.json`` from a folder, a JSON file or the hub.
+
+        ``processor_config.json`` is what transformers 5's ``processor.save_pretrained`` writes (the image
+        processor's config nested under ``"image_processor"``); it is read when there is no
+        ``preprocessor_config.json``.
 
         Only JSON is read, never pickles. Hub ids go through :func:`kornia_siglip2.hub.download_file`, which
         honours ``local_files_only`` and ``HF_HUB_OFFLINE``.
@@ -280,7 +315,7 @@ class SigLip2ImagePreprocessor(nn.Module):
             :class:`SigLipImagePreprocessor` or :class:`NaFlexImagePreprocessor`, see :meth:`from_config`.
 
         Raises:
-            FileNotFoundError: no ``preprocessor_config.json`` in the folder, cache or repository.
+            FileNotFoundError: neither file in the folder, cache or repository.
             ValueError: invalid JSON or a config :meth:`from_config` rejects.
 
         Example:
@@ -299,22 +334,43 @@ class SigLip2ImagePreprocessor(nn.Module):
         path = Path(name_or_path)
         if path.is_dir():
             config_file = path / PREPROCESSOR_CONFIG_NAME
+            if not config_file.is_file() and (path / PROCESSOR_CONFIG_NAME).is_file():
+                config_file = path / PROCESSOR_CONFIG_NAME
             if not config_file.is_file():
-                raise FileNotFoundError(f"{path} has no {PREPROCESSOR_CONFIG_NAME} (is it a model checkpoint?).")
+                raise FileNotFoundError(
+                    f"{path} has no {PREPROCESSOR_CONFIG_NAME} or {PROCESSOR_CONFIG_NAME} (is it a model checkpoint?)."
+                )
         elif path.is_file():
             config_file = path
         else:
-            config_file = download_file(
-                str(name_or_path),
-                PREPROCESSOR_CONFIG_NAME,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-            )
-        return cls.from_config(read_json(config_file), **overrides)
+            try:
+                config_file = download_file(
+                    str(name_or_path),
+                    PREPROCESSOR_CONFIG_NAME,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                )
+            except FileNotFoundError:
+                config_file = download_file(
+                    str(name_or_path),
+                    PROCESSOR_CONFIG_NAME,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    local_files_only=local_files_only,
+                )
+        config = read_json(config_file)
+        if "image_processor_type" not in config and isinstance(config.get("image_processor"), dict):
+            # transformers 5's processor.save_pretrained: one processor_config.json, the image processor nested
+            config = config["image_processor"]
+        return cls.from_config(config, **overrides)
 
     def _prepare(self, images: ImageInput) -> list[torch.Tensor]:
         """Check the input and return uint8 or float :math:`(B, C, H, W)` groups (one per distinct tensor)."""
+        if _is_pil(images) or isinstance(images, np.ndarray):  # one image
+            images = [images]
+        if not isinstance(images, torch.Tensor) and isinstance(images, Sequence):
+            images = [_tensor_image(image, f"images[{index}]") for index, image in enumerate(images)]
         if isinstance(images, torch.Tensor):
             check_shape(
                 images,
@@ -365,6 +421,12 @@ class SigLip2ImagePreprocessor(nn.Module):
         """
         if images.dtype == torch.uint8:
             float_dtype = self.image_mean.dtype
+            if self.backend == "torchvision":
+                resized = _torchvision_resize(images, size, self.resample, self.antialias)
+                # transformers fuses rescale and normalize: (x - 255 mean) / (255 std), in float32
+                scale = 1.0 / (1 / 255)
+                mean, std = self.image_mean.float() * scale, self.image_std.float() * scale
+                return ((resized.to(torch.float32) - mean.to(resized.device)) / std.to(resized.device)).to(float_dtype)
             if self.pil_exact:
                 return self._normalize(pil_resize(images, size, self.resample).to(float_dtype) / 255)
             images = images.to(float_dtype) / 255
@@ -405,6 +467,8 @@ class SigLipImagePreprocessor(SigLip2ImagePreprocessor):
         image_mean: per-channel mean.
         image_std: per-channel std.
         pil_exact: resize ``uint8`` input exactly as Pillow (transformers' PIL processors) does.
+        backend: ``"pil"`` (default) or ``"torchvision"``: which transformers image processor ``uint8`` input
+            equals exactly (see :class:`SigLip2ImagePreprocessor`).
 
     Returns:
         ``forward`` returns pixel_values :math:`(B, C, S, S)` in the input float dtype (the module's dtype,
@@ -430,8 +494,9 @@ class SigLipImagePreprocessor(SigLip2ImagePreprocessor):
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         pil_exact: bool = True,
+        backend: str = "pil",
     ) -> None:
-        super().__init__(resample, antialias, image_mean, image_std, pil_exact)
+        super().__init__(resample, antialias, image_mean, image_std, pil_exact, backend)
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be a positive int or (height, width), got {image_size!r}.")
@@ -439,8 +504,8 @@ class SigLipImagePreprocessor(SigLip2ImagePreprocessor):
 
     def extra_repr(self) -> str:
         """Constructor arguments shown in ``repr``."""
-        return f"image_size={self.image_size}, resample={self.resample!r}, antialias={self.antialias}" + (
-            "" if self.pil_exact else ", pil_exact=False"
+        return (
+            f"image_size={self.image_size}, resample={self.resample!r}, antialias={self.antialias}" + self._repr_tail()
         )
 
     def forward(self, images: ImageInput) -> torch.Tensor:
@@ -464,6 +529,8 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
         image_mean: per-channel mean.
         image_std: per-channel std.
         pil_exact: resize ``uint8`` input exactly as Pillow (transformers' PIL processors) does.
+        backend: ``"pil"`` (default) or ``"torchvision"``: which transformers image processor ``uint8`` input
+            equals exactly (see :class:`SigLip2ImagePreprocessor`).
 
     Returns:
         ``forward`` returns :class:`PackedImages`: patches :math:`(\\sum_i h_i w_i, p \\cdot p \\cdot C)`
@@ -490,8 +557,9 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         pil_exact: bool = True,
+        backend: str = "pil",
     ) -> None:
-        super().__init__(resample, antialias, image_mean, image_std, pil_exact)
+        super().__init__(resample, antialias, image_mean, image_std, pil_exact, backend)
         if patch_size < 1 or max_num_patches < 1:
             raise ValueError(
                 f"patch_size and max_num_patches must be positive, got {patch_size} and {max_num_patches}."
@@ -503,7 +571,7 @@ class NaFlexImagePreprocessor(SigLip2ImagePreprocessor):
         """Constructor arguments shown in ``repr``."""
         return (
             f"patch_size={self.patch_size}, max_num_patches={self.max_num_patches}, "
-            f"resample={self.resample!r}, antialias={self.antialias}" + ("" if self.pil_exact else ", pil_exact=False")
+            f"resample={self.resample!r}, antialias={self.antialias}" + self._repr_tail()
         )
 
     def forward(self, images: ImageInput) -> PackedImages:
@@ -552,6 +620,65 @@ def _interpolate(images: torch.Tensor, size: tuple[int, int], kwargs: dict[str, 
     if size[1] == 1 and size[0] != 1 and kwargs["antialias"]:
         return F.interpolate(images.mT, (size[1], size[0]), **kwargs).mT
     return F.interpolate(images, size, **kwargs)
+
+
+def _torchvision_resize(images: torch.Tensor, size: tuple[int, int], mode: str, antialias: bool) -> torch.Tensor:
+    """``uint8`` :math:`(B, C, H, W)` resized as torchvision's ``resize`` (v2 functional, 0.29) does it.
+
+    On the CPU torchvision hands ``uint8`` to ``F.interpolate`` as is (bicubic always; bilinear where the CPU has
+    AVX2 / AVX-512 or is ARM, torch's ``uint8`` kernels); elsewhere it interpolates in float32, clamps bicubic to
+    [0, 255], rounds and casts back. An unchanged size returns the input.
+    """
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    native = images.device.type == "cpu" and (
+        mode == "bicubic"
+        or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        or platform.machine() in ("aarch64", "arm64")
+    )
+    if native:
+        return F.interpolate(images, size, mode=mode, align_corners=False, antialias=antialias)
+    resized = F.interpolate(images.float(), size, mode=mode, align_corners=False, antialias=antialias)
+    if mode == "bicubic":
+        resized = resized.clamp_(0, 255)
+    return resized.round_().to(torch.uint8)
+
+
+def _is_pil(image: Any) -> bool:
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(image, pil.Image)
+
+
+def _tensor_image(image: Any, name: str) -> torch.Tensor:
+    """A tensor as is; a PIL image or numpy array as the :math:`(C, H, W)` tensor transformers' processors make of it.
+
+    PIL images are converted to RGB as transformers' ``convert_to_rgb`` does (transparent pixels on white); numpy
+    arrays are channels first when their first axis could be channels (1 or 3), else channels last (transformers'
+    ``infer_channel_dimension_format``); grey arrays are repeated to 3 channels.
+    """
+    if isinstance(image, torch.Tensor):
+        return image
+    if _is_pil(image):
+        from PIL import Image
+
+        if image.mode != "RGB":
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    check_type(
+        isinstance(image, np.ndarray),
+        lambda: f"{name} must be a tensor, a PIL image or a numpy array, got {type(image).__name__}.",
+    )
+    check(
+        image.dtype == np.uint8 or np.issubdtype(image.dtype, np.floating),
+        lambda: f"{name} is a numpy array of dtype {image.dtype}: pass uint8 (0-255) or float in [0, 1].",
+    )
+    array = image[None] if image.ndim == 2 else image
+    check(array.ndim == 3, lambda: f"{name} must be an (H, W, C) or (C, H, W) numpy array, got shape {image.shape}.")
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if array.shape[0] not in (1, 3) and array.shape[-1] in (1, 3):
+        tensor = tensor.permute(2, 0, 1)
+    return tensor.expand(3, -1, -1) if tensor.shape[0] == 1 else tensor
 
 
 def _check_supported(config: dict[str, Any]) -> None:

@@ -62,6 +62,16 @@ class TextTransformer(nn.Module):
         self.head = nn.Linear(config.hidden_size, config.projection_size)
         self.init_weights()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the parameters (as transformers' towers)."""
+        return self.final_layer_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters (as transformers' towers)."""
+        return self.final_layer_norm.weight.device
+
     def init_weights(self) -> None:
         """Initialise as big_vision's text transformer.
 

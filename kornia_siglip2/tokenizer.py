@@ -188,6 +188,31 @@ class SigLipTokenizer:
             TypeError: ``texts`` is not a string or a list of strings.
             ValueError: an empty list.
         """
+        return self.encode(texts)["input_ids"]
+
+    @property
+    def returns_attention_mask(self) -> bool:
+        """Whether the checkpoint's tokenizer returns an ``attention_mask`` (its ``model_input_names`` name it).
+
+        transformers' processors and pipelines then pass it to the model, which changes the pooled text feature;
+        :meth:`encode` returns it too, so the same ids and mask reach the model.
+        """
+        return "attention_mask" in getattr(self.tokenizer, "model_input_names", ())
+
+    def encode(self, texts: str | Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenize, pad and truncate into the model's text inputs, as transformers' processor returns them.
+
+        Args:
+            texts: one string or a list of :math:`B` strings.
+
+        Returns:
+            ``{"input_ids": (B, L) int64}``, plus ``"attention_mask"`` :math:`(B, L)` int64 (1 on tokens, 0 on padding)
+            when the checkpoint's tokenizer returns one (:attr:`returns_attention_mask`).
+
+        Raises:
+            TypeError: ``texts`` is not a string or a list of strings.
+            ValueError: an empty list.
+        """
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, Sequence) or not all(isinstance(text, str) for text in texts):
@@ -199,10 +224,10 @@ class SigLipTokenizer:
             padding="max_length",
             truncation=True,
             max_length=self.max_length,
-            return_attention_mask=False,
+            return_attention_mask=self.returns_attention_mask,
             return_tensors="pt",
         )
-        return encoded["input_ids"].to(torch.int64)
+        return {key: encoded[key].to(torch.int64) for key in ("input_ids", "attention_mask") if key in encoded}
 
 
 @contextlib.contextmanager
@@ -261,6 +286,9 @@ def _apply_siglip2_rules(tokenizer: Any) -> None:
     # describe the post-processor stored in tokenizer.json (a Gemma tokenizer.json may prepend <bos>)
     tokenizer.add_bos_token = False
     tokenizer.add_eos_token = True
+    if "Siglip2Tokenizer" not in {cls.__name__.removesuffix("Fast") for cls in type(tokenizer).__mro__}:
+        # a plain Gemma tokenizer: no attention mask, as transformers' conversion script saves SigLIP 2's tokenizer
+        tokenizer.model_input_names = ["input_ids"]
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "right"
 

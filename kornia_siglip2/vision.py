@@ -18,15 +18,22 @@ from kornia_siglip2.packing import (
     PackedImages,
     VarlenLayout,
     conv_to_linear_patch_weight,
+    linear_to_conv_patch_weight,
     packed_layout,
     packed_to_padded,
 )
 
-__all__ = ["MAPHead", "VisionEmbeddings", "VisionOutput", "VisionTransformer"]
+__all__ = ["MAPHead", "VisionEmbeddings", "VisionOutput", "VisionTransformer", "check_image_inputs"]
 
 
 class VisionEmbeddings(nn.Module):
-    """Linear patch embedding plus a learned position table resized to every image's grid.
+    """Patch embedding plus a learned position table resized to every image's grid.
+
+    The patch embedding holds transformers' weight, so ``state_dict()`` keys and shapes are transformers': a
+    ``Conv2d`` :math:`(D, C, p, p)` for fixed-resolution towers (SigLIP v1, SigLIP 2 fixed resolution), a
+    ``Linear`` :math:`(D, p^2 C)` over ``(py, px, c)`` patches for NaFlex. Both are applied as one matmul on the
+    packed ``(py, px, c)`` patches; the conv kernel is reordered to that layout for it (a copy of the
+    :math:`D \times p^2 C` kernel, not of the patches).
 
     Fixed-resolution towers (``position_embedding="fixed"``) keep their table as is at the training grid and
     resize it bicubically without antialias at other grids (transformers' ``interpolate_pos_encoding``).
@@ -42,12 +49,28 @@ class VisionEmbeddings(nn.Module):
         super().__init__()
         self.naflex = config.is_naflex
         self.patch_size = config.patch_size
-        self.patch_embedding = nn.Linear(config.num_channels * config.patch_size**2, config.hidden_size)
+        self.num_channels = config.num_channels
+        #: width of one flattened patch, :math:`p^2 C`
+        self.patch_dim = config.num_channels * config.patch_size**2
+        if self.naflex:
+            self.patch_embedding: nn.Linear | nn.Conv2d = nn.Linear(self.patch_dim, config.hidden_size)
+        else:
+            # never called as a conv (see forward); a Conv2d so that peft and state dicts see transformers' module
+            self.patch_embedding = nn.Conv2d(
+                config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size
+            )
         num_positions = config.num_positions
         self.position_side = round(num_positions**0.5)
         self.position_embedding = nn.Embedding(num_positions, config.hidden_size)
-        # transformers' SiglipModel has a Conv2d patch embedding: its state dict loads here as it is
-        self._register_load_state_dict_pre_hook(_conv_patch_weight_hook)
+        # state dicts of releases <= 0.1 hold a siglip patch embedding as the Linear (D, p*p*C): load them too
+        self._register_load_state_dict_pre_hook(_patch_weight_layout_hook, with_module=True)
+
+    def patch_kernel(self) -> torch.Tensor:
+        """The patch embedding as a Linear kernel over ``(py, px, c)`` patches, :math:`(D, p^2 C)`."""
+        weight = self.patch_embedding.weight
+        if weight.ndim == 4:  # [D, C, py, px] -> [D, py, px, C] -> [D, p*p*C]
+            return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+        return weight
 
     def resized_positions(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings for an ``height x width`` patch grid, :math:`(h \\cdot w, D)`."""
@@ -92,7 +115,8 @@ class VisionEmbeddings(nn.Module):
         Returns:
             :math:`(N, D)` token embeddings.
         """
-        tokens = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
+        weight = self.patch_kernel()
+        tokens = F.linear(patches.to(weight.dtype), weight, self.patch_embedding.bias)
         if mask is not None:
             check(mask_token is not None, "mask_token is required when mask is given.")
             tokens = torch.where(mask[:, None], mask_token.to(tokens.dtype), tokens)
@@ -111,10 +135,69 @@ class VisionEmbeddings(nn.Module):
         return tokens + positions
 
 
-def _conv_patch_weight_hook(state_dict: dict, prefix: str, *args) -> None:
+def _patch_weight_layout_hook(module: VisionEmbeddings, state_dict: dict, prefix: str, *args) -> None:
     key = f"{prefix}patch_embedding.weight"
-    if key in state_dict and state_dict[key].ndim == 4:
-        state_dict[key] = conv_to_linear_patch_weight(state_dict[key])
+    if key not in state_dict:
+        return
+    weight = state_dict[key]
+    if module.naflex and weight.ndim == 4:
+        state_dict[key] = conv_to_linear_patch_weight(weight)
+    elif not module.naflex and weight.ndim == 2 and weight.shape[1] == module.patch_dim:
+        state_dict[key] = linear_to_conv_patch_weight(weight, module.num_channels)
+
+
+def check_image_inputs(
+    config: VisionConfig,
+    pixel_values: torch.Tensor | None,
+    pixel_attention_mask: torch.Tensor | None = None,
+    spatial_shapes: torch.Tensor | None = None,
+) -> None:
+    """Name the real problem of an image input that would otherwise fail later with a misleading message.
+
+    - a single image :math:`(C, H, W)` without its batch dimension;
+    - channels-last images :math:`(B, H, W, C)`;
+    - NaFlex padded inputs (``pixel_attention_mask``, ``spatial_shapes``, :math:`(B, L, p^2 C)` patches) given to a
+      fixed-resolution tower, whose processor gives :math:`(B, C, H, W)` images.
+
+    Raises:
+        ValueCheckError: one of the above, with what to pass instead.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        return
+    channels, patch_dim = config.num_channels, config.num_channels * config.patch_size**2
+    shape = tuple(pixel_values.shape)
+    naflex_inputs = pixel_attention_mask is not None or spatial_shapes is not None
+    check(
+        not (pixel_values.ndim == 3 and shape[0] == channels and shape[-1] != patch_dim and not naflex_inputs),
+        lambda: (
+            f"pixel_values of shape {shape} is one image without its batch dimension: pass pixel_values[None] "
+            f"(1, {channels}, H, W), or a (B, {channels}, H, W) batch."
+        ),
+    )
+    check(
+        not (pixel_values.ndim == 4 and shape[1] != channels and shape[-1] == channels),
+        lambda: (
+            f"pixel_values of shape {shape} is channels-last (B, H, W, C): the model takes channels-first images, "
+            f"pass pixel_values.permute(0, 3, 1, 2).contiguous() (B, {channels}, H, W)."
+        ),
+    )
+    if not config.is_naflex:
+        given = [
+            name
+            for name, value in (("pixel_attention_mask", pixel_attention_mask), ("spatial_shapes", spatial_shapes))
+            if value is not None
+        ]
+        if pixel_values.ndim == 3:
+            given.insert(0, f"padded patches pixel_values {shape}")
+        check(
+            not given,
+            lambda: (
+                "This is a fixed-resolution checkpoint (model_type 'siglip'): it takes pixel_values "
+                f"(B, {channels}, H, W) from SiglipImageProcessor, but got {', '.join(given)}, the inputs of "
+                "SigLIP 2 NaFlex checkpoints (model_type 'siglip2', Siglip2ImageProcessor). Use the processor of this "
+                "checkpoint, or pass packed patches + grid_thw."
+            ),
+        )
 
 
 class MAPHead(nn.Module):
@@ -179,6 +262,16 @@ class VisionTransformer(nn.Module):
             ValueCheckError: unknown backend.
         """
         set_attention_backend(self, backend)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the parameters (as transformers' towers)."""
+        return self.post_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters (as transformers' towers)."""
+        return self.post_layernorm.weight.device
 
     @property
     def naflex(self) -> bool:
@@ -276,6 +369,7 @@ class VisionTransformer(nn.Module):
             (torch.Size([5, 32]), torch.Size([2, 32]), [0, 4, 5])
         """
         del interpolate_pos_encoding  # the position table is resized to every grid anyway
+        check_image_inputs(self.config, pixel_values, pixel_attention_mask, spatial_shapes)
         packed_patches, layout, convention = packed_layout(
             pixel_values,
             grid_thw,
@@ -304,7 +398,7 @@ class VisionTransformer(nn.Module):
         mask: torch.Tensor | None,
         mask_token: torch.Tensor | None,
     ) -> VisionOutput:
-        patch_dim = self.embeddings.patch_embedding.in_features
+        patch_dim = self.embeddings.patch_dim
         check(
             patches.ndim == 2 and patches.shape[-1] == patch_dim,
             lambda: (

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from kornia_siglip2.hub import read_json, resolve_checkpoint
+from kornia_siglip2.hub import resolve_checkpoint
 from kornia_siglip2.images import ImageSource, image_tensor
 from kornia_siglip2.model import SigLip2
 from kornia_siglip2.preprocess import (
     PREPROCESSOR_CONFIG_NAME,
+    PROCESSOR_CONFIG_NAME,
     NaFlexImagePreprocessor,
     SigLip2ImagePreprocessor,
     SigLipImagePreprocessor,
@@ -167,9 +168,11 @@ class ZeroShotClassifier(nn.Module):
             raise ValueError(
                 "This classifier has no tokenizer (built with load_tokenizer=False, or the checkpoint has none)."
             )
-        input_ids = self.tokenizer(texts).to(self.device)
-        with _autograd(grad, input_ids):
-            return _text_embeddings(self.model, input_ids)
+        # the attention mask too where the checkpoint's tokenizer returns one (transformers' processor and
+        # pipeline pass it to the model, and it changes the pooled feature)
+        inputs = {key: value.to(self.device) for key, value in self.tokenizer.encode(texts).items()}
+        with _autograd(grad, inputs["input_ids"]):
+            return _text_embeddings(self.model, inputs["input_ids"], inputs.get("attention_mask"))
 
     def embed_images(
         self,
@@ -298,17 +301,20 @@ def _image_embeddings(model: SigLip2, preprocessed: Any) -> torch.Tensor:
     return model.encode_image(preprocessed, normalize=True)
 
 
-def _text_embeddings(model: SigLip2, input_ids: torch.Tensor) -> torch.Tensor:
+def _text_embeddings(
+    model: SigLip2, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """L2-normalized text embeddings of token ids :math:`(T, L)`: the one place that calls the text tower.
 
     Args:
         model: the dual-tower model.
         input_ids: :math:`(T, L)` token ids.
+        attention_mask: :math:`(T, L)` mask, where the checkpoint's tokenizer returns one.
 
     Returns:
         :math:`(T, D)` unit-norm embeddings.
     """
-    return model.encode_text(input_ids, normalize=True)
+    return model.encode_text(input_ids, attention_mask, normalize=True)
 
 
 def _requires_grad(inputs: Any) -> bool:
@@ -328,14 +334,8 @@ def _autograd(grad: bool | None, inputs: Any) -> contextlib.AbstractContextManag
 
 def _load_preprocessor(folder: Path, model: SigLip2, overrides: dict[str, Any]) -> SigLip2ImagePreprocessor:
     """The checkpoint's preprocessor, or one derived from the model config when the checkpoint has none."""
-    if (folder / PREPROCESSOR_CONFIG_NAME).is_file():
+    if (folder / PREPROCESSOR_CONFIG_NAME).is_file() or (folder / PROCESSOR_CONFIG_NAME).is_file():
         return SigLip2ImagePreprocessor.from_pretrained(folder, **overrides)
-    processor_file = folder / "processor_config.json"
-    if processor_file.is_file():
-        # transformers 5 saves processors as one processor_config.json with the image processor nested
-        nested = read_json(processor_file).get("image_processor")
-        if isinstance(nested, dict):
-            return SigLip2ImagePreprocessor.from_config(nested, **overrides)
     vision = model.config.vision_config
     if model.config.is_naflex:
         kwargs: dict[str, Any] = {"patch_size": vision.patch_size, "max_num_patches": vision.num_patches}

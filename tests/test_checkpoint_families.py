@@ -332,3 +332,30 @@ def test_naflex_rejects_sizes_the_patch_does_not_divide(built):
     _, ours, _ = built(FAMILIES[-2])
     with pytest.raises(ValueError, match="not divisible by patch_size 16"):
         ours.get_image_features(pixel_values=torch.rand(1, 3, 40, 48))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS, indirect=True)
+def test_state_dict_interop_both_directions(family, built):
+    """``state_dict()`` keys and shapes are transformers'; each model loads the other's state dict, same outputs."""
+    hf, ours, _ = built(family)
+    theirs_state = hf.state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs_state.items()
+    }
+    model_class = transformers.Siglip2Model if family.naflex else transformers.SiglipModel
+    hf_copy = model_class(hf.config).eval()
+    hf_copy.load_state_dict(ours.state_dict())  # strict: a torch.save(ours.state_dict()) fine-tune goes back
+    ours_copy = SigLip2(ours.config).eval()
+    ours_copy.load_state_dict(theirs_state)
+    if family.naflex:
+        processor = transformers.models.siglip2.image_processing_pil_siglip2.Siglip2ImageProcessorPil(
+            patch_size=16, max_num_patches=64
+        )
+        inputs = dict(processor(images=_uint8_images([(90, 120)]), return_tensors="pt"))
+    else:
+        pixels = torch.rand(1, 3, family.image_size, family.image_size, generator=torch.Generator().manual_seed(4))
+        inputs = {"pixel_values": pixels * 2 - 1}
+    with torch.no_grad():
+        expected = hf.get_image_features(**inputs).pooler_output
+        _close(hf_copy.get_image_features(**inputs).pooler_output, expected, naflex=family.naflex)
+        _close(ours_copy.get_image_features(**inputs).pooler_output, expected, naflex=family.naflex)

@@ -236,3 +236,48 @@ def test_peft_lora_matches_peft_on_transformers(models, image_inputs, input_ids)
         adapters = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
         results.append((loss.detach(), after, adapters))
     _close(results[1], results[0])
+
+
+def test_errors_name_the_real_problem(siglip_checkpoint, siglip2_checkpoint, input_ids):
+    """A missing batch dimension, channels-last images, NaFlex inputs given to a fixed-resolution checkpoint."""
+    fixed, naflex = SigLip2.from_pretrained(siglip_checkpoint), SigLip2.from_pretrained(siglip2_checkpoint)
+    for model in (fixed, naflex):
+        with pytest.raises(ValueError, match="without its batch dimension"):
+            model(input_ids=input_ids, pixel_values=torch.rand(3, 16, 16))
+        with pytest.raises(ValueError, match="channels-last"):
+            model.get_image_features(pixel_values=torch.rand(2, 16, 16, 3))
+    padded = {
+        "pixel_values": torch.rand(2, 16, 48),
+        "pixel_attention_mask": torch.ones(2, 16, dtype=torch.int32),
+        "spatial_shapes": torch.tensor([[4, 4], [4, 4]]),
+    }
+    with pytest.raises(ValueError, match=r"fixed-resolution checkpoint.*pixel_attention_mask, spatial_shapes"):
+        fixed(input_ids=input_ids, **padded)
+    with pytest.raises(ValueError, match="Siglip2ImageProcessor"):
+        fixed.vision_model(torch.rand(2, 16, 48), spatial_shapes=padded["spatial_shapes"])
+
+
+def test_peft_all_linear_wraps_the_modules_of_transformers(models, image_inputs, input_ids):
+    """target_modules="all-linear": same adapted modules and trainable count.
+
+    The MAP head's out_proj differs on purpose (README): transformers' nn.MultiheadAttention reads
+    out_proj.weight directly, so its adapter there never gets a gradient; ours is applied and trained."""
+    peft = pytest.importorskip("peft")
+    family, _, ours = models
+    config = dict(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    results = []
+    for model_class in (transformers.AutoModel, SigLip2):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(model_class.from_pretrained(ours.name_or_path), peft.LoraConfig(**config))
+        adapted = sorted(
+            name for name, module in model.named_modules() if isinstance(module, peft.tuners.lora.LoraLayer)
+        )
+        model.train()
+        model(input_ids=input_ids, **image_inputs, return_loss=True).loss.backward()
+        head_grad = model.base_model.model.vision_model.head.attention.out_proj.lora_B["default"].weight.grad
+        results.append((model.get_nb_trainable_parameters(), adapted, head_grad))
+    (theirs_count, theirs_adapted, theirs_head), (ours_count, ours_adapted, ours_head) = results
+    assert ours_count == theirs_count and ours_adapted == theirs_adapted
+    # a Conv2d in siglip checkpoints (not adapted), a Linear in siglip2 ones (adapted), in both implementations
+    assert any("patch_embedding" in name for name in ours_adapted) == (family == "siglip2")
+    assert theirs_head is None and ours_head is not None and ours_head.abs().sum() > 0

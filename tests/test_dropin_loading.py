@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf_siglip, make_hf_siglip2, tolerance
+from conftest import make_hf_siglip, make_hf_siglip2, read_config, tolerance
 
-from kornia_siglip2 import SigLip2, load_vision_tower
+from kornia_siglip2 import SigLip2, SigLip2VisionModel, load_vision_tower
 from kornia_siglip2.attention import ATTENTION_BACKENDS
 from kornia_siglip2.loading import ATTN_IMPLEMENTATIONS, load_options
 
@@ -227,3 +227,84 @@ def test_exception(siglip_checkpoint):
         SigLip2.from_pretrained(siglip_checkpoint, dtype="int8")
     with pytest.raises(ValueError, match="either device or device_map"):
         SigLip2.from_pretrained(siglip_checkpoint, device="cpu", device_map="cpu")
+
+
+def test_save_pretrained_takes_transformers_keywords_and_writes_dtype(tmp_path):
+    """The same save call on transformers' model and ours; config.json says dtype bfloat16 in both."""
+    hf = make_hf_siglip(seed=4).to(torch.bfloat16)
+    ours = SigLip2.from_transformers(hf)
+    keywords = dict(safe_serialization=True, is_main_process=True, push_to_hub=False, max_shard_size="50GB")
+    for name, model in (("theirs", hf), ("ours", ours)):
+        model.save_pretrained(tmp_path / name, **keywords)
+        assert read_config(tmp_path / name)["dtype"] == "bfloat16", name
+        model.save_pretrained(tmp_path / f"{name}_state", state_dict=model.state_dict())
+        model.save_pretrained(tmp_path / f"{name}_rank1", is_main_process=False)
+        assert not (tmp_path / f"{name}_rank1" / "config.json").exists(), name
+    for folder in ("ours", "ours_state"):
+        reloaded = transformers.AutoModel.from_pretrained(tmp_path / folder)
+        assert reloaded.dtype == torch.bfloat16
+        for key, tensor in hf.state_dict().items():
+            assert torch.equal(reloaded.state_dict()[key], tensor), key
+    with pytest.raises(ValueError, match="upload_folder"):
+        ours.save_pretrained(tmp_path / "hub", push_to_hub=True)
+    with pytest.raises(ValueError, match="safetensors only"):
+        ours.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    with pytest.raises(TypeError, match="not_a_keyword"):
+        ours.save_pretrained(tmp_path / "typo", not_a_keyword=True)
+
+
+@pytest.mark.parametrize("naflex", [False, True], ids=["siglip", "siglip2"])
+def test_vision_only_model_as_transformers(naflex, tmp_path):
+    """SigLip2VisionModel loads and saves what SiglipVisionModel / Siglip2VisionModel do; same outputs."""
+    hf_full = make_hf_siglip2(seed=5) if naflex else make_hf_siglip(seed=5)
+    hf_class = transformers.Siglip2VisionModel if naflex else transformers.SiglipVisionModel
+    hf_full.save_pretrained(tmp_path / "full")
+    hf_full.vision_model.save_pretrained(tmp_path / "vision")
+    inputs = _inputs(naflex)
+    inputs = {key: value for key, value in inputs.items() if key != "input_ids"}
+    for source in ("vision", "full"):
+        theirs = hf_class.from_pretrained(tmp_path / source)
+        ours = SigLip2VisionModel.from_pretrained(tmp_path / source)
+        assert ours.dtype == theirs.dtype and ours.device == theirs.device
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {
+            k: v.shape for k, v in theirs.state_dict().items()
+        }
+        with torch.no_grad():
+            expected = theirs(**inputs, output_hidden_states=True)
+            actual = ours(**inputs, output_hidden_states=True)
+        torch.testing.assert_close(actual.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-4)
+        valid = inputs["pixel_attention_mask"].bool() if naflex else slice(None)
+        torch.testing.assert_close(
+            actual.hidden_states[-2][valid], expected.hidden_states[-2][valid], atol=1e-5, rtol=1e-4
+        )
+    ours.save_pretrained(tmp_path / "ours")
+    config = read_config(tmp_path / "ours")
+    assert config["model_type"] == ("siglip2_vision_model" if naflex else "siglip_vision_model")
+    reloaded = transformers.AutoModel.from_pretrained(tmp_path / "ours")
+    assert type(reloaded) is hf_class
+    for key, tensor in theirs.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], tensor), key
+    with pytest.raises(ValueError, match="SigLip2VisionModel"):
+        SigLip2.from_pretrained(tmp_path / "vision")
+
+
+def test_towers_expose_dtype_device_and_accept_patch_attention_mask(siglip_checkpoint):
+    """VLM code: tower.dtype / tower.device, and Idefics-style patch_attention_mask= (transformers ignores it)."""
+    theirs = transformers.SiglipVisionModel.from_pretrained(siglip_checkpoint)
+    ours = SigLip2VisionModel.from_pretrained(siglip_checkpoint)
+    full = SigLip2.from_pretrained(siglip_checkpoint).to(torch.float64)
+    for tower in (full.vision_model, full.text_model):
+        assert tower.dtype == torch.float64 and tower.device == torch.device("cpu")
+    pixels = _inputs(False)["pixel_values"]
+    everything = torch.ones(pixels.shape[0], 4, 4, dtype=torch.bool)
+    with torch.no_grad():
+        expected = theirs(pixel_values=pixels.to(theirs.dtype), patch_attention_mask=everything).pooler_output
+        actual = ours(pixel_values=pixels, patch_attention_mask=everything).pooler_output
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+        partial = everything.clone()
+        partial[:, 2:] = False
+        with pytest.warns(UserWarning, match="not applied"):
+            masked = ours(pixel_values=pixels, patch_attention_mask=partial).pooler_output
+        torch.testing.assert_close(
+            masked, theirs(pixel_values=pixels, patch_attention_mask=partial).pooler_output, atol=1e-5, rtol=1e-4
+        )

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from kornia_siglip2 import SigLip2, load_vision_tower, patchify
 from kornia_siglip2.hub import from_hf_state_dict, to_hf_state_dict
+from kornia_siglip2.packing import conv_to_linear_patch_weight, linear_to_conv_patch_weight
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -180,12 +181,14 @@ def test_minimal_hub_config_gets_transformers_defaults(siglip_checkpoint, tmp_pa
         SigLip2.from_pretrained(folder)
 
 
-def test_conv_patch_embedding_becomes_linear_over_py_px_c(hf_siglip):
-    """W_lin = W_conv.permute(0, 2, 3, 1).reshape(D, -1) equals the conv on (py, px, c) patches."""
+def test_conv_patch_embedding_as_linear_over_py_px_c(hf_siglip):
+    """transformers' conv weight is kept; as a Linear over (py, px, c) patches it equals the conv."""
     ours = from_hf_state_dict(hf_siglip.state_dict())
-    weight = ours["vision_model.embeddings.patch_embedding.weight"]
-    assert weight.shape == (32, 4 * 4 * 3) and "vision_model.encoder.layers.0.self_attn.q_proj.weight" in ours
     conv = hf_siglip.vision_model.embeddings.patch_embedding
+    assert torch.equal(ours["vision_model.embeddings.patch_embedding.weight"], conv.weight)
+    weight = conv_to_linear_patch_weight(conv.weight)
+    assert weight.shape == (32, 4 * 4 * 3) and "vision_model.encoder.layers.0.self_attn.q_proj.weight" in ours
+    assert torch.equal(linear_to_conv_patch_weight(weight, 3), conv.weight)
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = conv(images).flatten(2).transpose(1, 2).flatten(0, 1)

@@ -182,7 +182,7 @@ class TestNaFlexImagePreprocessor:
         with pytest.raises(ValueCheckError, match="share dtype and device"):
             preprocess([torch.rand(3, 8, 8), torch.rand(3, 8, 8, dtype=torch.float64)])
         with pytest.raises(TypeCheckError, match=r"images\[0\] must be a tensor"):
-            preprocess([np.zeros((3, 8, 8))])
+            preprocess(["not an image"])
         with pytest.raises(ValueCheckError, match="positive height and width"):
             preprocess(torch.rand(1, 3, 0, 8))
         with pytest.raises(ValueError, match="must be positive"):
@@ -360,3 +360,112 @@ class TestFromPretrained:
             )
         with pytest.raises(FileNotFoundError, match="not a local folder"):
             SigLip2ImagePreprocessor.from_pretrained(tmp_path / "missing" / "folder", local_files_only=True)
+
+
+# transformers 5.24's torchvision image processors (torchvision 0.29.1, torch 2.14.1, CPU with AVX-512) on
+# scripts/torchvision_reference.py's images, from that script's output: SHA-256 of the float32 pixel_values, their
+# sum, and the largest gap to transformers' PIL backend in uint8 levels (the difference the backend makes).
+TORCHVISION_REFERENCE = {
+    ("fixed", 0): ("3a65a83088c5b8d3f6b2eb795691f6c57b54c27ebc8c74117e1ca4414cab6cf7", -3493.7804168034345, 1),
+    ("fixed", 1): ("2999d19ae36247392f450221bafb6c71dfd954ae0863fc4aadd18095c25ce2b0", -3929.176495403517, 1),
+    ("fixed", 2): ("ff050691e2408194ce28b1e7baa5544a3193459171c2a5c92aaa4d9b2dc5e4c9", -3347.364699574653, 1),
+    ("fixed", 3): ("645a7d87770bb01d68310cee94812b965ac4170a697181706de284c45bca2374", -3745.6627764627337, 1),
+    ("naflex", 0): ("d12ee214d593e51758773e4b2f47bd50f8a6f73cac7dab0df09852c9f090d202", -4483.764736868441, 1),
+    ("naflex", 1): ("61ed239765fbf8346ad108c461e169d714bf372f6fe75a1b55600138dbba58d8", -5017.215718735941, 2),
+    ("naflex", 2): ("c9d390deee3882a7b1aa23c7e04db199553691f0fcc74db82ab62e471f878746", -4299.796078316402, 1),
+    ("naflex", 3): ("1e2db421c6651d4a23c7aeb311de32e0f92030051de7eb2cf805cebb98b4ba8a", -4923.772586251609, 1),
+}
+
+
+def _reference_images():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from torchvision_reference import digest, reference_images
+    finally:
+        sys.path.pop(0)
+    return reference_images(), digest
+
+
+@pytest.mark.parametrize("kind", ["fixed", "naflex"])
+def test_torchvision_backend_equals_transformers_torchvision_processor(kind):
+    """backend="torchvision": bit-exact pixel_values of transformers' default (torchvision) image processors."""
+    images, digest = _reference_images()
+    if kind == "fixed":
+        preprocess = SigLipImagePreprocessor(224, backend="torchvision")
+        pil = SigLipImagePreprocessor(224)
+    else:
+        preprocess = NaFlexImagePreprocessor(16, 256, backend="torchvision")
+        pil = NaFlexImagePreprocessor(16, 256)
+
+    def pixel_values(preprocessor, image):
+        out = preprocessor(image)
+        return out[0] if kind == "fixed" else to_padded(out, 256).pixel_values[0]
+
+    for index, image in enumerate(images):
+        expected_digest, expected_sum, expected_levels = TORCHVISION_REFERENCE[(kind, index)]
+        ours = pixel_values(preprocess, image)  # a numpy (H, W, 3) image, as transformers takes it
+        assert digest(ours) == expected_digest, (kind, index)
+        assert ours.double().sum().item() == pytest.approx(expected_sum, abs=1e-9)
+        levels = ((ours - pixel_values(pil, image)) * 127.5).abs().round().max().item()
+        assert levels == expected_levels, (kind, index)  # the PIL backend is the other transformers result
+    assert "backend='torchvision'" in repr(preprocess) and not preprocess.pil_exact
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SigLipImagePreprocessor(224, backend="opencv")
+
+
+@pytest.mark.parametrize("kind", ["fixed", "naflex"])
+def test_pil_numpy_and_tensor_images_alike(kind):
+    """The same image as a PIL image, an (H, W, 3) / (3, H, W) array or a tensor gives the same output."""
+    from PIL import Image
+
+    array = make_images([(20, 36)], seed=3)[0].permute(1, 2, 0).numpy()
+    preprocess = SigLipImagePreprocessor(16) if kind == "fixed" else NaFlexImagePreprocessor(4, 16)
+    expected = preprocess([torch.from_numpy(array).permute(2, 0, 1)])
+    for image in (Image.fromarray(array), array, np.ascontiguousarray(array.transpose(2, 0, 1))):
+        for given in (image, [image]):
+            actual = preprocess(given)
+            if kind == "fixed":
+                assert torch.equal(actual, expected)
+            else:
+                assert torch.equal(actual.patches, expected.patches) and torch.equal(actual.grid_thw, expected.grid_thw)
+    grey = array[..., 0]  # a grey PIL image is converted to RGB, as transformers' convert_to_rgb does
+    actual = preprocess(Image.fromarray(grey))
+    expected = preprocess([torch.from_numpy(grey)[None].expand(3, -1, -1)])
+    if kind == "naflex":
+        actual, expected = actual.patches, expected.patches
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "naflex"])
+def test_reads_a_transformers_processor_save(kind, tmp_path):
+    """transformers 5's processor.save_pretrained writes processor_config.json only: it is read."""
+    transformers = pytest.importorskip("transformers")
+    from kornia_siglip2.demo import build_siglip2_tokenizer
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(build_siglip2_tokenizer(tmp_path / "tokenizer"))
+    if kind == "fixed":
+        image_processor = transformers.models.siglip.image_processing_pil_siglip.SiglipImageProcessorPil(
+            size={"height": 32, "width": 32}
+        )
+        processor = transformers.SiglipProcessor(image_processor, tokenizer)
+    else:
+        image_processor = transformers.models.siglip2.image_processing_pil_siglip2.Siglip2ImageProcessorPil(
+            patch_size=8, max_num_patches=64
+        )
+        processor = transformers.Siglip2Processor(image_processor, tokenizer)
+    processor.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "processor_config.json").is_file()
+    assert not (tmp_path / "saved" / PREPROCESSOR_CONFIG_NAME).exists()
+    preprocess = SigLip2ImagePreprocessor.from_pretrained(tmp_path / "saved")
+    images = make_images([(40, 60)], seed=5)
+    if kind == "fixed":
+        assert preprocess.image_size == (32, 32)
+        expected = image_processor(images=[images[0]], return_tensors="pt")["pixel_values"]
+        assert torch.equal(preprocess(images), expected)
+    else:
+        assert (preprocess.patch_size, preprocess.max_num_patches) == (8, 64)
+        expected = image_processor(images=[images[0]], return_tensors="pt")["pixel_values"]
+        assert torch.equal(to_padded(preprocess(images), 64).pixel_values, expected)

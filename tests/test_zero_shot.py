@@ -274,3 +274,27 @@ class TestException:
     def test_unknown_model(self, tmp_path):
         with pytest.raises(FileNotFoundError):
             ZeroShotClassifier.from_pretrained(tmp_path / "no_such_model", local_files_only=True)
+
+
+def test_attention_mask_as_transformers_pipeline(naflex_folder, image_files, tmp_path):
+    """A checkpoint whose tokenizer returns an attention mask: scores equal transformers' zero-shot pipeline's."""
+    from transformers import pipeline
+
+    folder = tmp_path / "masked"
+    shutil.copytree(naflex_folder, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("model_input_names", None)  # Siglip2Tokenizer's default: input_ids and attention_mask
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    labels = ["red circle", "blue square", "a dog"]
+    scores = pipeline("zero-shot-image-classification", model=str(folder))(str(image_files[0]), candidate_labels=labels)
+    expected = torch.tensor([[next(s["score"] for s in scores if s["label"] == label) for label in labels]])
+    classifier = ZeroShotClassifier.from_pretrained(folder)
+    assert classifier.tokenizer.returns_attention_mask
+    assert set(classifier.tokenizer.encode(["a dog"])) == {"input_ids", "attention_mask"}
+    torch.testing.assert_close(classifier(image_files[0], labels), expected, rtol=0, atol=1e-5)
+    # the mask matters here: without it the scores move
+    prompts = [DEFAULT_TEMPLATE.format(label=label) for label in labels]
+    with torch.no_grad():
+        text_embeds = classifier.model.encode_text(classifier.tokenizer(prompts), normalize=True)
+        unmasked = torch.sigmoid(classifier.model.logits(classifier.image_features(image_files[0]), text_embeds).t())
+    assert (unmasked - expected).abs().max() > 1e-3
