@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from kornia_siglip2.locks import exclusive_lock
+
 __all__: list[str] = []
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -692,30 +694,15 @@ def _encode(model: Any, batch: Any, device: torch.device) -> torch.Tensor:
         return _image_embeddings(model, moved).float().cpu()
 
 
-@contextlib.contextmanager
-def rank_lock(job: EmbedJob) -> Iterator[None]:
-    """Hold ``<out>.parts/.rank-R.lock`` while this rank runs: a second identical command is refused, not mixed in.
-
-    ``fcntl.flock``: reliable on local file systems; on NFS it depends on the server, so give concurrent runs
-    there their own ``--out``.
-    """
-    job.parts.mkdir(parents=True, exist_ok=True)
-    handle = open(job.parts / f".rank-{job.rank}.lock", "a")  # noqa: SIM115
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except OSError as error:
-            raise RuntimeError(
-                f"another embed process (rank {job.rank}) is already writing {job.parts}: wait for it to finish, "
-                "or give this one another --out"
-            ) from error
-        yield
-    finally:
-        handle.close()
+def rank_lock(job: EmbedJob) -> contextlib.AbstractContextManager:
+    """Hold ``<out>.parts/.rank-R.lock`` while this rank runs: a second identical command is refused, not mixed in."""
+    return exclusive_lock(
+        job.parts / f".rank-{job.rank}.lock",
+        lambda: (
+            f"another embed process (rank {job.rank}) is already writing {job.parts}: wait for it to finish, "
+            "or give this one another --out"
+        ),
+    )
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ LAYERS = {
     "config": 1,
     "loading": 1,
     "images": 1,
+    "locks": 1,
     "packing": 1,
     "hub": 2,
     "resample": 2,

@@ -52,6 +52,7 @@ __all__ = [
     "num_kept_tokens",
     "read_manifest",
     "sample_generator",
+    "training_example",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -329,6 +330,46 @@ class ByteTokenizer:
         return ids
 
 
+def _text_ids(ids: torch.Tensor, tokenizer: Any) -> list[int]:
+    """The ids before the first EOS or padding id (LocCa appends its own EOS)."""
+    ends = {getattr(tokenizer, name, None) for name in ("eos_token_id", "pad_token_id")} - {None}
+    text = []
+    for token in ids.tolist():
+        if token in ends:
+            break
+        text.append(token)
+    return text
+
+
+def training_example(
+    packed: PackedImages, input_ids: torch.Tensor, boxes: Sequence[Sequence[float]], *, index: int, tokenizer: Any
+) -> dict[str, Any]:
+    """One image-text example as the collate function takes it, from whichever reader decoded it.
+
+    Args:
+        packed: the image's patches, one grid row.
+        input_ids: :math:`(1 + R, L)` token ids of the caption, then of each region's text.
+        boxes: ``R`` region boxes ``(x0, y0, x1, y1)`` in ``[0, 1]``.
+        index: the sample's index in its epoch (seeds its per-image random streams).
+        tokenizer: the tokenizer that made ``input_ids`` (its EOS / padding ids end each text).
+
+    Returns:
+        ``patches`` (float32), ``grid_thw``, ``input_ids`` (the caption's), ``index``, ``caption_ids`` and
+        ``regions`` (a ``(box [4] float64, text ids)`` pair per region).
+    """
+    return {
+        "patches": packed.patches.float(),
+        "grid_thw": packed.grid_thw,
+        "input_ids": input_ids[0],
+        "index": index,
+        "caption_ids": _text_ids(input_ids[0], tokenizer),
+        "regions": [
+            (torch.tensor(box, dtype=torch.float64), _text_ids(ids, tokenizer))
+            for box, ids in zip(boxes, input_ids[1:], strict=True)
+        ],
+    }
+
+
 class ImageTextDataset(Dataset):
     """Preprocessed ``(image, caption)`` pairs; runs in the ``DataLoader`` workers.
 
@@ -414,27 +455,8 @@ class ImageTextDataset(Dataset):
         with torch.no_grad():
             packed = self._preprocessor(max_num_patches)(image[None] if image.ndim == 3 else image)
         input_ids = self.tokenizer([record.caption, *(region.text for region in record.regions)])
-        return {
-            "patches": packed.patches.float(),
-            "grid_thw": packed.grid_thw,
-            "input_ids": input_ids[0],
-            "index": index,
-            "caption_ids": self._text_ids(input_ids[0]),
-            "regions": [
-                (torch.tensor(region.box, dtype=torch.float64), self._text_ids(ids))
-                for region, ids in zip(record.regions, input_ids[1:], strict=True)
-            ],
-        }
-
-    def _text_ids(self, ids: torch.Tensor) -> list[int]:
-        """The ids before the first EOS or padding id (LocCa appends its own EOS)."""
-        ends = {getattr(self.tokenizer, name, None) for name in ("eos_token_id", "pad_token_id")} - {None}
-        text = []
-        for token in ids.tolist():
-            if token in ends:
-                break
-            text.append(token)
-        return text
+        boxes = [region.box for region in record.regions]
+        return training_example(packed, input_ids, boxes, index=index, tokenizer=self.tokenizer)
 
 
 @dataclass

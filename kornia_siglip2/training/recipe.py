@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from kornia_siglip2.config import SigLip2Config, validate_hf_config
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
 from kornia_siglip2.errors import check
+from kornia_siglip2.locks import exclusive_lock
 from kornia_siglip2.losses.distill.ema import EMATeacher
 from kornia_siglip2.losses.siglip2 import LOSS_TERMS, SigLip2Loss, SigLip2LossSchedule
 from kornia_siglip2.losses.sigmoid import SigmoidLoss, sigmoid_loss
@@ -326,23 +327,14 @@ def run_lock(out: str | Path) -> Iterator[None]:
         yield
         return
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "a+")  # noqa: SIM115
-    try:
-        try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except OSError as error:
-            raise RuntimeError(
-                f"Another training run is using {folder} (it holds {folder / '.lock'}): wait for it to finish, or "
-                "give this run another --out."
-            ) from error
+    with exclusive_lock(
+        folder / ".lock",
+        lambda: (
+            f"Another training run is using {folder} (it holds {folder / '.lock'}): wait for it to finish, or "
+            "give this run another --out."
+        ),
+    ):
         yield
-    finally:
-        handle.close()
 
 
 def _repair_metrics(path: Path, step: int) -> None:

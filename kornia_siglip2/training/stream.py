@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from kornia_siglip2.errors import check
 from kornia_siglip2.images import image_size, load_image
 from kornia_siglip2.preprocess import NaFlexImagePreprocessor
-from kornia_siglip2.training.data import collate_packed, naflex_num_tokens, num_kept_tokens
+from kornia_siglip2.training.data import collate_packed, naflex_num_tokens, num_kept_tokens, training_example
 from kornia_siglip2.training.shards import IMAGE_EXTENSIONS, Source, iter_samples, read_sample
 
 __all__ = [
@@ -489,26 +489,8 @@ class ShardStream(IterableDataset):
         caption = item.files["txt"].decode("utf-8").strip()
         regions = _regions(json.loads(item.files["json"]).get("regions")) if "json" in item.files else []
         input_ids = self.tokenizer([caption, *(text for _, text in regions)])
-        return {
-            "patches": packed.patches.float(),
-            "grid_thw": packed.grid_thw,
-            "input_ids": input_ids[0],
-            "index": item.index,
-            "caption_ids": self._text_ids(input_ids[0]),
-            "regions": [
-                (torch.tensor(box, dtype=torch.float64), self._text_ids(ids))
-                for (box, _), ids in zip(regions, input_ids[1:], strict=True)
-            ],
-        }
-
-    def _text_ids(self, ids: torch.Tensor) -> list[int]:
-        ends = {getattr(self.tokenizer, name, None) for name in ("eos_token_id", "pad_token_id")} - {None}
-        text = []
-        for token in ids.tolist():
-            if token in ends:
-                break
-            text.append(token)
-        return text
+        boxes = [box for box, _ in regions]
+        return training_example(packed, input_ids, boxes, index=item.index, tokenizer=self.tokenizer)
 
     def role_batches(self, role: int) -> Iterator[dict[str, Any]]:
         """Role ``role``'s batches (what its DataLoader worker yields)."""
