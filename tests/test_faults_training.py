@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -286,3 +288,58 @@ def test_hostile_model_config_names_file_and_field(root, tmp_path):
         with pytest.raises(ValueError, match=message) as error:
             train(RecipeConfig(**_options(root, tmp_path / "x", model_config=str(path))))
         assert str(path) in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def two_sharded_steps(root: Path) -> Path:
+    """A finished 2-step run (one process) with sharded checkpoints step-1 and step-2."""
+    out = root / "two-sharded-steps"
+    train(RecipeConfig(**_options(root, out, checkpoint_format="sharded")))
+    return out
+
+
+class _RunsACommand:
+    """A pickle that runs a shell command when unpickled (what a hostile ``.metadata`` holds)."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _metrics(out: Path) -> dict[int, float]:
+    return {
+        record["step"]: record["loss"] for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    }
+
+
+class TestShardedCheckpoint:
+    def test_resume_equals_uninterrupted(self, root, two_sharded_steps, tmp_path):
+        """The checked loader still resumes a real sharded checkpoint: step 2 from step 1 as in the full run."""
+        run = _copy(two_sharded_steps, tmp_path)
+        (run / "checkpoints" / LATEST).write_text("step-00000001\n")
+        shutil.rmtree(run / "checkpoints" / "step-00000002")
+        (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        train(RecipeConfig(**_options(root, run, checkpoint_format="sharded")))
+        assert _metrics(run)[2] == _metrics(two_sharded_steps)[2]
+
+    @pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+    def test_metadata_that_runs_code_is_refused_before_it_runs(self, root, two_sharded_steps, tmp_path, protocol):
+        """Main: torch.distributed.checkpoint unpickles ``.metadata``; a crafted one ran a command on resume."""
+        run = _copy(two_sharded_steps, tmp_path)
+        marker = tmp_path / "ran"
+        metadata = run / "checkpoints" / "step-00000002" / "dcp" / ".metadata"
+        metadata.write_bytes(pickle.dumps({"payload": _RunsACommand(f"touch {marker}")}, protocol=protocol))
+        with pytest.raises(ValueCheckError, match="system") as error:
+            train(RecipeConfig(**_options(root, run, steps=3, checkpoint_format="sharded")))
+        assert str(metadata) in str(error.value)
+        assert not marker.exists()
+
+    def test_metadata_calling_a_non_global_is_refused(self, tmp_path):
+        """A REDUCE whose callable is not an allowed global (here a plain string) is refused, not run."""
+        from kornia_siglip2.training.checkpoint import _check_metadata_pickle
+
+        hostile = b"\x80\x04" + pickle.SHORT_BINUNICODE + b"\x01x" + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP
+        with pytest.raises(ValueCheckError, match="calls"):
+            _check_metadata_pickle(hostile, tmp_path / ".metadata")

@@ -9,14 +9,24 @@ while saving resumes from the previous checkpoint. Every rank must call :func:`s
 :func:`load_checkpoint` (they gather / scatter collectively); rank 0 writes the shared files, so the folder
 must be visible to every rank (one machine, or a shared file system).
 
-Gathering the full state on rank 0 costs memory and time at scale; sharded saving with
-``torch.distributed.checkpoint.save`` is not used because its loader unpickles its metadata file.
+Gathering the full state on rank 0 costs memory and time at scale: :func:`save_sharded_checkpoint` writes every
+rank's shards with ``torch.distributed.checkpoint`` instead. That format pickles its ``.metadata`` file and the
+non-tensor values (optimizer hyper-parameters), and its stock loader unpickles both with ``pickle`` /
+``torch.load(weights_only=False)``, which can run any code a crafted file names. :func:`load_sharded_checkpoint`
+therefore reads them its own way: the ``.metadata`` opcodes are walked with :mod:`pickletools` before anything
+is unpickled, and the file is refused unless every global it names is one of the few classes that format writes
+(its metadata dataclasses, ``torch.Size``, torch dtypes and layouts, a path) and every call or ``BUILD`` applies
+to one of them; it is then unpickled with only those globals resolvable. The non-tensor values are read with
+``torch.load(weights_only=True)``; the tensors already are. So loading never executes code from a checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import pickletools
 import re
 import shutil
 import sys
@@ -35,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from kornia_siglip2.errors import check
+from kornia_siglip2.errors import ValueCheckError, check
 
 __all__ = [
     "LATEST",
@@ -337,6 +347,202 @@ def load_checkpoint(
 
 SHARDED = "dcp"
 
+# the globals torch.distributed.checkpoint (torch 2.13) writes into its ``.metadata`` pickle; all are inert
+# (dataclasses, an enum, torch.Size, a layout lookup by name, a path); torch dtypes are added by name below
+_METADATA_GLOBALS = frozenset(
+    {
+        *(
+            f"torch.distributed.checkpoint.metadata.{name}"
+            for name in (
+                "Metadata",
+                "StorageMeta",
+                "MetadataIndex",
+                "TensorStorageMetadata",
+                "BytesStorageMetadata",
+                "ChunkStorageMetadata",
+                "TensorProperties",
+                "_MEM_FORMAT_ENCODING",
+            )
+        ),
+        "torch.distributed.checkpoint.filesystem._StorageInfo",
+        "torch.Size",
+        "torch.serialization._get_layout",
+        # StorageMeta.checkpoint_id: the save path (pathlib moved the class to pathlib._local in Python 3.13)
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+        "pathlib._local.PosixPath",
+        "pathlib._local.WindowsPath",
+    }
+)
+# opcodes that would resolve or call something the walk below cannot see (never written by that format)
+_REFUSED_OPCODES = frozenset({"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "NEWOBJ_EX"})
+_STRING_OPCODES = frozenset(
+    {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+)
+
+
+def _allowed_global(name: str) -> bool:
+    if name in _METADATA_GLOBALS:
+        return True
+    module, _, attribute = name.rpartition(".")
+    return module == "torch" and isinstance(getattr(torch, attribute, None), torch.dtype)
+
+
+class _Global:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _Made:
+    """An object a pickle made by calling an allowed global."""
+
+
+def _check_metadata_pickle(data: bytes, where: Path) -> None:
+    """Walk the opcodes of a ``torch.distributed.checkpoint`` ``.metadata`` pickle without running any of them.
+
+    The stack is followed symbolically (strings, globals, objects made from globals, the memo) so that a
+    ``STACK_GLOBAL`` is resolved to its module and name. Every global must be allowed, every ``REDUCE`` /
+    ``NEWOBJ`` must call an allowed global and every ``BUILD`` must set the state of an object made that way.
+
+    Raises:
+        ValueCheckError: the file names or calls anything else, or is not a well-formed pickle.
+    """
+
+    def refuse(reason: str) -> None:
+        check(
+            False,
+            lambda: (
+                f"Cannot resume from {where}: {reason}. That file is a pickle; loading it could run code, so "
+                "only the classes torch.distributed.checkpoint writes are accepted. Resume only from checkpoints "
+                "you wrote, or start a new run (--no-resume or a new --out)."
+            ),
+        )
+
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[int, Any] = {}
+    anything = object()
+
+    def pop(count: int) -> list[Any]:
+        if count > len(stack) - (marks[-1] if marks else 0):
+            refuse("it is not a well-formed pickle (stack underflow)")
+        popped = stack[len(stack) - count :] if count else []
+        del stack[len(stack) - count :]
+        return popped
+
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            name = opcode.name
+            if name in _REFUSED_OPCODES:
+                refuse(f"it uses the pickle opcode {name}")
+            elif name in _STRING_OPCODES:
+                stack.append(argument if isinstance(argument, str) else anything)
+            elif name == "GLOBAL" or name == "STACK_GLOBAL":
+                if name == "GLOBAL":
+                    module, attribute = str(argument).split(" ", 1)
+                else:
+                    module, attribute = pop(2)
+                    if not (isinstance(module, str) and isinstance(attribute, str)):
+                        refuse("it names a global that is not a plain string")
+                if not _allowed_global(f"{module}.{attribute}"):
+                    refuse(f"it references {module}.{attribute}")
+                stack.append(_Global(f"{module}.{attribute}"))
+            elif name == "REDUCE" or name == "NEWOBJ":
+                function, _arguments = pop(2)
+                if not isinstance(function, _Global):
+                    refuse(f"it calls ({name}) something that is not an allowed class")
+                stack.append(_Made())
+            elif name == "BUILD":
+                target, _state = pop(2)
+                if not isinstance(target, _Made):
+                    refuse("it sets the state (BUILD) of something not made from an allowed class")
+                stack.append(target)
+            elif name == "MARK":
+                marks.append(len(stack))
+            elif name == "POP_MARK":
+                del stack[marks.pop() :]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = pop(1)[0]
+                stack.append(memo[len(memo) - 1])
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[argument] = pop(1)[0]
+                stack.append(memo[argument])
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                if argument not in memo:
+                    refuse("it is not a well-formed pickle (unknown memo entry)")
+                stack.append(memo[argument])
+            elif name == "DUP":
+                stack.append(pop(1)[0])
+                stack.append(stack[-1])
+            elif name == "STOP":
+                break
+            else:
+                before = opcode.stack_before
+                if pickletools.markobject in before:
+                    if not marks:
+                        refuse("it is not a well-formed pickle (no mark)")
+                    del stack[marks.pop() :]
+                    pop(before.index(pickletools.markobject))
+                else:
+                    pop(len(before))
+                stack.extend(anything for _ in opcode.stack_after)
+    except (ValueError, IndexError) as error:
+        if isinstance(error, ValueCheckError):
+            raise
+        refuse(f"it is not a well-formed pickle ({error})")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only the allowed globals (the opcode walk already refused any other: this is the second lock)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if not _allowed_global(f"{module}.{name}"):
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def _sharded_reader(path: Path):
+    """A ``FileSystemReader`` for ``path`` whose metadata is checked before it is unpickled (see the module doc)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            file = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+            data = file.read_bytes()
+            _check_metadata_pickle(data, file)
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return CheckedReader(path)
+
+
+def _checked_load_planner():
+    """DCP's default load planner, reading non-tensor values with ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class CheckedLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise ValueCheckError(
+                    f"Cannot resume: the sharded checkpoint's value {read_item.dest_index.fqn} is not plain data "
+                    f"({error}); resume only from checkpoints you wrote."
+                ) from error
+            # the stock method unpickles with weights_only=False: hand it bytes re-written from the plain value
+            safe = io.BytesIO()
+            torch.save(loaded, safe)
+            safe.seek(0)
+            super().load_bytes(read_item, safe)
+
+    # partial: a parameter without AdamW state yet (a head that switches on later) has none saved
+    return CheckedLoadPlanner(allow_partial_load=True)
+
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """Whether the checkpoint folder was written by :func:`save_sharded_checkpoint`."""
@@ -357,9 +563,10 @@ def save_sharded_checkpoint(
     Nothing is gathered on one rank: each rank writes the shards it holds (FSDP2's DTensors; replicated tensors
     once) into ``step-XXXXXXXX/dcp``, beside the same ``trainer.json`` and per-rank RNG files as
     :func:`save_checkpoint`, then the folder is published atomically the same way. A sharded checkpoint can be
-    loaded on another world size (the loader re-shards). Its ``.metadata`` file is a pickle (the format of
-    ``torch.distributed.checkpoint``): load only checkpoints you wrote. Export weights for ``from_pretrained`` with
-    the recipe's final export, which gathers the full state.
+    loaded on another world size (the loader re-shards). Its ``.metadata`` file and non-tensor values are pickles
+    (the format of ``torch.distributed.checkpoint``); :func:`load_sharded_checkpoint` checks them before reading
+    (see the module doc). Export weights for ``from_pretrained`` with the recipe's final export, which gathers
+    the full state.
 
     Args and returns: as :func:`save_checkpoint`; call on every rank.
     """
@@ -408,7 +615,6 @@ def load_sharded_checkpoint(
         the trainer state, as :func:`load_checkpoint`.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
@@ -416,14 +622,14 @@ def load_sharded_checkpoint(
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_sharded_checkpoint (no trainer.json).")
     rank, world_size = _rank_world()
     trainer = json.loads((path / "trainer.json").read_text())
-    saved_keys = set(FileSystemReader(path / SHARDED).read_metadata().state_dict_metadata)
+    reader = _sharded_reader(path / SHARDED)
+    saved_keys = set(reader.read_metadata().state_dict_metadata)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     if ema is not None:
         check(any(key.startswith("ema.") for key in saved_keys), lambda: f"{path} holds no EMA weights.")
         state["ema"] = get_model_state_dict(ema)
-    # partial: a parameter without AdamW state yet (a head that switches on later) has none saved
-    dcp.load(state, checkpoint_id=path / SHARDED, planner=DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(state, storage_reader=reader, planner=_checked_load_planner())
     saved_parameters = {
         key.split(".", 2)[2].rsplit(".", 1)[0] for key in saved_keys if key.startswith("optimizer.state.")
     }
