@@ -343,3 +343,44 @@ class TestShardedCheckpoint:
         hostile = b"\x80\x04" + pickle.SHORT_BINUNICODE + b"\x01x" + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP
         with pytest.raises(ValueCheckError, match="calls"):
             _check_metadata_pickle(hostile, tmp_path / ".metadata")
+
+    @staticmethod
+    def _rewrite(run: Path, change) -> Path:
+        """Rewrite step 2's sharded state through torch.distributed.checkpoint's own converters, changed."""
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+        folder = run / "checkpoints" / "step-00000002" / "dcp"
+        plain = run / "state.pt"
+        dcp_to_torch_save(folder, plain)
+        state = torch.load(plain, weights_only=True)
+        change(state)
+        torch.save(state, plain)
+        shutil.rmtree(folder)
+        torch_save_to_dcp(plain, folder)
+        return folder
+
+    @pytest.mark.parametrize("part", ["model", "optimizer"])
+    def test_nan_refuses_to_resume(self, root, two_sharded_steps, tmp_path, part):
+        """Main: the checks of a full checkpoint (finite, names, shapes) did not run on a sharded one."""
+        run = _copy(two_sharded_steps, tmp_path)
+
+        def poison(state):
+            tensors = state["model"] if part == "model" else next(iter(state["optimizer"]["state"].values()))
+            name = next(key for key, value in tensors.items() if value.is_floating_point() and value.dim() >= 1)
+            tensors[name].view(-1)[0] = math.nan
+
+        folder = self._rewrite(run, poison)
+        with pytest.raises(ValueError, match="non-finite") as error:
+            train(RecipeConfig(**_options(root, run, steps=3, checkpoint_format="sharded")))
+        assert str(folder) in str(error.value)
+
+    def test_missing_layer_refuses_to_resume(self, root, two_sharded_steps, tmp_path):
+        run = _copy(two_sharded_steps, tmp_path)
+
+        def drop(state):
+            state["model"].pop(next(key for key in state["model"] if "layers.0" in key))
+
+        folder = self._rewrite(run, drop)
+        with pytest.raises(ValueError, match="missing") as error:
+            train(RecipeConfig(**_options(root, run, steps=3, checkpoint_format="sharded")))
+        assert str(folder) in str(error.value)

@@ -236,6 +236,38 @@ def _floating_non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     ]
 
 
+def _check_weights(module: nn.Module, saved: dict[str, tuple[int, ...] | None], where: Path) -> None:
+    """The saved weight names and shapes (``None``: not a tensor) against ``module``'s (global) state dict."""
+    expected = {key: tuple(getattr(value, "shape", ())) for key, value in get_model_state_dict(module).items()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = sorted(
+        key
+        for key in set(expected) & set(saved)
+        if expected[key] and saved[key] is not None and saved[key] != expected[key]
+    )
+    problems = [
+        f"{label} {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
+        if keys
+    ]
+    check(not problems, lambda: f"Cannot resume from {where}: {'; '.join(problems)}.")
+
+
+def _check_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer.json``, which must parse and hold the step the folder is named after."""
+    try:
+        state = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot resume from {path}: {path / 'trainer.json'} is damaged ({error}).") from error
+    match = _STEP_NAME.match(path.name)
+    check(
+        isinstance(state, dict) and (match is None or state.get("step") == int(match.group(1))),
+        lambda: f"Cannot resume from {path}: {path / 'trainer.json'} does not hold this checkpoint's step.",
+    )
+    return state
+
+
 def verify_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = None) -> None:
     """Check a checkpoint before resuming from it: every file readable, the model's keys and shapes, all finite.
 
@@ -255,36 +287,17 @@ def verify_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None 
         except Exception as error:  # safetensors raises its own types for a damaged header
             raise ValueError(f"Cannot resume from {path}: {path / name} is damaged ({error}).") from error
 
+    _check_trainer_state(path)
     try:
-        state = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
         json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot resume from {path}: a JSON file is damaged ({error}).") from error
-    match = _STEP_NAME.match(path.name)
-    check(
-        isinstance(state, dict) and (match is None or state.get("step") == int(match.group(1))),
-        lambda: f"Cannot resume from {path}: {path / 'trainer.json'} does not hold this checkpoint's step.",
-    )
+        raise ValueError(f"Cannot resume from {path}: {path / 'optimizer.json'} is damaged ({error}).") from error
     pairs = [("model.safetensors", model), ("ema.safetensors", ema)]
     for name, module in pairs:
         if module is None:
             continue
         saved = read(name)
-        expected = {key: tuple(getattr(value, "shape", ())) for key, value in get_model_state_dict(module).items()}
-        missing = sorted(set(expected) - set(saved))
-        unexpected = sorted(set(saved) - set(expected))
-        shapes = sorted(
-            key for key in set(expected) & set(saved) if expected[key] and tuple(saved[key].shape) != expected[key]
-        )
-        problems = [
-            f"{label} {keys[:5]}{' ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
-            if keys
-        ]
-        check(
-            not problems,
-            lambda name=name, problems=problems: f"Cannot resume from {path / name}: {'; '.join(problems)}.",
-        )
+        _check_weights(module, {key: tuple(value.shape) for key, value in saved.items()}, path / name)
         bad = _floating_non_finite(saved)
         check(
             not bad,
@@ -606,13 +619,47 @@ def save_sharded_checkpoint(
     return final
 
 
+def _check_finite_shards(state: dict[str, Any], where: Path) -> None:
+    """Every floating tensor of the loaded state finite on this rank's shards, agreed by all ranks (collective)."""
+
+    def tensors(tree: Any, prefix: str) -> dict[str, torch.Tensor]:
+        if isinstance(tree, dict):
+            return {
+                name: value for key, child in tree.items() for name, value in tensors(child, f"{prefix}.{key}").items()
+            }
+        if isinstance(tree, torch.Tensor):
+            local = tree.to_local() if hasattr(tree, "to_local") else tree  # a DTensor: this rank's shard
+            return {prefix[1:]: local}
+        return {}
+
+    bad = _floating_non_finite(
+        tensors({key: state[key] for key in ("model", "ema") if key in state}, "")
+        | tensors(state["optimizer"]["state"], ".optimizer.state")
+    )
+    if dist.is_available() and dist.is_initialized():
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = sorted({name for names in everyone for name in names})
+    check(not bad, lambda: f"Cannot resume from {where}: non-finite values (NaN / inf) in {bad[:5]}.")
+
+
 def load_sharded_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None = None
 ) -> dict[str, Any]:
     """Restore what :func:`save_sharded_checkpoint` wrote (each rank reads its shards); call on every rank.
 
+    Checked as :func:`verify_checkpoint` checks a full checkpoint: ``trainer.json`` and its step, the model's (and
+    EMA's) names and global shapes against the metadata before reading, then every floating tensor read (weights,
+    EMA, optimizer moments: each rank its shards) finite, every rank refusing together. The pickled parts are
+    checked before they are read (see the module doc).
+
     Returns:
         the trainer state, as :func:`load_checkpoint`.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint folder.
+        ValueError: the checkpoint is damaged or not plain data; the message names the file. After a non-finite
+            value is found, the model holds the loaded (bad) weights: the run must stop, as the recipe does.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -620,16 +667,33 @@ def load_sharded_checkpoint(
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_sharded_checkpoint (no trainer.json).")
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     rank, world_size = _rank_world()
-    trainer = json.loads((path / "trainer.json").read_text())
+    trainer = _check_trainer_state(path)
     reader = _sharded_reader(path / SHARDED)
-    saved_keys = set(reader.read_metadata().state_dict_metadata)
+    saved = reader.read_metadata().state_dict_metadata
+    saved_keys = set(saved)
+    # names and (global) shapes from the metadata, before anything is read into the model
+    for prefix, module in (("model.", model), ("ema.", ema)):
+        if module is None:
+            continue
+        check(
+            any(key.startswith(prefix) for key in saved_keys),
+            lambda prefix=prefix: f"{path} holds no {prefix[:-1]} weights.",
+        )
+        shapes = {
+            key[len(prefix) :]: tuple(value.size) if isinstance(value, TensorStorageMetadata) else None
+            for key, value in saved.items()
+            if key.startswith(prefix)
+        }
+        _check_weights(module, shapes, path / SHARDED / f"{prefix}*")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     if ema is not None:
-        check(any(key.startswith("ema.") for key in saved_keys), lambda: f"{path} holds no EMA weights.")
         state["ema"] = get_model_state_dict(ema)
     dcp.load(state, storage_reader=reader, planner=_checked_load_planner())
+    _check_finite_shards(state, path / SHARDED)
     saved_parameters = {
         key.split(".", 2)[2].rsplit(".", 1)[0] for key in saved_keys if key.startswith("optimizer.state.")
     }
