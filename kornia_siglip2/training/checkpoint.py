@@ -101,6 +101,52 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, 
     return {"state": state, "param_groups": groups}
 
 
+def _start(temporary: Path) -> None:
+    """Create the empty temporary folder a checkpoint is written into (collective)."""
+    if _rank_world()[0] == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    _barrier()
+
+
+def _save_rng(temporary: Path, rank: int) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, temporary / f"rng-rank{rank:05d}.safetensors")
+
+
+def _restore_rng(path: Path, saved_world_size: int) -> None:
+    """This rank's RNG state, restored only when the world size is unchanged."""
+    rank, world_size = _rank_world()
+    rng_file = path / f"rng-rank{rank:05d}.safetensors"
+    if saved_world_size == world_size and rng_file.is_file():
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _publish(folder: Path, temporary: Path, final: Path, keep: int) -> None:
+    """Publish a written checkpoint atomically (collective): rename it, point ``latest`` at it, drop old ones.
+
+    Once every rank has written its files, rank 0 renames the temporary folder to its final name, replaces
+    ``latest`` (a new file renamed over the old) and keeps the newest ``keep`` checkpoints. A kill at any point
+    leaves ``latest`` naming a complete checkpoint.
+    """
+    _barrier()
+    if _rank_world()[0] == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        pointer = folder / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, folder / LATEST)
+        complete = sorted(path for path in folder.glob("step-*") if path.is_dir())
+        for old in complete[: max(len(complete) - keep, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
 def save_checkpoint(
     folder: str | Path,
     step: int,
@@ -132,14 +178,8 @@ def save_checkpoint(
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=full)
     ema_state = get_model_state_dict(ema, options=full) if ema is not None else None
-    if rank == 0:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    _barrier()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, temporary / f"rng-rank{rank:05d}.safetensors")
+    _start(temporary)
+    _save_rng(temporary, rank)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model_state.items()}, temporary / "model.safetensors")
         tensors, structure = _flatten_optimizer(optimizer_state)
@@ -149,17 +189,7 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, temporary / "ema.safetensors")
         state = {"step": step, "world_size": world_size, **trainer_state}
         (temporary / "trainer.json").write_text(json.dumps(state, indent=2))
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        pointer = folder / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, folder / LATEST)
-        complete = sorted(path for path in folder.glob("step-*") if path.is_dir())
-        for old in complete[: max(len(complete) - keep, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _publish(folder, temporary, final, keep)
     return final
 
 
@@ -326,7 +356,6 @@ def load_checkpoint(
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_checkpoint (no trainer.json).")
     verify_checkpoint(path, model, ema)
-    rank, world_size = _rank_world()
     state = json.loads((path / "trainer.json").read_text())
     model_state = load_file(path / "model.safetensors")
     optimizer_state = _unflatten_optimizer(
@@ -347,12 +376,7 @@ def load_checkpoint(
     if ema is not None:
         check((path / "ema.safetensors").is_file(), lambda: f"{path} holds no EMA weights (ema.safetensors).")
         set_model_state_dict(ema, load_file(path / "ema.safetensors"), options=StateDictOptions(full_state_dict=True))
-    rng_file = path / f"rng-rank{rank:05d}.safetensors"
-    if state["world_size"] == world_size and rng_file.is_file():
-        rng = load_file(rng_file)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    _restore_rng(path, state["world_size"])
     return state
 
 
@@ -589,33 +613,17 @@ def save_sharded_checkpoint(
     folder = Path(folder)
     final = folder / f"step-{step:08d}"
     temporary = folder / f".tmp-step-{step:08d}"
-    if rank == 0:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    _barrier()
+    _start(temporary)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     if ema is not None:
         state["ema"] = get_model_state_dict(ema)
     dcp.save(state, checkpoint_id=temporary / SHARDED)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, temporary / f"rng-rank{rank:05d}.safetensors")
+    _save_rng(temporary, rank)
     if rank == 0:
         trainer = {"step": step, "world_size": world_size, **trainer_state}
         (temporary / "trainer.json").write_text(json.dumps(trainer, indent=2))
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        pointer = folder / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, folder / LATEST)
-        complete = sorted(path for path in folder.glob("step-*") if path.is_dir())
-        for old in complete[: max(len(complete) - keep, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _publish(folder, temporary, final, keep)
     return final
 
 
@@ -669,7 +677,6 @@ def load_sharded_checkpoint(
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_sharded_checkpoint (no trainer.json).")
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    rank, world_size = _rank_world()
     trainer = _check_trainer_state(path)
     reader = _sharded_reader(path / SHARDED)
     saved = reader.read_metadata().state_dict_metadata
@@ -711,10 +718,5 @@ def load_sharded_checkpoint(
             optimizer.state.pop(parameter, None)
     if ema is not None:
         set_model_state_dict(ema, state["ema"])
-    rng_file = path / f"rng-rank{rank:05d}.safetensors"
-    if trainer["world_size"] == world_size and rng_file.is_file():
-        rng = load_file(rng_file)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    _restore_rng(path, trainer["world_size"])
     return trainer
