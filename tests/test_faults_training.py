@@ -384,3 +384,18 @@ class TestShardedCheckpoint:
         with pytest.raises(ValueError, match="missing") as error:
             train(RecipeConfig(**_options(root, run, steps=3, checkpoint_format="sharded")))
         assert str(folder) in str(error.value)
+
+    @pytest.mark.parametrize(
+        ("module", "name"),
+        [("torch", "load"), ("torch.distributed.checkpoint", "metadata.Metadata"), ("torch", "Size.__class__")],
+    )
+    def test_metadata_global_outside_the_list_is_refused(self, tmp_path, module, name):
+        """A torch function, or an allowed class reached through a dotted name, is not on the list."""
+        from kornia_siglip2.training.checkpoint import _check_metadata_pickle
+
+        def text(value: str) -> bytes:
+            return pickle.SHORT_BINUNICODE + bytes([len(value)]) + value.encode()
+
+        hostile = b"\x80\x04" + text(module) + text(name) + pickle.STACK_GLOBAL + pickle.EMPTY_TUPLE + pickle.REDUCE
+        with pytest.raises(ValueCheckError, match=f"references {module}.{name}"):
+            _check_metadata_pickle(hostile + pickle.STOP, tmp_path / ".metadata")

@@ -411,6 +411,7 @@ _METADATA_GLOBALS = frozenset(
         "pathlib._local.WindowsPath",
     }
 )
+_METADATA_GLOBALS_MODULES = {name: name.rpartition(".")[0] for name in _METADATA_GLOBALS}
 # opcodes that would resolve or call something the walk below cannot see (never written by that format)
 _REFUSED_OPCODES = frozenset({"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "NEWOBJ_EX"})
 _STRING_OPCODES = frozenset(
@@ -418,11 +419,12 @@ _STRING_OPCODES = frozenset(
 )
 
 
-def _allowed_global(name: str) -> bool:
-    if name in _METADATA_GLOBALS:
-        return True
-    module, _, attribute = name.rpartition(".")
-    return module == "torch" and isinstance(getattr(torch, attribute, None), torch.dtype)
+def _allowed_global(module: str, name: str) -> bool:
+    """Whether ``module.name`` is allowed, as written (a dotted ``name`` reaching through attributes is not)."""
+    if "." not in name and f"{module}.{name}" in _METADATA_GLOBALS:
+        return _METADATA_GLOBALS_MODULES.get(f"{module}.{name}") == module
+    # the module dict, not getattr: torch's module __getattr__ would import submodules for unknown names
+    return module == "torch" and isinstance(vars(torch).get(name), torch.dtype)
 
 
 class _Global:
@@ -481,7 +483,7 @@ def _check_metadata_pickle(data: bytes, where: Path) -> None:
                     module, attribute = pop(2)
                     if not (isinstance(module, str) and isinstance(attribute, str)):
                         refuse("it names a global that is not a plain string")
-                if not _allowed_global(f"{module}.{attribute}"):
+                if not _allowed_global(module, attribute):
                     refuse(f"it references {module}.{attribute}")
                 stack.append(_Global(f"{module}.{attribute}"))
             elif name == "REDUCE" or name == "NEWOBJ":
@@ -533,7 +535,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Resolves only the allowed globals (the opcode walk already refused any other: this is the second lock)."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if not _allowed_global(f"{module}.{name}"):
+        if not _allowed_global(module, name):
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
         return super().find_class(module, name)
 
