@@ -17,16 +17,14 @@ therefore reads them its own way: the ``.metadata`` opcodes are walked with :mod
 is unpickled, and the file is refused unless every global it names is one of the few classes that format writes
 (its metadata dataclasses, ``torch.Size``, torch dtypes and layouts, a path) and every call or ``BUILD`` applies
 to one of them; it is then unpickled with only those globals resolvable. The non-tensor values are read with
-``torch.load(weights_only=True)``; the tensors already are. So loading never executes code from a checkpoint.
+``torch.load(weights_only=True)``; the tensors already are (:mod:`kornia_siglip2.training.dcp_reader`). So
+loading never executes code from a checkpoint.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
-import pickletools
 import re
 import shutil
 import sys
@@ -45,7 +43,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from kornia_siglip2.errors import ValueCheckError, check
+from kornia_siglip2.errors import check
+from kornia_siglip2.training.dcp_reader import checked_load_planner, checked_reader
 
 __all__ = [
     "LATEST",
@@ -384,204 +383,6 @@ def load_checkpoint(
 
 SHARDED = "dcp"
 
-# the globals torch.distributed.checkpoint (torch 2.13) writes into its ``.metadata`` pickle; all are inert
-# (dataclasses, an enum, torch.Size, a layout lookup by name, a path); torch dtypes are added by name below
-_METADATA_GLOBALS = frozenset(
-    {
-        *(
-            f"torch.distributed.checkpoint.metadata.{name}"
-            for name in (
-                "Metadata",
-                "StorageMeta",
-                "MetadataIndex",
-                "TensorStorageMetadata",
-                "BytesStorageMetadata",
-                "ChunkStorageMetadata",
-                "TensorProperties",
-                "_MEM_FORMAT_ENCODING",
-            )
-        ),
-        "torch.distributed.checkpoint.filesystem._StorageInfo",
-        "torch.Size",
-        "torch.serialization._get_layout",
-        # StorageMeta.checkpoint_id: the save path (pathlib moved the class to pathlib._local in Python 3.13)
-        "pathlib.PosixPath",
-        "pathlib.WindowsPath",
-        "pathlib._local.PosixPath",
-        "pathlib._local.WindowsPath",
-    }
-)
-_METADATA_GLOBALS_MODULES = {name: name.rpartition(".")[0] for name in _METADATA_GLOBALS}
-# opcodes that would resolve or call something the walk below cannot see (never written by that format)
-_REFUSED_OPCODES = frozenset({"INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID", "NEWOBJ_EX"})
-_STRING_OPCODES = frozenset(
-    {"UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING"}
-)
-
-
-def _allowed_global(module: str, name: str) -> bool:
-    """Whether ``module.name`` is allowed, as written (a dotted ``name`` reaching through attributes is not)."""
-    if "." not in name and f"{module}.{name}" in _METADATA_GLOBALS:
-        return _METADATA_GLOBALS_MODULES.get(f"{module}.{name}") == module
-    # the module dict, not getattr: torch's module __getattr__ would import submodules for unknown names
-    return module == "torch" and isinstance(vars(torch).get(name), torch.dtype)
-
-
-class _Global:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-class _Made:
-    """An object a pickle made by calling an allowed global."""
-
-
-def _check_metadata_pickle(data: bytes, where: Path) -> None:
-    """Walk the opcodes of a ``torch.distributed.checkpoint`` ``.metadata`` pickle without running any of them.
-
-    The stack is followed symbolically (strings, globals, objects made from globals, the memo) so that a
-    ``STACK_GLOBAL`` is resolved to its module and name. Every global must be allowed, every ``REDUCE`` /
-    ``NEWOBJ`` must call an allowed global and every ``BUILD`` must set the state of an object made that way.
-
-    Raises:
-        ValueCheckError: the file names or calls anything else, or is not a well-formed pickle.
-    """
-
-    def refuse(reason: str) -> None:
-        check(
-            False,
-            lambda: (
-                f"Cannot resume from {where}: {reason}. That file is a pickle; loading it could run code, so "
-                "only the classes torch.distributed.checkpoint writes are accepted. Resume only from checkpoints "
-                "you wrote, or start a new run (--no-resume or a new --out)."
-            ),
-        )
-
-    stack: list[Any] = []
-    marks: list[int] = []
-    memo: dict[int, Any] = {}
-    anything = object()
-
-    def pop(count: int) -> list[Any]:
-        if count > len(stack) - (marks[-1] if marks else 0):
-            refuse("it is not a well-formed pickle (stack underflow)")
-        popped = stack[len(stack) - count :] if count else []
-        del stack[len(stack) - count :]
-        return popped
-
-    try:
-        for opcode, argument, _ in pickletools.genops(data):
-            name = opcode.name
-            if name in _REFUSED_OPCODES:
-                refuse(f"it uses the pickle opcode {name}")
-            elif name in _STRING_OPCODES:
-                stack.append(argument if isinstance(argument, str) else anything)
-            elif name == "GLOBAL" or name == "STACK_GLOBAL":
-                if name == "GLOBAL":
-                    module, attribute = str(argument).split(" ", 1)
-                else:
-                    module, attribute = pop(2)
-                    if not (isinstance(module, str) and isinstance(attribute, str)):
-                        refuse("it names a global that is not a plain string")
-                if not _allowed_global(module, attribute):
-                    refuse(f"it references {module}.{attribute}")
-                stack.append(_Global(f"{module}.{attribute}"))
-            elif name == "REDUCE" or name == "NEWOBJ":
-                function, _arguments = pop(2)
-                if not isinstance(function, _Global):
-                    refuse(f"it calls ({name}) something that is not an allowed class")
-                stack.append(_Made())
-            elif name == "BUILD":
-                target, _state = pop(2)
-                if not isinstance(target, _Made):
-                    refuse("it sets the state (BUILD) of something not made from an allowed class")
-                stack.append(target)
-            elif name == "MARK":
-                marks.append(len(stack))
-            elif name == "POP_MARK":
-                del stack[marks.pop() :]
-            elif name == "MEMOIZE":
-                memo[len(memo)] = pop(1)[0]
-                stack.append(memo[len(memo) - 1])
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                memo[argument] = pop(1)[0]
-                stack.append(memo[argument])
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                if argument not in memo:
-                    refuse("it is not a well-formed pickle (unknown memo entry)")
-                stack.append(memo[argument])
-            elif name == "DUP":
-                stack.append(pop(1)[0])
-                stack.append(stack[-1])
-            elif name == "STOP":
-                break
-            else:
-                before = opcode.stack_before
-                if pickletools.markobject in before:
-                    if not marks:
-                        refuse("it is not a well-formed pickle (no mark)")
-                    del stack[marks.pop() :]
-                    pop(before.index(pickletools.markobject))
-                else:
-                    pop(len(before))
-                stack.extend(anything for _ in opcode.stack_after)
-    except (ValueError, IndexError) as error:
-        if isinstance(error, ValueCheckError):
-            raise
-        refuse(f"it is not a well-formed pickle ({error})")
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Resolves only the allowed globals (the opcode walk already refused any other: this is the second lock)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if not _allowed_global(module, name):
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
-        return super().find_class(module, name)
-
-
-def _sharded_reader(path: Path):
-    """A ``FileSystemReader`` for ``path`` whose metadata is checked before it is unpickled (see the module doc)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class CheckedReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            rank = kwargs.get("rank")
-            file = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
-            data = file.read_bytes()
-            _check_metadata_pickle(data, file)
-            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return CheckedReader(path)
-
-
-def _checked_load_planner():
-    """DCP's default load planner, reading non-tensor values with ``torch.load(weights_only=True)``."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class CheckedLoadPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            try:
-                loaded = torch.load(value, weights_only=True)
-            except pickle.UnpicklingError as error:
-                raise ValueCheckError(
-                    f"Cannot resume: the sharded checkpoint's value {read_item.dest_index.fqn} is not plain data "
-                    f"({error}); resume only from checkpoints you wrote."
-                ) from error
-            # the stock method unpickles with weights_only=False: hand it bytes re-written from the plain value
-            safe = io.BytesIO()
-            torch.save(loaded, safe)
-            safe.seek(0)
-            super().load_bytes(read_item, safe)
-
-    # partial: a parameter without AdamW state yet (a head that switches on later) has none saved
-    return CheckedLoadPlanner(allow_partial_load=True)
-
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """Whether the checkpoint folder was written by :func:`save_sharded_checkpoint`."""
@@ -680,7 +481,7 @@ def load_sharded_checkpoint(
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     trainer = _check_trainer_state(path)
-    reader = _sharded_reader(path / SHARDED)
+    reader = checked_reader(path / SHARDED)
     saved = reader.read_metadata().state_dict_metadata
     saved_keys = set(saved)
     # names and (global) shapes from the metadata, before anything is read into the model
@@ -701,7 +502,7 @@ def load_sharded_checkpoint(
     state = {"model": model_state, "optimizer": optimizer_state}
     if ema is not None:
         state["ema"] = get_model_state_dict(ema)
-    dcp.load(state, storage_reader=reader, planner=_checked_load_planner())
+    dcp.load(state, storage_reader=reader, planner=checked_load_planner())
     _check_finite_shards(state, path / SHARDED)
     saved_parameters = {
         key.split(".", 2)[2].rsplit(".", 1)[0] for key in saved_keys if key.startswith("optimizer.state.")
