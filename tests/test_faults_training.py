@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from training_helpers import tiny_siglip2_config
+from training_helpers import RunsACommand, tiny_siglip2_config
 
 from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.training import recipe
@@ -259,7 +261,6 @@ class TestRunFolder:
 
 def test_cli_refuses_out_of_range_options_with_non_zero_exit(root, tmp_path):
     """Main: ``--learning-rate 1e6`` ran, diverged to NaN and exited 0."""
-    import os
     import subprocess
     import sys
 
@@ -286,3 +287,81 @@ def test_hostile_model_config_names_file_and_field(root, tmp_path):
         with pytest.raises(ValueError, match=message) as error:
             train(RecipeConfig(**_options(root, tmp_path / "x", model_config=str(path))))
         assert str(path) in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def two_sharded_steps(root: Path) -> Path:
+    """A finished 2-step run (one process) with sharded checkpoints step-1 and step-2."""
+    out = root / "two-sharded-steps"
+    train(RecipeConfig(**_options(root, out, checkpoint_format="sharded")))
+    return out
+
+
+def _metrics(out: Path) -> dict[int, float]:
+    return {
+        record["step"]: record["loss"] for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    }
+
+
+class TestShardedCheckpoint:
+    def test_resume_equals_uninterrupted(self, root, two_sharded_steps, tmp_path):
+        """The checked loader still resumes a real sharded checkpoint: step 2 from step 1 as in the full run."""
+        run = _copy(two_sharded_steps, tmp_path)
+        (run / "checkpoints" / LATEST).write_text("step-00000001\n")
+        shutil.rmtree(run / "checkpoints" / "step-00000002")
+        (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+        train(RecipeConfig(**_options(root, run, checkpoint_format="sharded")))
+        assert _metrics(run)[2] == _metrics(two_sharded_steps)[2]
+
+    @pytest.mark.parametrize("protocol", [0, 2, pickle.HIGHEST_PROTOCOL])
+    def test_metadata_that_runs_code_is_refused_before_it_runs(self, root, two_sharded_steps, tmp_path, protocol):
+        """Main: torch.distributed.checkpoint unpickles ``.metadata``; a crafted one ran a command on resume."""
+        run = _copy(two_sharded_steps, tmp_path)
+        marker = tmp_path / "ran"
+        metadata = run / "checkpoints" / "step-00000002" / "dcp" / ".metadata"
+        metadata.write_bytes(pickle.dumps({"payload": RunsACommand(f"touch {marker}")}, protocol=protocol))
+        with pytest.raises(ValueCheckError, match="system") as error:
+            train(RecipeConfig(**_options(root, run, steps=3, checkpoint_format="sharded")))
+        assert str(metadata) in str(error.value)
+        assert not marker.exists()
+
+    @staticmethod
+    def _rewrite(run: Path, change) -> Path:
+        """Rewrite step 2's sharded state through torch.distributed.checkpoint's own converters, changed."""
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+        folder = run / "checkpoints" / "step-00000002" / "dcp"
+        plain = run / "state.pt"
+        dcp_to_torch_save(folder, plain)
+        state = torch.load(plain, weights_only=True)
+        change(state)
+        torch.save(state, plain)
+        shutil.rmtree(folder)
+        torch_save_to_dcp(plain, folder)
+        return folder
+
+    @pytest.mark.parametrize("part", ["model", "optimizer"])
+    def test_nan_refuses_to_resume(self, root, two_sharded_steps, tmp_path, part):
+        """Main: the checks of a full checkpoint (finite, names, shapes) did not run on a sharded one."""
+        run = _copy(two_sharded_steps, tmp_path)
+
+        def poison(state):
+            tensors = state["model"] if part == "model" else next(iter(state["optimizer"]["state"].values()))
+            name = next(key for key, value in tensors.items() if value.is_floating_point() and value.dim() >= 1)
+            tensors[name].view(-1)[0] = math.nan
+
+        folder = self._rewrite(run, poison)
+        with pytest.raises(ValueError, match="non-finite") as error:
+            train(RecipeConfig(**_options(root, run, steps=3, checkpoint_format="sharded")))
+        assert str(folder) in str(error.value)
+
+    def test_missing_layer_refuses_to_resume(self, root, two_sharded_steps, tmp_path):
+        run = _copy(two_sharded_steps, tmp_path)
+
+        def drop(state):
+            state["model"].pop(next(key for key in state["model"] if "layers.0" in key))
+
+        folder = self._rewrite(run, drop)
+        with pytest.raises(ValueError, match="missing") as error:
+            train(RecipeConfig(**_options(root, run, steps=3, checkpoint_format="sharded")))
+        assert str(folder) in str(error.value)

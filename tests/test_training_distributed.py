@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from training_helpers import tiny_siglip2_config
+from training_helpers import spawn, tiny_siglip2_config
 
 from kornia_siglip2 import SigLip2
 from kornia_siglip2.decoders.vocabulary import LocCaVocabulary
@@ -38,7 +35,6 @@ TINY = tiny_siglip2_config(vision_layers=2, vocab_size=ByteTokenizer.vocab_size)
 STEPS, ACCUMULATION, TEXT_LENGTH, BUDGET, CHOICES = 3, 2, 12, 48, (8, 16)
 LEARNING_RATE, WARMUP, GRAD_CLIP = 0.01, 2, 0.5
 CASES = {2: ("ddp", "fsdp"), 3: ("ddp", "fsdp")}
-SPAWN_TIMEOUT_S = 240
 CLOSE = {"atol": 1e-10, "rtol": 1e-10}
 TOKEN_DROP = 0.5
 
@@ -93,28 +89,6 @@ def _worker(rank: int, world_size: int, port: int, root: str) -> None:
         torch.save(results, Path(root) / f"w{world_size}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def spawn(function, world_size: int, *args) -> None:
-    """Run ``function(rank, world_size, port, *args)`` in ``world_size`` fresh processes; fail if they hang."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-        context = mp.start_processes(function, args=(world_size, _free_port(), *args), nprocs=world_size, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the {world_size} spawned gloo processes hung for {SPAWN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,16 @@ while saving resumes from the previous checkpoint. Every rank must call :func:`s
 :func:`load_checkpoint` (they gather / scatter collectively); rank 0 writes the shared files, so the folder
 must be visible to every rank (one machine, or a shared file system).
 
-Gathering the full state on rank 0 costs memory and time at scale; sharded saving with
-``torch.distributed.checkpoint.save`` is not used because its loader unpickles its metadata file.
+Gathering the full state on rank 0 costs memory and time at scale: :func:`save_sharded_checkpoint` writes every
+rank's shards with ``torch.distributed.checkpoint`` instead. That format pickles its ``.metadata`` file and the
+non-tensor values (optimizer hyper-parameters), and its stock loader unpickles both with ``pickle`` /
+``torch.load(weights_only=False)``, which can run any code a crafted file names. :func:`load_sharded_checkpoint`
+therefore reads them its own way: the ``.metadata`` opcodes are walked with :mod:`pickletools` before anything
+is unpickled, and the file is refused unless every global it names is one of the few classes that format writes
+(its metadata dataclasses, ``torch.Size``, torch dtypes and layouts, a path) and every call or ``BUILD`` applies
+to one of them; it is then unpickled with only those globals resolvable. The non-tensor values are read with
+``torch.load(weights_only=True)``; the tensors already are (:mod:`kornia_siglip2.training.dcp_reader`). So
+loading never executes code from a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kornia_siglip2.errors import check
+from kornia_siglip2.training.dcp_reader import checked_load_planner, checked_reader
 
 __all__ = [
     "LATEST",
@@ -91,6 +100,52 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], structure: dict[str, 
     return {"state": state, "param_groups": groups}
 
 
+def _start(temporary: Path) -> None:
+    """Create the empty temporary folder a checkpoint is written into (collective)."""
+    if _rank_world()[0] == 0:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    _barrier()
+
+
+def _save_rng(temporary: Path, rank: int) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, temporary / f"rng-rank{rank:05d}.safetensors")
+
+
+def _restore_rng(path: Path, saved_world_size: int) -> None:
+    """This rank's RNG state, restored only when the world size is unchanged."""
+    rank, world_size = _rank_world()
+    rng_file = path / f"rng-rank{rank:05d}.safetensors"
+    if saved_world_size == world_size and rng_file.is_file():
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _publish(folder: Path, temporary: Path, final: Path, keep: int) -> None:
+    """Publish a written checkpoint atomically (collective): rename it, point ``latest`` at it, drop old ones.
+
+    Once every rank has written its files, rank 0 renames the temporary folder to its final name, replaces
+    ``latest`` (a new file renamed over the old) and keeps the newest ``keep`` checkpoints. A kill at any point
+    leaves ``latest`` naming a complete checkpoint.
+    """
+    _barrier()
+    if _rank_world()[0] == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        pointer = folder / f".{LATEST}.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, folder / LATEST)
+        complete = sorted(path for path in folder.glob("step-*") if path.is_dir())
+        for old in complete[: max(len(complete) - keep, 0)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
 def save_checkpoint(
     folder: str | Path,
     step: int,
@@ -122,14 +177,8 @@ def save_checkpoint(
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=full)
     ema_state = get_model_state_dict(ema, options=full) if ema is not None else None
-    if rank == 0:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    _barrier()
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, temporary / f"rng-rank{rank:05d}.safetensors")
+    _start(temporary)
+    _save_rng(temporary, rank)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in model_state.items()}, temporary / "model.safetensors")
         tensors, structure = _flatten_optimizer(optimizer_state)
@@ -139,17 +188,7 @@ def save_checkpoint(
             save_file({k: v.detach().cpu().contiguous() for k, v in ema_state.items()}, temporary / "ema.safetensors")
         state = {"step": step, "world_size": world_size, **trainer_state}
         (temporary / "trainer.json").write_text(json.dumps(state, indent=2))
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        pointer = folder / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, folder / LATEST)
-        complete = sorted(path for path in folder.glob("step-*") if path.is_dir())
-        for old in complete[: max(len(complete) - keep, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _publish(folder, temporary, final, keep)
     return final
 
 
@@ -226,6 +265,38 @@ def _floating_non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     ]
 
 
+def _check_weights(module: nn.Module, saved: dict[str, tuple[int, ...] | None], where: Path) -> None:
+    """The saved weight names and shapes (``None``: not a tensor) against ``module``'s (global) state dict."""
+    expected = {key: tuple(getattr(value, "shape", ())) for key, value in get_model_state_dict(module).items()}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    shapes = sorted(
+        key
+        for key in set(expected) & set(saved)
+        if expected[key] and saved[key] is not None and saved[key] != expected[key]
+    )
+    problems = [
+        f"{label} {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
+        if keys
+    ]
+    check(not problems, lambda: f"Cannot resume from {where}: {'; '.join(problems)}.")
+
+
+def _check_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer.json``, which must parse and hold the step the folder is named after."""
+    try:
+        state = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot resume from {path}: {path / 'trainer.json'} is damaged ({error}).") from error
+    match = _STEP_NAME.match(path.name)
+    check(
+        isinstance(state, dict) and (match is None or state.get("step") == int(match.group(1))),
+        lambda: f"Cannot resume from {path}: {path / 'trainer.json'} does not hold this checkpoint's step.",
+    )
+    return state
+
+
 def verify_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None = None) -> None:
     """Check a checkpoint before resuming from it: every file readable, the model's keys and shapes, all finite.
 
@@ -245,36 +316,17 @@ def verify_checkpoint(path: str | Path, model: nn.Module, ema: nn.Module | None 
         except Exception as error:  # safetensors raises its own types for a damaged header
             raise ValueError(f"Cannot resume from {path}: {path / name} is damaged ({error}).") from error
 
+    _check_trainer_state(path)
     try:
-        state = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
         json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot resume from {path}: a JSON file is damaged ({error}).") from error
-    match = _STEP_NAME.match(path.name)
-    check(
-        isinstance(state, dict) and (match is None or state.get("step") == int(match.group(1))),
-        lambda: f"Cannot resume from {path}: {path / 'trainer.json'} does not hold this checkpoint's step.",
-    )
+        raise ValueError(f"Cannot resume from {path}: {path / 'optimizer.json'} is damaged ({error}).") from error
     pairs = [("model.safetensors", model), ("ema.safetensors", ema)]
     for name, module in pairs:
         if module is None:
             continue
         saved = read(name)
-        expected = {key: tuple(getattr(value, "shape", ())) for key, value in get_model_state_dict(module).items()}
-        missing = sorted(set(expected) - set(saved))
-        unexpected = sorted(set(saved) - set(expected))
-        shapes = sorted(
-            key for key in set(expected) & set(saved) if expected[key] and tuple(saved[key].shape) != expected[key]
-        )
-        problems = [
-            f"{label} {keys[:5]}{' ...' if len(keys) > 5 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
-            if keys
-        ]
-        check(
-            not problems,
-            lambda name=name, problems=problems: f"Cannot resume from {path / name}: {'; '.join(problems)}.",
-        )
+        _check_weights(module, {key: tuple(value.shape) for key, value in saved.items()}, path / name)
         bad = _floating_non_finite(saved)
         check(
             not bad,
@@ -303,7 +355,6 @@ def load_checkpoint(
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_checkpoint (no trainer.json).")
     verify_checkpoint(path, model, ema)
-    rank, world_size = _rank_world()
     state = json.loads((path / "trainer.json").read_text())
     model_state = load_file(path / "model.safetensors")
     optimizer_state = _unflatten_optimizer(
@@ -324,12 +375,7 @@ def load_checkpoint(
     if ema is not None:
         check((path / "ema.safetensors").is_file(), lambda: f"{path} holds no EMA weights (ema.safetensors).")
         set_model_state_dict(ema, load_file(path / "ema.safetensors"), options=StateDictOptions(full_state_dict=True))
-    rng_file = path / f"rng-rank{rank:05d}.safetensors"
-    if state["world_size"] == world_size and rng_file.is_file():
-        rng = load_file(rng_file)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    _restore_rng(path, state["world_size"])
     return state
 
 
@@ -357,9 +403,10 @@ def save_sharded_checkpoint(
     Nothing is gathered on one rank: each rank writes the shards it holds (FSDP2's DTensors; replicated tensors
     once) into ``step-XXXXXXXX/dcp``, beside the same ``trainer.json`` and per-rank RNG files as
     :func:`save_checkpoint`, then the folder is published atomically the same way. A sharded checkpoint can be
-    loaded on another world size (the loader re-shards). Its ``.metadata`` file is a pickle (the format of
-    ``torch.distributed.checkpoint``): load only checkpoints you wrote. Export weights for ``from_pretrained`` with
-    the recipe's final export, which gathers the full state.
+    loaded on another world size (the loader re-shards). Its ``.metadata`` file and non-tensor values are pickles
+    (the format of ``torch.distributed.checkpoint``); :func:`load_sharded_checkpoint` checks them before reading
+    (see the module doc). Export weights for ``from_pretrained`` with the recipe's final export, which gathers
+    the full state.
 
     Args and returns: as :func:`save_checkpoint`; call on every rank.
     """
@@ -369,34 +416,42 @@ def save_sharded_checkpoint(
     folder = Path(folder)
     final = folder / f"step-{step:08d}"
     temporary = folder / f".tmp-step-{step:08d}"
-    if rank == 0:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    _barrier()
+    _start(temporary)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     if ema is not None:
         state["ema"] = get_model_state_dict(ema)
     dcp.save(state, checkpoint_id=temporary / SHARDED)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, temporary / f"rng-rank{rank:05d}.safetensors")
+    _save_rng(temporary, rank)
     if rank == 0:
         trainer = {"step": step, "world_size": world_size, **trainer_state}
         (temporary / "trainer.json").write_text(json.dumps(trainer, indent=2))
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(temporary, final)
-        pointer = folder / f".{LATEST}.tmp"
-        pointer.write_text(final.name + "\n")
-        os.replace(pointer, folder / LATEST)
-        complete = sorted(path for path in folder.glob("step-*") if path.is_dir())
-        for old in complete[: max(len(complete) - keep, 0)]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    _publish(folder, temporary, final, keep)
     return final
+
+
+def _check_finite_shards(state: dict[str, Any], where: Path) -> None:
+    """Every floating tensor of the loaded state finite on this rank's shards, agreed by all ranks (collective)."""
+
+    def tensors(tree: Any, prefix: str) -> dict[str, torch.Tensor]:
+        if isinstance(tree, dict):
+            return {
+                name: value for key, child in tree.items() for name, value in tensors(child, f"{prefix}.{key}").items()
+            }
+        if isinstance(tree, torch.Tensor):
+            local = tree.to_local() if hasattr(tree, "to_local") else tree  # a DTensor: this rank's shard
+            return {prefix[1:]: local}
+        return {}
+
+    bad = _floating_non_finite(
+        tensors({key: state[key] for key in ("model", "ema") if key in state}, "")
+        | tensors(state["optimizer"]["state"], ".optimizer.state")
+    )
+    if dist.is_available() and dist.is_initialized():
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, bad)
+        bad = sorted({name for names in everyone for name in names})
+    check(not bad, lambda: f"Cannot resume from {where}: non-finite values (NaN / inf) in {bad[:5]}.")
 
 
 def load_sharded_checkpoint(
@@ -404,26 +459,51 @@ def load_sharded_checkpoint(
 ) -> dict[str, Any]:
     """Restore what :func:`save_sharded_checkpoint` wrote (each rank reads its shards); call on every rank.
 
+    Checked as :func:`verify_checkpoint` checks a full checkpoint: ``trainer.json`` and its step, the model's (and
+    EMA's) names and global shapes against the metadata before reading, then every floating tensor read (weights,
+    EMA, optimizer moments: each rank its shards) finite, every rank refusing together. The pickled parts are
+    checked before they are read (see the module doc).
+
     Returns:
         the trainer state, as :func:`load_checkpoint`.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a checkpoint folder.
+        ValueError: the checkpoint is damaged or not plain data; the message names the file. After a non-finite
+            value is found, the model holds the loaded (bad) weights: the run must stop, as the recipe does.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint written by save_sharded_checkpoint (no trainer.json).")
-    rank, world_size = _rank_world()
-    trainer = json.loads((path / "trainer.json").read_text())
-    saved_keys = set(FileSystemReader(path / SHARDED).read_metadata().state_dict_metadata)
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    trainer = _check_trainer_state(path)
+    reader = checked_reader(path / SHARDED)
+    saved = reader.read_metadata().state_dict_metadata
+    saved_keys = set(saved)
+    # names and (global) shapes from the metadata, before anything is read into the model
+    for prefix, module in (("model.", model), ("ema.", ema)):
+        if module is None:
+            continue
+        check(
+            any(key.startswith(prefix) for key in saved_keys),
+            lambda prefix=prefix: f"{path} holds no {prefix[:-1]} weights.",
+        )
+        shapes = {
+            key[len(prefix) :]: tuple(value.size) if isinstance(value, TensorStorageMetadata) else None
+            for key, value in saved.items()
+            if key.startswith(prefix)
+        }
+        _check_weights(module, shapes, path / SHARDED / f"{prefix}*")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     if ema is not None:
-        check(any(key.startswith("ema.") for key in saved_keys), lambda: f"{path} holds no EMA weights.")
         state["ema"] = get_model_state_dict(ema)
-    # partial: a parameter without AdamW state yet (a head that switches on later) has none saved
-    dcp.load(state, checkpoint_id=path / SHARDED, planner=DefaultLoadPlanner(allow_partial_load=True))
+    dcp.load(state, storage_reader=reader, planner=checked_load_planner())
+    _check_finite_shards(state, path / SHARDED)
     saved_parameters = {
         key.split(".", 2)[2].rsplit(".", 1)[0] for key in saved_keys if key.startswith("optimizer.state.")
     }
@@ -441,10 +521,5 @@ def load_sharded_checkpoint(
             optimizer.state.pop(parameter, None)
     if ema is not None:
         set_model_state_dict(ema, state["ema"])
-    rng_file = path / f"rng-rank{rank:05d}.safetensors"
-    if trainer["world_size"] == world_size and rng_file.is_file():
-        rng = load_file(rng_file)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
+    _restore_rng(path, trainer["world_size"])
     return trainer
