@@ -365,3 +365,29 @@ class TestShardedCheckpoint:
         with pytest.raises(ValueError, match="missing") as error:
             train(RecipeConfig(**_options(root, run, steps=3, checkpoint_format="sharded")))
         assert str(folder) in str(error.value)
+
+
+def test_forked_child_does_not_keep_the_run_lock(tmp_path):
+    """A forked child (a DataLoader worker) closes its copy of the lock: the lock dies with the parent's file."""
+    import os
+    import signal
+
+    from kornia_siglip2.locks import exclusive_lock
+
+    lock = tmp_path / ".lock"
+    read, write = os.pipe()
+    with exclusive_lock(lock, lambda: "busy"):
+        child = os.fork()
+        if child == 0:  # the child outlives the parent's hold, as workers outlive a killed trainer
+            os.close(read)
+            os.write(write, b"x")
+            signal.pause()
+            os._exit(0)
+        os.close(write)
+        os.read(read, 1)
+    try:
+        with exclusive_lock(lock, lambda: "busy"):  # the parent let go; the live child must not hold it
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
