@@ -118,7 +118,14 @@ class VisionEmbeddings(nn.Module):
             weights = (1 - (source[None, :] - center[:, None]).abs() / support[:, None]).clamp(min=0)
             return weights / weights.sum(-1, keepdim=True)
 
-        rows = axis_weights(token_grid[:, 0], token_grid[:, 2])
+        row = token_grid[:, 2]
+        if table.device.type == "cpu":
+            # torch's CPU antialiased bilinear kernel (2.13) gives every row of a one-column output the weights of
+            # row 0 when it resizes the rows too (an h x 1 grid, h != side, gets h copies of one position); eager
+            # and transformers run that kernel, so the traced path follows it
+            one_column = (token_grid[:, 1] == 1) & (token_grid[:, 0] != side)
+            row = torch.where(one_column, torch.zeros_like(row), row)
+        rows = axis_weights(token_grid[:, 0], row)
         columns = axis_weights(token_grid[:, 1], token_grid[:, 3])
         weights = (rows[:, :, None] * columns[:, None, :]).flatten(1)  # [N, side * side], row-major table
         return (weights @ table.to(dtype)).to(table.dtype)
