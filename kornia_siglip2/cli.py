@@ -370,7 +370,8 @@ def _export(args: argparse.Namespace) -> int:
     description = export_towers(model, args.out, args.towers, args.opset, args.max_patches)
     for name, entry in description["files"].items():
         inputs = ", ".join(f"{key} {value['dtype']} {value['shape']}" for key, value in entry["inputs"].items())
-        print(f"{Path(args.out) / name}: {entry['tower']} tower; inputs {inputs}; outputs {', '.join(entry['outputs'])}")
+        outputs = ", ".join(entry["outputs"])
+        print(f"{Path(args.out) / name}: {entry['tower']} tower; inputs {inputs}; outputs {outputs}")
     print(f"{Path(args.out) / 'export.json'}: what each file is")
     return 0
 

@@ -78,6 +78,7 @@ class NaFlexVisionExport(nn.Module):
         return torch.rand(int(grid_thw.prod(-1).sum()), width, dtype=dtype), grid_thw
 
     def dynamic_shapes(self) -> dict[str, Any]:
+        """The symbolic sizes: the number of patches and the number of images."""
         return {
             "patches": {0: torch.export.Dim("num_patches", min=2)},
             "grid_thw": {0: torch.export.Dim("num_images", min=2)},
@@ -107,10 +108,12 @@ class FixedVisionExport(nn.Module):
         self.image_size = int(image_size)
 
     def example_inputs(self) -> tuple[torch.Tensor]:
+        """Two images at ``image_size``."""
         dtype = self.tower.embeddings.patch_embedding.weight.dtype
         return (torch.rand(2, self.tower.config.num_channels, self.image_size, self.image_size, dtype=dtype),)
 
     def dynamic_shapes(self) -> dict[str, Any]:
+        """The symbolic size: the batch."""
         return {"pixel_values": {0: torch.export.Dim("batch", min=2)}}
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +139,11 @@ class TextExport(nn.Module):
         self.length = int(length)
 
     def example_inputs(self) -> tuple[torch.Tensor]:
+        """Two random texts of ``length`` ids."""
         return (torch.randint(0, self.tower.config.vocab_size, (2, self.length)),)
 
     def dynamic_shapes(self) -> dict[str, Any]:
+        """The symbolic size: the batch."""
         return {"input_ids": {0: torch.export.Dim("batch", min=2)}}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

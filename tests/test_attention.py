@@ -188,7 +188,9 @@ class TestVarlenAttention:
     def test_dynamo_dense_fullgraph(self, device, dtype):
         q, k, v = _qkv(sum(MIXED), device, dtype)
         cu_seqlens = _cu(MIXED, device)
-        compiled = torch.compile(lambda *x: varlen_attention(*x, cu_seqlens, backend="dense"), fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(
+            lambda *x: varlen_attention(*x, cu_seqlens, backend="dense"), fullgraph=True, backend="aot_eager"
+        )
         torch.testing.assert_close(compiled(q, k, v), varlen_attention(q, k, v, cu_seqlens), **tolerance(dtype))
 
     def test_dynamo_grouped_fullgraph_with_layout(self, device, dtype):

@@ -489,7 +489,9 @@ class TestLocCaLoss:
         loss = LocCaLoss(decoder, chunk_size=16)
         layout = decoder.cross_attention_layout(cu_seqlens, 3 * LENGTH, device=device)
         # under compile every token goes through the projection, weighted by its mask (static shapes)
-        compiled = torch.compile(lambda x: loss(x, None, targets, layout=layout).loss, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(
+            lambda x: loss(x, None, targets, layout=layout).loss, fullgraph=True, backend="aot_eager"
+        )
         with torch.no_grad():
             torch.testing.assert_close(compiled(tokens), loss(tokens, cu_seqlens, targets).loss, **tolerance(dtype))
 

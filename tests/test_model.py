@@ -299,7 +299,9 @@ class TestSigLip2Module:
         model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
         patches = torch.rand(6 + 16, 48, device=device, dtype=dtype)
         grid = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
-        compiled = torch.compile(lambda x: model.vision_model(x, grid).pooler_output, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(
+            lambda x: model.vision_model(x, grid).pooler_output, fullgraph=True, backend="aot_eager"
+        )
         torch.testing.assert_close(
             compiled(patches), model.vision_model(patches, grid).pooler_output, **tolerance(dtype)
         )

@@ -141,7 +141,7 @@ class TestVisionTransformer:
         compiled = torch.compile(lambda x: tower(x).last_hidden_state, fullgraph=True)
         torch.testing.assert_close(compiled(images), tower(images).last_hidden_state, **tolerance(dtype))
 
-    @pytest.mark.parametrize("height, width", NAFLEX_GRIDS + [(8, 1), (2, 1), (1, 7), (4, 1), (5, 6)])
+    @pytest.mark.parametrize("height, width", [*NAFLEX_GRIDS, (8, 1), (2, 1), (1, 7), (4, 1), (5, 6)])
     def test_grid_positions_equal_resize(self, height, width):
         """The traced path's matmul resize equals the eager antialiased interpolate (and, but for one-column
         grids, where it follows torch's CPU kernel, the independent float64 formula at float64 precision)."""
