@@ -304,7 +304,16 @@ def _attend(
     if layout.causal_flags is not None:  # per-sequence masks held on the device: only the dense mask reads them
         backend = "dense"
     if backend == "auto":
-        backend = "flash" if _flash_available(query) and len(set(layout.causal)) <= 1 else "grouped"
+        # a layout traced with a symbolic batch (no per-sequence lengths) runs as one batched SDPA call
+        flash = _flash_available(query) and bool(layout.seqlens_q) and len(set(layout.causal)) <= 1
+        backend = "flash" if flash else "grouped"
+    check(
+        backend not in ("eager", "loop", "flash") or len(layout.seqlens_q) > 0,
+        lambda: (
+            f"backend={backend!r} (or output_attentions=True) needs per-sequence lengths, which a layout traced "
+            "with a symbolic batch size does not have: compile with dynamic=False, or use backend='grouped'."
+        ),
+    )
     if backend == "eager":
         if not torch.compiler.is_compiling():
             _check_eager_memory(query, layout, weights)
