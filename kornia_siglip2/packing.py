@@ -21,6 +21,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kornia_siglip2.errors import ValueCheckError, check, check_shape, check_type
@@ -789,10 +790,8 @@ class ImageLayout:
         attention = VarlenLayout.from_seqlens(seqlens, device=device)
         pooling = VarlenLayout.from_seqlens([1] * len(seqlens), seqlens, device=device)
         token_grid = None
-        if keep_mask is None:  # the tensor form of the same layout, for a compiled tower (a few small ops)
-            token_index, key_mask, token_grid = image_blocks(
-                torch.as_tensor(grid_thw, device=device), sum(seqlens), len(seqlens), max(seqlens)
-            )
+        if keep_mask is None:  # the tensor form of the same layout, for a compiled tower
+            token_index, key_mask, token_grid = _host_blocks(grids, device)
             frames = torch.arange(len(seqlens), device=device)
             attention = dataclasses.replace(attention, blocks=BlockLayout(token_index, token_index, key_mask))
             pooling = dataclasses.replace(pooling, blocks=BlockLayout(frames, token_index, key_mask, 1))
@@ -944,6 +943,22 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, name: str = "cu_seqlens", num_tok
         num_tokens is None or values[-1] == num_tokens,
         lambda: f"{name} ends at {values[-1]} but there are {num_tokens} tokens.",
     )
+
+
+def _host_blocks(
+    grids: Sequence[tuple[int, int, int]], device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`image_blocks` from grids already on the host, in numpy (tens of microseconds, not milliseconds)."""
+    heights = np.array([h for t, h, w in grids for _ in range(t)], dtype=np.int64)
+    widths = np.array([w for t, h, w in grids for _ in range(t)], dtype=np.int64)
+    lengths = heights * widths
+    max_length = int(lengths.max())
+    block = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    columns = widths[block]
+    token_grid = np.stack([heights[block], columns, within // columns, within % columns], -1)
+    key_mask = np.arange(max_length)[None, :] < lengths[:, None]
+    return tuple(torch.from_numpy(array).to(device) for array in (block * max_length + within, key_mask, token_grid))
 
 
 def _cumsum(lengths: Sequence[int]) -> list[int]:
