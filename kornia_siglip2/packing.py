@@ -868,15 +868,11 @@ class PackedImages:
     def layout(self) -> ImageLayout:
         """Attention and pooling layouts, read from ``grid_thw`` once when the batch was built.
 
-        Raises:
-            ValueCheckError: the batch was built inside a traced region from a ``grid_thw`` tensor (its layout
-                needs a host read): build it outside, or use :meth:`from_images`.
+        A batch built inside a ``torch.compile`` region from a ``grid_thw`` tensor has none yet: it is read here,
+        on every access (a graph break there; ``fullgraph=True`` refuses it: build the batch outside).
         """
-        check(
-            self.prebuilt_layout is not None,
-            "This PackedImages was built inside torch.compile / torch.export from a grid_thw tensor, whose "
-            "layout needs a host read: build the PackedImages outside the compiled region and pass it in.",
-        )
+        if self.prebuilt_layout is None:
+            return ImageLayout.from_grid_thw(self.grid_thw, self.patches.device, self.keep_mask)
         return self.prebuilt_layout
 
     @property
