@@ -24,6 +24,9 @@ TEXT_VOCAB = 32_000  # SigLIP v1's; the vocabulary only sizes the embedding tabl
 NAFLEX_TABLE = 256  # 16 x 16 position table, as google/siglip2-base-patch16-naflex
 
 IMPLEMENTATIONS = ("ours", "transformers", "kornia")
+#: graph-compiled runs of the inference cases (benchmarks/test_bench_compiled.py): ours and transformers under
+#: ``torch.compile`` (inductor), and ours exported to ONNX in onnxruntime (CPU provider, float32 only)
+COMPILED = ("ours_inductor", "transformers_inductor", "ours_onnxruntime")
 
 #: benchmark dtype names -> torch dtypes; every implementation of an entry runs at the same dtype
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -108,11 +111,11 @@ def load_model(implementation: str, folder: Path, dtype: str = "float32") -> nn.
     ``dtype`` is a key of :data:`DTYPES`; each library converts the float32 weights in its own way.
     """
     torch_dtype = DTYPES[dtype]
-    if implementation == "ours":
+    if implementation in ("ours", "ours_inductor", "ours_onnxruntime"):
         from kornia_siglip2 import SigLip2
 
         return SigLip2.from_pretrained(folder, dtype=torch_dtype).eval()
-    if implementation == "transformers":
+    if implementation in ("transformers", "transformers_inductor"):
         from transformers import AutoModel
 
         _quiet_transformers()
@@ -264,7 +267,8 @@ class Case:
         patch_dim = 3 * PATCH_SIZE**2
         patches = torch.rand(self.num_tokens, patch_dim, generator=generator) * 2 - 1
         grid_thw = torch.tensor([[1, height, width] for height, width in self.grids])
-        if implementation == "ours" and self.packed_input:
+        # ours compiled / exported always gets packed patches: the padded convention un-pads with a host read
+        if implementation.startswith("ours") and (self.packed_input or implementation != "ours"):
             return {"patches": patches, "grid_thw": grid_thw}
         from kornia_siglip2.packing import packed_to_padded
 
@@ -288,8 +292,78 @@ def forward_fn(case: Case, implementation: str, model: nn.Module) -> Callable[..
     return lambda pixel_values: model.get_image_features(pixel_values, normalize=False)
 
 
+def _compiled_runner(case: Case, implementation: str, model: nn.Module, inputs: dict) -> Callable[[], torch.Tensor]:
+    """Inference of a :data:`COMPILED` implementation, compiled (or exported) and warmed up before it is returned.
+
+    Ours gets a ``PackedImages`` built here, outside the compiled function, as a data loader would hand it over.
+    """
+    from kornia_siglip2 import PackedImages
+
+    model.eval()
+    if "patches" in inputs:
+        inputs = {"pixel_values": PackedImages(inputs["patches"], inputs["grid_thw"])}
+    if implementation == "ours_onnxruntime":
+        return _onnxruntime_runner(case, model, inputs)
+    if implementation == "ours_inductor":
+        tower = model.text_model if case.tower == "text" else model.vision_model
+        compiled = torch.compile(lambda x: tower(x).pooler_output, fullgraph=True)
+        (argument,) = inputs.values()
+
+        def forward() -> torch.Tensor:
+            return compiled(argument)
+
+    else:
+        compiled = torch.compile(forward_fn(case, "transformers", model))
+
+        def forward() -> torch.Tensor:
+            return compiled(**inputs)
+
+    def infer() -> torch.Tensor:
+        with torch.inference_mode():
+            return forward()
+
+    infer(), infer()  # compile, then one run of the compiled code
+    return infer
+
+
+def _onnxruntime_runner(case: Case, model: nn.Module, inputs: dict) -> Callable[[], torch.Tensor]:
+    import tempfile
+
+    import onnxruntime
+
+    from kornia_siglip2.export import export_towers
+
+    cache = model.__dict__.setdefault("_bench_onnx", {})
+    if case.tower not in cache:
+        folder = tempfile.mkdtemp(prefix="bench-onnx-")
+        longest = max(CASES[case.name].seqlens, default=1)  # the full case's (the parity check runs a part first)
+        export_towers(model, folder, towers=[case.tower], max_patches=max(NAFLEX_TABLE, longest))
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(
+            f"{folder}/{case.tower}.onnx", options, providers=["CPUExecutionProvider"]
+        )
+        cache[case.tower] = session
+    session = cache[case.tower]
+    (value,) = inputs.values()
+    if case.tower == "text":
+        feed = {"input_ids": value.numpy()}
+    elif isinstance(value, torch.Tensor):
+        feed = {"pixel_values": value.numpy()}
+    else:
+        feed = {"patches": value.patches.numpy(), "grid_thw": value.grid_thw.numpy()}
+
+    def infer() -> torch.Tensor:
+        return torch.from_numpy(session.run(["pooler_output"], feed)[0])
+
+    infer()
+    return infer
+
+
 def make_runner(case: Case, implementation: str, model: nn.Module, inputs: dict) -> Callable[[], torch.Tensor]:
     """A no-argument callable running one step of ``case``: inference, or forward + backward when ``train``."""
+    if implementation in COMPILED:
+        return _compiled_runner(case, implementation, model, inputs)
     forward = forward_fn(case, implementation, model)
     if not case.train:
         model.eval()
@@ -315,14 +389,32 @@ def make_runner(case: Case, implementation: str, model: nn.Module, inputs: dict)
 def _cases() -> dict[str, Case]:
     default = DEFAULT_GRIDS
     cases = [
-        Case("fixed_b1", "siglip", grids=((14, 14),), implementations=IMPLEMENTATIONS),
-        Case("fixed_b32", "siglip", grids=((14, 14),) * 32, implementations=IMPLEMENTATIONS),
+        Case("fixed_b1", "siglip", grids=((14, 14),), implementations=(*IMPLEMENTATIONS, *COMPILED)),
+        Case("fixed_b32", "siglip", grids=((14, 14),) * 32, implementations=(*IMPLEMENTATIONS, *COMPILED)),
         Case("fixed_b8_train", "siglip", grids=((14, 14),) * 8, train=True, implementations=IMPLEMENTATIONS),
-        Case("naflex_default", "siglip2", grids=default, padded_length=256),
+        Case(
+            "naflex_default",
+            "siglip2",
+            grids=default,
+            padded_length=256,
+            implementations=("ours", "transformers", *COMPILED),
+        ),
         # 8 equal 14 x 14 grids: no padding anywhere, so packing itself saves nothing
-        Case("naflex_equal", "siglip2", grids=((14, 14),) * 8, packed_input=True),
+        Case(
+            "naflex_equal",
+            "siglip2",
+            grids=((14, 14),) * 8,
+            packed_input=True,
+            implementations=("ours", "transformers", *COMPILED),
+        ),
         Case("naflex_default_train", "siglip2", grids=default, padded_length=256, train=True),
-        Case("naflex_native", "siglip2", grids=NATIVE_GRIDS, packed_input=True),
+        Case(
+            "naflex_native",
+            "siglip2",
+            grids=NATIVE_GRIDS,
+            packed_input=True,
+            implementations=("ours", "transformers", *COMPILED),
+        ),
         Case("naflex_native_train", "siglip2", grids=NATIVE_GRIDS, packed_input=True, train=True),
         Case("text_b256", "siglip", tower="text", text_batch=256),
         Case("text_b64", "siglip", tower="text", text_batch=64),

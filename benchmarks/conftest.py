@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks.*` importable however pytest was started
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.cases import CASES, DTYPES, Case, load_model, make_runner, write_checkpoint  # noqa: E402
+from benchmarks.cases import CASES, COMPILED, DTYPES, Case, load_model, make_runner, write_checkpoint  # noqa: E402
 from benchmarks.flops import matmul_peak_flops  # noqa: E402
 from benchmarks.machine import cpu_description, cpu_flags, load_average  # noqa: E402
 from benchmarks.memory import MemoryProbe  # noqa: E402
@@ -220,6 +220,11 @@ def _rounds(run: Callable[[], object], predicted_seconds: float) -> int:
 
 def _update_ratios(entries: dict[str, dict]) -> None:
     """Write time and memory ratios between ours and every other implementation of one case."""
+    compiled = entries.get("ours_inductor")
+    if compiled is not None:  # ours compiled against everything else of the case (eager ours included)
+        for name, other in entries.items():
+            if name != "ours_inductor":
+                compiled[f"speedup_vs_{name}"] = other["median_s"] / compiled["median_s"]
     ours = entries.get("ours")
     if ours is None:
         return
@@ -277,7 +282,7 @@ def bench_case(
         difference, relative, cosine = _check_parity(case, implementation, model_cache, size, dtype, reference)
         runner = make_runner(case, implementation, model, case.inputs(implementation, dtype=dtype))
         flops = case.flops(size)
-        computed = case.padded_tokens if implementation != "ours" else case.num_tokens
+        computed = case.num_tokens if implementation.startswith("ours") else case.padded_tokens
         predicted = flops * computed / case.num_tokens / (0.5 * matmul_peak[dtype])
         rounds = _rounds(runner, predicted)
 
@@ -320,6 +325,7 @@ def bench_case(
             peak_fraction=flops / median / matmul_peak[dtype],
         )
         measure_memory = not low_precision or size == "tiny" or os.environ.get("BENCH_MEMORY") == "all"
+        measure_memory = measure_memory and implementation not in COMPILED  # the memory worker runs eager code
         if memory_probe is not None and measure_memory:
             record = memory_probe.measure(case_name, implementation, checkpoint(case.family, size), dtype)
             info.update(
@@ -346,3 +352,13 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         parts = [f"{size:>5} {dtype:<8} {case_name:<22} ours {ours['median_s'] * 1e3:8.1f} ms"]
         parts += [f"x{info['time_vs_ours']:.2f} vs {name}" for name, info in entries.items() if "time_vs_ours" in info]
         terminalreporter.write_line("  ".join(parts))
+        compiled = entries.get("ours_inductor", {})
+        ratios = [
+            f"x{value:.2f} vs {key[len('speedup_vs_') :]}"
+            for key, value in compiled.items()
+            if key.startswith("speedup_vs_")
+        ]
+        if ratios:
+            terminalreporter.write_line(
+                f"{'':>37}ours_inductor {compiled['median_s'] * 1e3:8.1f} ms  " + "  ".join(ratios)
+            )

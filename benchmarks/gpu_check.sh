@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-command GPU check (issue 17): on a CUDA machine, the flash / cuDNN varlen backend's parity tests
 # (tests/test_attention.py::TestFlashBackend: fp16/bf16 values and gradients vs fp32 per sequence) and the
-# mixed-batch speed of varlen vs padded SDPA vs transformers (sdpa, and flash-attention-2 when installed).
-# Writes benchmarks/results/gpu_check.md; meant to finish in under 5 minutes on one GPU.
+# mixed-batch speed of varlen vs padded SDPA vs transformers (sdpa, and flash-attention-2 when installed), and
+# (issue 25) the towers under torch.compile(fullgraph=True): NaFlex with the flash varlen backend and with the
+# "blocks" backend, fixed resolution, text; parity with eager and speed (benchmarks/gpu_compile.py).
+# Writes benchmarks/results/gpu_check.md; meant to finish in under 12 minutes on one GPU.
 # Usage: benchmarks/gpu_check.sh   (or `make gpu-check`); PY=path/to/python to choose the interpreter.
 set -u
 cd "$(dirname "$0")/.."
@@ -30,5 +32,10 @@ timeout 240 "$PY" -m benchmarks.gpu_speed --parity-log "$OUT/gpu_check_parity.lo
     --out "$OUT/gpu_check.md"
 speed=$?
 [ $speed -eq 0 ] || status=1
-echo "gpu_check: report written to $OUT/gpu_check.md (parity exit $parity, speed exit $speed)"
+
+echo "gpu_check: compiled towers (benchmarks/gpu_compile.py) ..."
+timeout 420 "$PY" -m benchmarks.gpu_compile --out "$OUT/gpu_check.md"
+compiled=$?
+[ $compiled -eq 0 ] || status=1
+echo "gpu_check: report written to $OUT/gpu_check.md (parity exit $parity, speed exit $speed, compile exit $compiled)"
 exit $status

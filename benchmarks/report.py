@@ -47,7 +47,7 @@ CASE_SHORT = {
     "naflex_default_train": "train NaFlex default",
     "naflex_native_train": "train NaFlex mixed",
 }
-IMPLEMENTATION_ORDER = ("ours", "transformers", "kornia")
+IMPLEMENTATION_ORDER = ("ours", "ours_inductor", "ours_onnxruntime", "transformers", "transformers_inductor", "kornia")
 DTYPE_ORDER = ("float32", "bfloat16", "float16")
 DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SIZE_TITLES = {
@@ -115,6 +115,58 @@ GOALS = (
     ("fixed_b8_train", "float32", "transformers", "speedup", ">=", 1.0, "fp32 fixed 224 fwd+bwd", "earlier"),
     ("text", "float32", "transformers", "speedup", ">=", 1.0, "fp32 text tower", "earlier"),
     ("fixed_b32", "float32", None, "peak_fraction", ">=", 0.6, "fp32 fixed 224 batch 32, of fp32 peak", "earlier"),
+    # issue 25: ours compiled (inductor) against transformers compiled and against ours eager, every compiled case
+    *(
+        (
+            case,
+            dtype,
+            reference,
+            "compiled_speedup",
+            ">=",
+            1.0,
+            f"{dtype_short} {title}, ours compiled vs {name}",
+            "issue 25",
+        )
+        for case, title in (
+            ("fixed_b1", "fixed 224 batch 1"),
+            ("fixed_b32", "fixed 224 batch 32"),
+            ("naflex_default", "NaFlex default pipeline"),
+            ("naflex_equal", "NaFlex equal grids"),
+            ("naflex_native", "NaFlex mixed"),
+        )
+        for dtype, dtype_short in (("float32", "fp32"), ("bfloat16", "bf16"))
+        for reference, name in (("transformers_inductor", "transformers compiled"), ("ours", "ours eager"))
+    ),
+    (
+        "naflex_native",
+        "float32",
+        "transformers_inductor",
+        "compiled_speedup",
+        ">=",
+        2.5,
+        "fp32 NaFlex mixed, ours compiled vs transformers compiled",
+        "issue 25",
+    ),
+    (
+        "fixed_b32",
+        "bfloat16",
+        "transformers",
+        "compiled_speedup",
+        ">=",
+        1.25,
+        "bf16 fixed 224 batch 32, compiled",
+        "issue 25",
+    ),
+    (
+        "naflex_equal",
+        "bfloat16",
+        "transformers",
+        "compiled_speedup",
+        ">=",
+        1.25,
+        "bf16 NaFlex equal grids, compiled",
+        "issue 25",
+    ),
 )
 
 
@@ -234,6 +286,7 @@ def summarize(entries: list[dict], machine: dict, pipeline: dict[str, list[dict]
     results = []
     for (size, dtype, case), by_impl in cases.items():
         ours = by_impl.get("ours")
+        compiled = by_impl.get("ours_inductor")
         for name in sorted(by_impl, key=IMPLEMENTATION_ORDER.index):
             entry = by_impl[name]
             row = {
@@ -259,6 +312,8 @@ def summarize(entries: list[dict], machine: dict, pipeline: dict[str, list[dict]
                 "min_cos_vs_fp32": entry.get("min_cos_vs_fp32"),
                 "load_average": entry.get("load_average"),
             }
+            if compiled is not None and name != "ours_inductor":  # ours compiled against this entry
+                row["compiled_speedup_of_ours"] = entry["median_s"] / compiled["median_s"]
             if ours is not None and name != "ours":
                 row["speedup_of_ours"] = entry["median_s"] / ours["median_s"]
                 # from the fastest rounds: less sensitive to other processes on a shared machine
@@ -359,7 +414,9 @@ def markdown(summary: dict) -> str:
         _peaks_line(summary),
         "",
         "*ms*: median time of one step. *speedup*: reference time / our time (> 1: ours faster), same run, same "
-        "dtype. *GFLOP/s* counts useful FLOPs (real tokens only, `benchmarks/flops.py`), so a padded "
+        "dtype; *compiled speedup*: reference time / the time of ours under `torch.compile` (`ours_inductor`; "
+        "`*_inductor`: `torch.compile`, `ours_onnxruntime`: the exported ONNX file in onnxruntime). "
+        "*GFLOP/s* counts useful FLOPs (real tokens only, `benchmarks/flops.py`), so a padded "
         "implementation reads lower; *% peak*: that rate over the matmul peak of the same dtype. *MiB*: peak "
         f"memory of the step ({summary['memory_method']}); *mem*: our MiB / the reference's. *rel err*, *cos*: "
         "max abs error of the pooled features over their max abs value, and the smallest cosine similarity, "
@@ -382,15 +439,16 @@ def markdown(summary: dict) -> str:
             lines += [
                 f"### {dtype} (peak {peak:.1f} GFLOP/s)",
                 "",
-                "| case | impl | ms | GFLOP/s | % peak | MiB | speedup | mem | rel err | cos |",
-                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+                "| case | impl | ms | GFLOP/s | % peak | MiB | speedup | compiled speedup | mem | rel err | cos |",
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for row in _ordered(rows):
                 lines.append(
                     f"| {CASE_SHORT.get(row['case'], row['case'])} | {row['implementation']} "
                     f"| {row['median_s'] * 1e3:.1f} | {row['achieved_gflops_per_s']:.1f} "
                     f"| {100 * row['peak_fraction']:.0f} | {_fmt(row['peak_memory_mib'], '.0f')} "
-                    f"| {_fmt(row.get('speedup_of_ours'), '.2f')} | {_fmt(row.get('memory_ratio_of_ours'), '.2f')} "
+                    f"| {_fmt(row.get('speedup_of_ours'), '.2f')} | {_fmt(row.get('compiled_speedup_of_ours'), '.2f')} "
+                    f"| {_fmt(row.get('memory_ratio_of_ours'), '.2f')} "
                     f"| {_fmt(row.get('rel_err_vs_fp32'), '.1e')} | {_fmt(row.get('min_cos_vs_fp32'), '.5f')} |"
                 )
             lines.append("")

@@ -8,7 +8,11 @@ per sequence (:class:`~kornia_siglip2.packing.VarlenLayout`). The result does no
   batched ``scaled_dot_product_attention`` call with no mask, so memory grows with :math:`\\sum_i L_i^2` and
   a batch of equal lengths is a single plain SDPA call.
 - ``"dense"``: one SDPA call with a block-diagonal boolean mask built from ``cu_seqlens`` (memory grows
-  with :math:`N^2`); the ``torch.compile(fullgraph=True)`` path for small batches.
+  with :math:`N^2`).
+- ``"blocks"``: the tokens of each sequence scattered into a padded :math:`(n, L_{max})` batch, one SDPA call
+  with a key mask, gathered back (memory :math:`n L_{max}^2`); reads only the tensors of the layout's
+  :class:`~kornia_siglip2.packing.BlockLayout`, so ``"auto"`` picks it inside ``torch.compile`` /
+  ``torch.export`` when the layout has one: one graph for every batch composition.
 - ``"loop"``: one SDPA call per sequence.
 - ``"flash"``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16), picked by ``"auto"`` there.
 - ``"eager"``: an explicit softmax per sequence that also returns the attention weights (transformers'
@@ -41,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kornia_siglip2.errors import check
-from kornia_siglip2.packing import VarlenLayout, check_cu_seqlens
+from kornia_siglip2.packing import BlockLayout, VarlenLayout, check_cu_seqlens
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -56,7 +60,7 @@ __all__ = [
 ]
 
 #: Names accepted by :func:`varlen_attention` and :class:`Attention`.
-ATTENTION_BACKENDS = ("auto", "grouped", "dense", "loop", "flash", "eager")
+ATTENTION_BACKENDS = ("auto", "grouped", "dense", "loop", "flash", "eager", "blocks")
 
 #: Use oneDNN's fused linear kernels for inference on CPU (see :func:`fused_linear`); set to ``False`` to
 #: run every projection through ``torch.nn.functional.linear`` (e.g. to measure the difference).
@@ -185,7 +189,8 @@ def varlen_attention(
             selection included); saves the host read of ``cu_seqlens`` when it serves many calls.
         scale: softmax scale; defaults to :math:`D_h^{-1/2}`.
         backend: one of :data:`ATTENTION_BACKENDS`. ``"auto"`` picks ``"flash"`` for fp16/bf16 CUDA tensors
-            when torch provides varlen kernels, ``"grouped"`` otherwise.
+            when torch provides varlen kernels; inside ``torch.compile`` / ``torch.export``, ``"blocks"`` when the
+            layout carries a :class:`~kornia_siglip2.packing.BlockLayout`; ``"grouped"`` otherwise.
 
     Returns:
         :math:`(N_q, H, D_v)` attention output, row ``r`` mixing only the values of its own sequence.
@@ -259,6 +264,13 @@ def _attend(
             "heads / head_dim / token counts."
         ),
     )
+    if layout is not None and not weights and (backend == "blocks" or (backend == "auto" and _tracing(layout, query))):
+        check(
+            layout.blocks is not None,
+            "backend='blocks' needs a layout with a BlockLayout (ImageLayout.from_grid_thw builds one).",
+        )
+        return _block_attention(query, key, value, layout.blocks, scale), None
+    check(backend != "blocks", "backend='blocks' needs a layout with a BlockLayout, not cu_seqlens.")
     if layout is None:
         check(cu_seqlens is not None, "varlen_attention needs cu_seqlens or a layout.")
         if not torch.compiler.is_compiling():
@@ -292,7 +304,16 @@ def _attend(
     if layout.causal_flags is not None:  # per-sequence masks held on the device: only the dense mask reads them
         backend = "dense"
     if backend == "auto":
-        backend = "flash" if _flash_available(query) and len(set(layout.causal)) <= 1 else "grouped"
+        # a layout traced with a symbolic batch (no per-sequence lengths) runs as one batched SDPA call
+        flash = _flash_available(query) and bool(layout.seqlens_q) and len(set(layout.causal)) <= 1
+        backend = "flash" if flash else "grouped"
+    check(
+        backend not in ("eager", "loop", "flash") or len(layout.seqlens_q) > 0,
+        lambda: (
+            f"backend={backend!r} (or output_attentions=True) needs per-sequence lengths, which a layout traced "
+            "with a symbolic batch size does not have: compile with dynamic=False, or use backend='grouped'."
+        ),
+    )
     if backend == "eager":
         if not torch.compiler.is_compiling():
             _check_eager_memory(query, layout, weights)
@@ -308,9 +329,50 @@ def _attend(
     return _grouped_attention(query, key, value, layout, scale), None
 
 
+def _tracing(layout: VarlenLayout, query: torch.Tensor) -> bool:
+    """Inside ``torch.compile`` / ``torch.export`` with a tensor-only layout at hand: the ``"blocks"`` backend.
+
+    Not where the flash varlen kernels run (CUDA half precision with per-sequence lengths known).
+    """
+    if layout.blocks is None or not torch.compiler.is_compiling():
+        return False
+    return not (_flash_available(query) and bool(layout.seqlens_q))
+
+
+def _block_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: BlockLayout, scale: float | None
+) -> torch.Tensor:
+    """Scatter each sequence into a padded block, one masked SDPA call, gather back (no host read)."""
+    num_blocks, key_length = blocks.key_mask.shape
+    query_length = key_length if blocks.query_length is None else blocks.query_length
+
+    def to_blocks(tokens: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+        padded = tokens.new_zeros(num_blocks * length, *tokens.shape[1:]).index_put((index,), tokens)
+        return padded.view(num_blocks, length, *tokens.shape[1:]).transpose(1, 2)  # [n, H, L, Dh]
+
+    out = F.scaled_dot_product_attention(
+        to_blocks(query, blocks.query_index, query_length),
+        to_blocks(key, blocks.key_index, key_length),
+        to_blocks(value, blocks.key_index, key_length),
+        attn_mask=blocks.key_mask[:, None, None, :],
+        scale=scale,
+    )
+    out = out.transpose(1, 2).reshape(num_blocks * query_length, *out.shape[1:2], out.shape[-1])
+    return out.index_select(0, blocks.query_index)
+
+
 def _grouped_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: VarlenLayout, scale: float | None
 ) -> torch.Tensor:
+    if len(layout.groups) == 1 and layout.gather_q is None:  # equal lengths: one call, no split (any batch size)
+        count, len_q, len_k, causal = layout.groups[0]
+        heads = query.shape[1]
+        # [count * L, H, Dh] -> [count, H, L, Dh]
+        q = query.view(count, len_q, heads, -1).transpose(1, 2)
+        k = key.view(count, len_k, heads, -1).transpose(1, 2)
+        v = value.view(count, len_k, heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+        return out.transpose(1, 2).reshape(count * len_q, heads, -1)
     if layout.gather_q is not None:
         query = query.index_select(0, layout.gather_q)
         key = key.index_select(0, layout.gather_k)

@@ -10,6 +10,9 @@
   --world-size W`` (or ``torchrun``'s ``RANK`` / ``WORLD_SIZE``) splits the job over processes or machines sharing
   the output folder; the last one to finish writes ``FILE``, identical to a one-process run.
 - ``compare --model M``: parity report against transformers (state-dict keys, weights, outputs).
+- ``export --model M --out DIR``: ONNX files of the towers (``vision.onnx``, ``text.onnx``) and ``export.json``
+  describing them (inputs, outputs, limits); they run in onnxruntime without PyTorch (needs ``onnx`` and
+  ``onnxscript``: the ``dev`` extra).
 - ``demo``: offline end-to-end run on a tiny random checkpoint built on the spot, with the parity report; with
   ``--workdir DIR`` it keeps the checkpoint (``DIR/checkpoint``, tokenizer included) for offline use.
 
@@ -124,6 +127,24 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to the largest value")
     compare.add_argument("--device", default="cpu", help="device of both models (default cpu)")
 
+    export = commands.add_parser("export", help="ONNX files of the towers + export.json (onnxruntime, no torch)")
+    export.add_argument("--model", required=True, help="hub id or folder")
+    export.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    export.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights and compute dtype"
+    )
+    export.add_argument("--opset", type=_positive, default=18, help="ONNX opset (default 18)")
+    export.add_argument(
+        "--towers", nargs="+", default=["vision", "text"], choices=["vision", "text"], help="default: both"
+    )
+    export.add_argument(
+        "--max-patches",
+        type=_positive,
+        default=None,
+        help="NaFlex: largest h*w per image the file accepts (attention memory grows as images x max_patches^2; "
+        "default: the position table's size)",
+    )
+
     demo = commands.add_parser("demo", help="offline end-to-end run on a tiny random checkpoint")
     demo.add_argument(
         "--workdir",
@@ -152,7 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a bad command line (2), already printed by argparse
         return int(stop.code or 0)
-    command = {"classify": _classify, "embed": _embed, "compare": _compare, "demo": _demo}[args.command]
+    command = {"classify": _classify, "embed": _embed, "compare": _compare, "export": _export, "demo": _demo}[
+        args.command
+    ]
     try:
         _quiet_transformers()
         return command(args)
@@ -335,6 +358,22 @@ def _compare(args: argparse.Namespace) -> int:
     passed, lines = parity_report(args.model, device=torch.device(args.device), atol=args.atol, rtol=args.rtol)
     print("\n".join(lines))
     return 0 if passed else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from kornia_siglip2.export import export_towers
+    from kornia_siglip2.model import SigLip2
+
+    model = SigLip2.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
+    description = export_towers(model, args.out, args.towers, args.opset, args.max_patches)
+    for name, entry in description["files"].items():
+        inputs = ", ".join(f"{key} {value['dtype']} {value['shape']}" for key, value in entry["inputs"].items())
+        outputs = ", ".join(entry["outputs"])
+        print(f"{Path(args.out) / name}: {entry['tower']} tower; inputs {inputs}; outputs {outputs}")
+    print(f"{Path(args.out) / 'export.json'}: what each file is")
+    return 0
 
 
 def parity_report(

@@ -19,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kornia_siglip2.errors import ValueCheckError, check, check_shape, check_type
 
 __all__ = [
+    "BlockLayout",
     "ImageLayout",
     "PackedImages",
     "VarlenLayout",
@@ -37,6 +38,7 @@ __all__ = [
     "linear_to_conv_patch_weight",
     "grid_thw_to_cu_seqlens",
     "grid_thw_to_seqlens",
+    "image_blocks",
     "pack_inputs",
     "packed_layout",
     "packed_to_padded",
@@ -339,6 +341,71 @@ def packed_to_padded(
 
 
 @dataclass(frozen=True)
+class BlockLayout:
+    """Tensor-only description of a block-diagonal attention pattern, as padded blocks with a key mask.
+
+    The graph-capture form of a :class:`VarlenLayout` (the ``"blocks"`` attention backend): the packed tokens
+    of block ``b`` are scattered into row ``b`` of a padded :math:`(n_b, L)` array, attention runs per block with
+    the padded keys masked out, and the outputs are gathered back. No Python number depends on the batch's
+    composition, so one ``torch.compile(dynamic=True)`` graph or one exported graph serves every batch, with
+    memory :math:`n_b L^2` per head (never the square of the total token count).
+
+    Attributes:
+        query_index: int64 :math:`(N_q,)` place of every packed query in the flattened :math:`(n_b L_q)` blocks.
+        key_index: int64 :math:`(N_k,)` place of every packed key in the flattened :math:`(n_b L)` blocks.
+        key_mask: bool :math:`(n_b, L)`, True at the keys present.
+        query_length: padded query length :math:`L_q`; ``None`` for :math:`L` (self-attention).
+    """
+
+    query_index: torch.Tensor
+    key_index: torch.Tensor
+    key_mask: torch.Tensor
+    query_length: int | None = None
+
+
+def image_blocks(
+    grid_thw: torch.Tensor, num_tokens: int, num_blocks: int, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where every patch of a packed batch sits, computed with tensor operations only (traceable, exportable).
+
+    Args:
+        grid_thw: :math:`(n, 3)` rows ``(t, h, w)``.
+        num_tokens: :math:`N = \\sum t h w`.
+        num_blocks: number of frames :math:`\\sum t` (attention blocks).
+        max_length: padded block length :math:`L \\geq \\max h w`.
+
+    Returns:
+        - int64 :math:`(N,)` index of every patch in the flattened :math:`(n_b, L)` blocks,
+        - bool :math:`(n_b, L)` mask of the positions holding a patch,
+        - int64 :math:`(N, 4)` rows ``(h, w, row, column)``: the grid of every patch's frame and its place in it.
+
+    Example:
+        >>> index, mask, token_grid = image_blocks(torch.tensor([[1, 2, 3], [1, 1, 2]]), 8, 2, 6)
+        >>> index.tolist(), mask.sum(-1).tolist(), token_grid[6].tolist()
+        ([0, 1, 2, 3, 4, 5, 6, 7], [6, 2], [1, 2, 0, 0])
+    """
+    grid = grid_thw.long()
+    frames, height, width = grid.unbind(-1)
+    frame_length = height * width
+    ends = (frames * frame_length).cumsum(0)
+    positions = torch.arange(num_tokens, device=grid.device)
+    # image of every patch: how many images end at or before it ([N, n] comparisons, no searchsorted op)
+    image = (positions[:, None] >= ends[None, :]).sum(-1)
+    offset = positions - (ends - frames * frame_length)[image]
+    length = frame_length[image]
+    frame = torch.div(offset, length, rounding_mode="floor")
+    within = offset - frame * length
+    columns = width[image]
+    row = torch.div(within, columns, rounding_mode="floor")
+    block = (frames.cumsum(0) - frames)[image] + frame
+    token_index = block * max_length + within
+    key_mask = torch.zeros(num_blocks * max_length, dtype=torch.bool, device=grid.device)
+    key_mask = key_mask.index_put((token_index,), torch.ones_like(token_index, dtype=torch.bool))
+    token_grid = torch.stack([height[image], columns, row, within - row * columns], -1)
+    return token_index, key_mask.view(num_blocks, max_length), token_grid
+
+
+@dataclass(frozen=True)
 class VarlenLayout:
     """Which tokens of a packed sequence attend to which: one block per sequence, computed once per batch.
 
@@ -364,6 +431,12 @@ class VarlenLayout:
         causal_flags: optional bool :math:`(n,)` per-sequence causal flags on the device, overriding ``causal``
             without a host read (``torch.compile`` of a decoder whose mask is data); only the ``"dense"``
             backend reads them, so :func:`~kornia_siglip2.attention.varlen_attention` uses it then.
+        blocks: optional :class:`BlockLayout`, the same pattern as tensors only; under ``torch.compile`` /
+            ``torch.export`` the ``"auto"`` backend runs it (one graph for every batch composition).
+
+    A layout traced with a symbolic number of sequences (:meth:`uniform` under ``torch.compile(dynamic=True)``
+    or ``torch.export``) has empty ``seqlens_q`` / ``seqlens_k`` / ``causal``; its ``groups`` and boundaries
+    describe it.
     """
 
     cu_seqlens_q: torch.Tensor
@@ -377,6 +450,12 @@ class VarlenLayout:
     scatter_q: torch.Tensor | None
     key_index: torch.Tensor | None = None
     causal_flags: torch.Tensor | None = None
+    blocks: BlockLayout | None = None
+
+    @property
+    def num_sequences(self) -> int:
+        """Number of sequences (read from the boundaries' shape: symbolic under tracing)."""
+        return self.cu_seqlens_q.shape[0] - 1
 
     @property
     def max_seqlen_q(self) -> int:
@@ -473,6 +552,56 @@ class VarlenLayout:
         )
 
     @classmethod
+    def uniform(
+        cls,
+        batch: int,
+        length: int,
+        key_length: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> VarlenLayout:
+        """``batch`` sequences of ``length`` queries and ``key_length`` keys (default ``length``), from sizes only.
+
+        With Python ints this is :meth:`from_seqlens`; with symbolic sizes (``torch.compile(dynamic=True)``,
+        ``torch.export``) it is a layout that names no per-sequence number, so the traced graph holds for any
+        batch size.
+
+        Example:
+            >>> VarlenLayout.uniform(3, 4).groups
+            ((3, 4, 4, False),)
+        """
+        key_length = length if key_length is None else key_length
+        if all(type(size) is int for size in (batch, length, key_length)):
+            return cls.from_seqlens([length] * batch, [key_length] * batch, device=device)
+        steps = torch.arange(batch + 1, device=device, dtype=torch.int32)
+        return cls(
+            cu_seqlens_q=steps * length,
+            cu_seqlens_k=steps * key_length,
+            seqlens_q=(),
+            seqlens_k=(),
+            causal=(),
+            groups=((batch, length, key_length, False),),
+            gather_q=None,
+            gather_k=None,
+            scatter_q=None,
+        )
+
+    @classmethod
+    def from_blocks(cls, blocks: BlockLayout, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> VarlenLayout:
+        """A layout described by its tensors only (built inside a traced graph; see :class:`BlockLayout`)."""
+        return cls(
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            seqlens_q=(),
+            seqlens_k=(),
+            causal=(),
+            groups=(),
+            gather_q=None,
+            gather_k=None,
+            scatter_q=None,
+            blocks=blocks,
+        )
+
+    @classmethod
     def from_cu_seqlens(
         cls,
         cu_seqlens_q: torch.Tensor,
@@ -513,6 +642,11 @@ class VarlenLayout:
         """
         check_shape(key_padding_mask, ["B", "L"], "key_padding_mask must have shape (B, L).")
         mask = key_padding_mask.bool()
+        if torch.compiler.is_compiling():  # no host read: the mask itself is the layout (a row with no key gives NaN)
+            batch, length = mask.shape
+            index = torch.arange(batch * length, device=mask.device)
+            bounds = torch.arange(batch + 1, device=mask.device, dtype=torch.int32) * length
+            return cls.from_blocks(BlockLayout(index, index, mask), bounds, bounds)
         counts = mask.sum(-1).tolist()
         check(all(count > 0 for count in counts), lambda: f"attention_mask rows must keep a token, got {counts}.")
         batch, length = mask.shape
@@ -531,6 +665,12 @@ class ImageLayout:
         position_index: with dropped tokens, int64 :math:`(N,)` place of every kept token in the full grids
             (index into the frames' ``h * w`` position tables laid end to end); ``None`` when every patch is
             present.
+        token_grid: int64 :math:`(N, 4)` rows ``(h, w, row, column)`` of every patch (see :func:`image_blocks`),
+            with which the NaFlex position embeddings are computed inside a traced graph; ``None`` for
+            :meth:`uniform` layouts and with dropped tokens.
+
+    The attention and pooling layouts of a packed batch carry their :class:`BlockLayout` too, so that a batch
+    built outside a ``torch.compile`` region runs in it with no host read and no per-composition graph.
 
     Example:
         >>> layout = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [2, 1, 4]]))
@@ -546,6 +686,53 @@ class ImageLayout:
     attention: VarlenLayout
     pooling: VarlenLayout
     position_index: torch.Tensor | None = None
+    token_grid: torch.Tensor | None = None
+
+    @classmethod
+    def uniform(cls, batch: int, height: int, width: int, device: torch.device | str | None = None) -> ImageLayout:
+        """``batch`` images of one ``height x width`` grid, from sizes only (no tensor is read).
+
+        With a symbolic ``batch`` (tracing) the batch is described as one grid of ``batch`` frames, which has
+        the same attention blocks, pooled rows and position embeddings.
+
+        Example:
+            >>> layout = ImageLayout.uniform(2, 2, 3)
+            >>> layout.grids, layout.attention.groups, layout.pooling.groups
+            (((1, 2, 3), (1, 2, 3)), ((2, 6, 6, False),), ((2, 1, 6, False),))
+        """
+        length = height * width
+        grids = ((1, height, width),) * batch if type(batch) is int else ((batch, height, width),)
+        return cls(
+            grids=grids,
+            attention=VarlenLayout.uniform(batch, length, device=device),
+            pooling=VarlenLayout.uniform(batch, 1, length, device=device),
+        )
+
+    @classmethod
+    def from_tensors(cls, grid_thw: torch.Tensor, num_tokens: int, num_blocks: int, max_length: int) -> ImageLayout:
+        """The layout of a packed batch computed with tensor operations only (inside a traced or exported graph).
+
+        Args:
+            grid_thw: :math:`(n, 3)` rows ``(t, h, w)``.
+            num_tokens: :math:`N = \\sum t h w` (e.g. ``patches.shape[0]``).
+            num_blocks: :math:`\\sum t` (``grid_thw.shape[0]`` for images).
+            max_length: padded block length, at least the largest ``h * w``.
+
+        Example:
+            >>> layout = ImageLayout.from_tensors(torch.tensor([[1, 2, 3], [1, 1, 2]]), 8, 2, 6)
+            >>> layout.attention.blocks.key_mask.sum(-1).tolist(), layout.pooling.cu_seqlens_k.tolist()
+            ([6, 2], [0, 6, 8])
+        """
+        token_index, key_mask, token_grid = image_blocks(grid_thw, num_tokens, num_blocks, max_length)
+        cu_seqlens = torch.nn.functional.pad(key_mask.sum(-1).cumsum(0), (1, 0)).to(torch.int32)
+        frames = torch.arange(num_blocks + 1, device=grid_thw.device, dtype=torch.int32)
+        probe_index = torch.arange(num_blocks, device=grid_thw.device)
+        return cls(
+            grids=(),
+            attention=VarlenLayout.from_blocks(BlockLayout(token_index, token_index, key_mask), cu_seqlens, cu_seqlens),
+            pooling=VarlenLayout.from_blocks(BlockLayout(probe_index, token_index, key_mask, 1), frames, cu_seqlens),
+            token_grid=token_grid,
+        )
 
     @classmethod
     def from_grid_thw(
@@ -600,11 +787,20 @@ class ImageLayout:
             )
             seqlens = kept
             position_index = keep_mask.nonzero().flatten().to(device)
+        attention = VarlenLayout.from_seqlens(seqlens, device=device)
+        pooling = VarlenLayout.from_seqlens([1] * len(seqlens), seqlens, device=device)
+        token_grid = None
+        if keep_mask is None:  # the tensor form of the same layout, for a compiled tower
+            token_index, key_mask, token_grid = _host_blocks(grids, device)
+            frames = torch.arange(len(seqlens), device=device)
+            attention = dataclasses.replace(attention, blocks=BlockLayout(token_index, token_index, key_mask))
+            pooling = dataclasses.replace(pooling, blocks=BlockLayout(frames, token_index, key_mask, 1))
         return cls(
             grids=grids,
-            attention=VarlenLayout.from_seqlens(seqlens, device=device),
-            pooling=VarlenLayout.from_seqlens([1] * len(seqlens), seqlens, device=device),
+            attention=attention,
+            pooling=pooling,
             position_index=position_index,
+            token_grid=token_grid,
         )
 
     @property
@@ -623,8 +819,9 @@ class PackedImages:
     """A packed image batch, the model's native input: ``patches`` plus ``grid_thw``.
 
     The preprocessors return it and every image-taking API accepts it (the model, its towers, the losses,
-    the zero-shot classifier and the logit lens). Its host-side :attr:`layout` is computed on first use and
-    cached, so reading ``grid_thw`` from the device happens once per batch however often it is used.
+    the zero-shot classifier and the logit lens). Its host-side :attr:`layout` is computed when the batch is
+    built (outside any ``torch.compile`` region), so reading ``grid_thw`` from the device happens once per batch
+    however often it is used, and a compiled tower reads no host value.
 
     With token dropping (NaViT), ``keep_mask`` marks which patches of the full grids are present: ``patches``
     holds only those (in grid order), ``grid_thw`` still gives the full grids, so that each kept patch gets the
@@ -650,6 +847,7 @@ class PackedImages:
     patches: torch.Tensor
     grid_thw: torch.Tensor
     keep_mask: torch.Tensor | None = None
+    prebuilt_layout: ImageLayout | None = field(default=None, repr=False, compare=False, kw_only=True)
 
     def __post_init__(self) -> None:
         check_type(isinstance(self.patches, torch.Tensor), "PackedImages.patches must be a tensor (N, p*p*C).")
@@ -658,14 +856,24 @@ class PackedImages:
             check_grid_thw(self.grid_thw, self.patches.shape[0])
         else:
             check_keep_mask(self.keep_mask, self.grid_thw, self.patches.shape[0])
+        if self.prebuilt_layout is None and not torch.compiler.is_compiling():
+            # once per batch, here on the host: a compiled tower then reads tensors and Python ints only
+            layout = ImageLayout.from_grid_thw(self.grid_thw, self.patches.device, self.keep_mask)
+            object.__setattr__(self, "prebuilt_layout", layout)
 
     def __iter__(self):
         return iter((self.patches, self.grid_thw))
 
-    @cached_property
+    @property
     def layout(self) -> ImageLayout:
-        """Attention and pooling layouts, read from ``grid_thw`` once and cached."""
-        return ImageLayout.from_grid_thw(self.grid_thw, self.patches.device, self.keep_mask)
+        """Attention and pooling layouts, read from ``grid_thw`` once when the batch was built.
+
+        A batch built inside a ``torch.compile`` region from a ``grid_thw`` tensor has none yet: it is read here,
+        on every access (a graph break there; ``fullgraph=True`` refuses it: build the batch outside).
+        """
+        if self.prebuilt_layout is None:
+            return ImageLayout.from_grid_thw(self.grid_thw, self.patches.device, self.keep_mask)
+        return self.prebuilt_layout
 
     @property
     def num_images(self) -> int:
@@ -675,13 +883,22 @@ class PackedImages:
     def to(self, *args, **kwargs) -> PackedImages:
         """Move or cast ``patches`` (as ``Tensor.to``); ``grid_thw`` and ``keep_mask`` follow the device only."""
         patches = self.patches.to(*args, **kwargs)
+        if patches.device == self.patches.device:  # same device: the layout holds as it is
+            return PackedImages(patches, self.grid_thw, self.keep_mask, prebuilt_layout=self.prebuilt_layout)
         keep_mask = None if self.keep_mask is None else self.keep_mask.to(patches.device)
         return PackedImages(patches, self.grid_thw.to(patches.device), keep_mask)
 
     @classmethod
     def from_images(cls, images: torch.Tensor, patch_size: int, drop_remainder: bool = False) -> PackedImages:
-        """Pack a :math:`(B, C, H, W)` batch of equal-size images (see :func:`patchify`)."""
-        return cls(*patchify(images, patch_size, drop_remainder))
+        """Pack a :math:`(B, C, H, W)` batch of equal-size images (see :func:`patchify`).
+
+        The layout comes from the image size alone (:meth:`ImageLayout.uniform`): no tensor is read, also
+        inside ``torch.compile`` with a dynamic batch size.
+        """
+        patches, grid_thw = patchify(images, patch_size, drop_remainder)
+        batch, height, width = images.shape[0], images.shape[-2] // patch_size, images.shape[-1] // patch_size
+        layout = ImageLayout.uniform(batch, height, width, images.device)
+        return cls(patches, grid_thw, prebuilt_layout=layout)
 
     @classmethod
     def from_padded(
@@ -722,6 +939,22 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, name: str = "cu_seqlens", num_tok
         num_tokens is None or values[-1] == num_tokens,
         lambda: f"{name} ends at {values[-1]} but there are {num_tokens} tokens.",
     )
+
+
+def _host_blocks(
+    grids: Sequence[tuple[int, int, int]], device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`image_blocks` from grids already on the host, in numpy (tens of microseconds, not milliseconds)."""
+    heights = np.array([h for t, h, w in grids for _ in range(t)], dtype=np.int64)
+    widths = np.array([w for t, h, w in grids for _ in range(t)], dtype=np.int64)
+    lengths = heights * widths
+    max_length = int(lengths.max())
+    block = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    columns = widths[block]
+    token_grid = np.stack([heights[block], columns, within // columns, within % columns], -1)
+    key_mask = np.arange(max_length)[None, :] < lengths[:, None]
+    return tuple(torch.from_numpy(array).to(device) for array in (block * max_length + within, key_mask, token_grid))
 
 
 def _cumsum(lengths: Sequence[int]) -> list[int]:

@@ -129,7 +129,7 @@ class TextTransformer(nn.Module):
                 lambda: f"input_ids must lie in [0, {self.config.vocab_size}), got [{low}, {high}].",
             )
         if attention_mask is None:
-            layout = VarlenLayout.from_seqlens([length] * batch, device=input_ids.device)
+            layout = VarlenLayout.uniform(batch, length, device=input_ids.device)
         else:
             check(
                 attention_mask.shape == input_ids.shape,

@@ -92,6 +92,44 @@ class VisionEmbeddings(nn.Module):
             resized = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
         return resized[0].flatten(1).transpose(0, 1)
 
+    def grid_positions(self, token_grid: torch.Tensor) -> torch.Tensor:
+        """NaFlex position embeddings of packed patches from their grids, :math:`(N, D)`, with tensor ops only.
+
+        The bilinear + antialias resize written as weights (PIL's triangle filter: along an axis of ``n``
+        outputs from the table's ``m`` rows, output ``o`` weighs row ``i`` by ``max(0, 1 - |i - c| / s)``,
+        ``c = (o + 0.5) m / n - 0.5``, ``s = max(m / n, 1)``, normalised), one :math:`m^2`-wide weight row per
+        patch times the table: the same values as :meth:`resized_positions` to float rounding, with no
+        ``interpolate`` (whose antialiased form does not export to ONNX faithfully) and no Python number of the
+        batch, so one traced graph serves every grid.
+
+        Args:
+            token_grid: int :math:`(N, 4)` rows ``(h, w, row, column)``
+                (:attr:`~kornia_siglip2.packing.ImageLayout.token_grid`).
+        """
+        table = self.position_embedding.weight
+        dtype = table.dtype if table.dtype in (torch.float32, torch.float64) else torch.float32
+        side = self.position_side
+        source = torch.arange(side, device=table.device, dtype=dtype)
+
+        def axis_weights(size: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [N] -> [N, side]
+            scale = side / size.to(dtype)
+            center = (index.to(dtype) + 0.5) * scale - 0.5
+            support = scale.clamp(min=1.0)
+            weights = (1 - (source[None, :] - center[:, None]).abs() / support[:, None]).clamp(min=0)
+            return weights / weights.sum(-1, keepdim=True)
+
+        row = token_grid[:, 2]
+        if table.device.type == "cpu":
+            # torch's CPU antialiased bilinear kernel (2.13) gives every row of a one-column output the weights of
+            # row 0 when it resizes the rows too (an h x 1 grid, h != side, gets h copies of one position); eager
+            # and transformers run that kernel, so the traced path follows it
+            one_column = (token_grid[:, 1] == 1) & (token_grid[:, 0] != side)
+            row = torch.where(one_column, torch.zeros_like(row), row)
+        rows = axis_weights(token_grid[:, 0], row)
+        columns = axis_weights(token_grid[:, 1], token_grid[:, 3])
+        weights = (rows[:, :, None] * columns[:, None, :]).flatten(1)  # [N, side * side], row-major table
+        return (weights @ table.to(dtype)).to(table.dtype)
+
     def forward(
         self,
         patches: torch.Tensor,
@@ -99,6 +137,7 @@ class VisionEmbeddings(nn.Module):
         mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
         position_index: torch.Tensor | None = None,
+        token_grid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Embed packed patches.
 
@@ -111,6 +150,8 @@ class VisionEmbeddings(nn.Module):
             position_index: with dropped tokens, int64 :math:`(N,)` place of each patch in the frames' full
                 ``h * w`` grids laid end to end (:attr:`~kornia_siglip2.packing.ImageLayout.position_index`);
                 ``None``: all patches of every grid, in order.
+            token_grid: NaFlex only: int :math:`(N, 4)` grid and place of every patch; when given, the positions
+                come from :meth:`grid_positions` (the traced path) and ``grids`` is not read.
 
         Returns:
             :math:`(N, D)` token embeddings.
@@ -120,6 +161,8 @@ class VisionEmbeddings(nn.Module):
         if mask is not None:
             check(mask_token is not None, "mask_token is required when mask is given.")
             tokens = torch.where(mask[:, None], mask_token.to(tokens.dtype), tokens)
+        if token_grid is not None and self.naflex:
+            return tokens + self.grid_positions(token_grid)
         resized = {size: self.resized_positions(*size) for size in dict.fromkeys((h, w) for _, h, w in grids)}
         if position_index is not None:
             if len(resized) == 1:  # one grid: the place within its frame indexes the one resized table
@@ -217,7 +260,7 @@ class MAPHead(nn.Module):
 
     def forward(self, tokens: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
         """Pool packed tokens :math:`(N, D)` into one vector per sequence of ``layout``, :math:`(F, D)`."""
-        num_frames = len(layout.seqlens_q)
+        num_frames = layout.num_sequences
         probes = self.probe.reshape(1, -1).expand(num_frames, -1)
         pooled, _ = self.attention(probes, layout, tokens)
         return pooled + self.mlp(self.layernorm(pooled))
@@ -399,6 +442,7 @@ class VisionTransformer(nn.Module):
         mask_token: torch.Tensor | None,
     ) -> VisionOutput:
         patch_dim = self.embeddings.patch_dim
+        tracing = torch.compiler.is_compiling()
         check(
             patches.ndim == 2 and patches.shape[-1] == patch_dim,
             lambda: (
@@ -414,7 +458,7 @@ class VisionTransformer(nn.Module):
             ),
         )
         check(
-            layout.num_tokens == patches.shape[0],
+            tracing or layout.num_tokens == patches.shape[0],
             lambda: (
                 f"grid_thw describes {layout.num_tokens} patches "
                 f"({'kept by keep_mask' if layout.position_index is not None else 'sum of t*h*w'}) but patches "
@@ -425,7 +469,9 @@ class VisionTransformer(nn.Module):
             mask is None or tuple(mask.shape) == (patches.shape[0],),
             lambda: f"mask must have shape ({patches.shape[0]},), got {tuple(mask.shape)}.",
         )
-        tokens = self.embeddings(patches, layout.grids, mask, mask_token, layout.position_index)
+        # traced (compile / export): NaFlex positions from the layout's tensors, no per-grid Python number
+        token_grid = layout.token_grid if tracing else None
+        tokens = self.embeddings(patches, layout.grids, mask, mask_token, layout.position_index, token_grid)
         tokens, hidden_states, attentions = self.encoder(
             tokens, layout.attention, output_hidden_states, output_attentions
         )
@@ -444,8 +490,10 @@ def _to_input_layout(
     output: VisionOutput, layout: ImageLayout, batch: int, length: int, input_layout: str
 ) -> VisionOutput:
     """Packed tokens back to the caller's layout: ``(B, h w, D)`` for images, ``(B, L, D)`` for padded input."""
-    seqlens = torch.tensor(layout.attention.seqlens_q, device=output.last_hidden_state.device)
-    max_length = int(seqlens.max()) if input_layout == "images" else length
+    if input_layout == "images":  # equal grids: the length is the shape's, no tensor is read
+        seqlens, max_length = None, output.last_hidden_state.shape[0] // batch
+    else:
+        seqlens, max_length = torch.tensor(layout.attention.seqlens_q, device=output.last_hidden_state.device), length
 
     def tokens(packed: torch.Tensor) -> torch.Tensor:
         if input_layout == "images":  # equal grids: a view, no copy

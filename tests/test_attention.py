@@ -188,13 +188,15 @@ class TestVarlenAttention:
     def test_dynamo_dense_fullgraph(self, device, dtype):
         q, k, v = _qkv(sum(MIXED), device, dtype)
         cu_seqlens = _cu(MIXED, device)
-        compiled = torch.compile(lambda *x: varlen_attention(*x, cu_seqlens, backend="dense"), fullgraph=True)
+        compiled = torch.compile(
+            lambda *x: varlen_attention(*x, cu_seqlens, backend="dense"), fullgraph=True, backend="aot_eager"
+        )
         torch.testing.assert_close(compiled(q, k, v), varlen_attention(q, k, v, cu_seqlens), **tolerance(dtype))
 
     def test_dynamo_grouped_fullgraph_with_layout(self, device, dtype):
         q, k, v = _qkv(sum(MIXED), device, dtype)
         layout = VarlenLayout.from_seqlens(MIXED, device=device)
-        compiled = torch.compile(lambda *x: varlen_attention(*x, layout=layout), fullgraph=True)
+        compiled = torch.compile(lambda *x: varlen_attention(*x, layout=layout), fullgraph=True, backend="aot_eager")
         torch.testing.assert_close(
             compiled(q, k, v), _per_sequence_reference(q, k, v, MIXED, MIXED), **tolerance(dtype)
         )
@@ -221,3 +223,40 @@ class TestFlashBackend:
         expected = torch.autograd.grad((reference * weights).sum(), (q, k, v))
         for grad, grad_reference in zip(grads, expected, strict=True):
             torch.testing.assert_close(grad.float(), grad_reference, atol=5e-2, rtol=5e-2)
+
+
+class TestBlocksBackend:
+    """The tensor-only ``"blocks"`` backend (padded blocks + key mask): the per-sequence reference, values and grads."""
+
+    def _layout(self, seqlens, device):
+        from kornia_siglip2.packing import ImageLayout
+
+        # one frame of 1 x L patches per sequence: the image layout carries the BlockLayout
+        return ImageLayout.from_grid_thw(torch.tensor([[1, 1, length] for length in seqlens]), device).attention
+
+    def test_matches_reference(self, device, dtype):
+        q, k, v = _qkv(sum(MIXED), device, dtype)
+        layout = self._layout(MIXED, device)
+        out = varlen_attention(q, k, v, layout=layout, backend="blocks")
+        torch.testing.assert_close(out, _per_sequence_reference(q, k, v, MIXED, MIXED), **tolerance(dtype))
+
+    def test_gradcheck(self, device):
+        q, k, v = _qkv(7, device, torch.float64, heads=1, head_dim=2, requires_grad=True)
+        layout = self._layout([3, 4], device)
+        assert torch.autograd.gradcheck(lambda *x: varlen_attention(*x, layout=layout, backend="blocks"), (q, k, v))
+
+    def test_picked_inside_compile(self, device):
+        """``"auto"`` runs it inside torch.compile (one graph whatever the lengths), ``"grouped"`` in eager."""
+        q, k, v = _qkv(sum(MIXED), device, torch.float32)
+        layout = self._layout(MIXED, device)
+        compiled = torch.compile(lambda *x: varlen_attention(*x, layout=layout), fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(
+            compiled(q, k, v), _per_sequence_reference(q, k, v, MIXED, MIXED), **tolerance(torch.float32)
+        )
+
+    def test_exception(self, device):
+        q, k, v = _qkv(7, device, torch.float32)
+        with pytest.raises(ValueCheckError, match="BlockLayout"):
+            varlen_attention(q, k, v, _cu([3, 4], device), backend="blocks")
+        with pytest.raises(ValueCheckError, match="BlockLayout"):
+            varlen_attention(q, k, v, layout=VarlenLayout.from_seqlens([3, 4]), backend="blocks")

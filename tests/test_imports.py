@@ -34,6 +34,7 @@ LAYERS = {
     "vision_model": 6,
     "lens": 7,
     "zero_shot": 7,
+    "export": 7,
     "losses": 8,
     "training": 9,
     "_demo": 9,

@@ -288,7 +288,7 @@ class TestSigLip2Module:
         model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
         pixel_values = torch.rand(2, 3, 8, 12, device=device, dtype=dtype)
         input_ids = _text_inputs(2, 16).to(device)
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         expected = model(input_ids=input_ids, pixel_values=pixel_values)
         out = compiled(input_ids=input_ids, pixel_values=pixel_values)
         torch.testing.assert_close(out.logits_per_image, expected.logits_per_image, **tolerance(dtype))
@@ -299,10 +299,115 @@ class TestSigLip2Module:
         model = SigLip2.from_pretrained(siglip2_checkpoint, device=device, dtype=dtype)
         patches = torch.rand(6 + 16, 48, device=device, dtype=dtype)
         grid = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
-        compiled = torch.compile(lambda x: model.vision_model(x, grid).pooler_output, fullgraph=True)
+        compiled = torch.compile(
+            lambda x: model.vision_model(x, grid).pooler_output, fullgraph=True, backend="aot_eager"
+        )
         torch.testing.assert_close(
             compiled(patches), model.vision_model(patches, grid).pooler_output, **tolerance(dtype)
         )
+
+
+def _graph_count_and_breaks(function, *args):
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(function)(*args)
+    return explanation.graph_count, explanation.graph_break_count
+
+
+class TestCompile:
+    """``torch.compile(fullgraph=True)`` of every entry point: one graph, zero breaks, eager's values and gradients.
+
+    aot_eager (the forward and backward graphs autograd traces, run without code generation) here; the towers'
+    inductor tests are ``test_dynamo`` in tests/test_vision.py and tests/test_text.py.
+    """
+
+    @pytest.fixture(autouse=True)
+    def _fresh_dynamo(self):
+        torch._dynamo.reset()
+        yield
+        torch._dynamo.reset()
+
+    def test_no_graph_break(self, siglip_checkpoint, siglip2_checkpoint):
+        from kornia_siglip2 import PackedImages
+
+        model = SigLip2.from_pretrained(siglip_checkpoint)
+        naflex = SigLip2.from_pretrained(siglip2_checkpoint)
+        images = torch.rand(2, 3, SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE)
+        input_ids = _text_inputs(2)
+        packed = PackedImages(torch.rand(6 + 16, 48), torch.tensor([[1, 2, 3], [1, 4, 4]]))
+        paths = {
+            "forward": (lambda x, i: model(input_ids=i, pixel_values=x).logits_per_image, images, input_ids),
+            "get_image_features": (lambda x: model.get_image_features(x).pooler_output, images),
+            "get_text_features": (lambda i: model.get_text_features(i).pooler_output, input_ids),
+            "encode_image": (lambda x: model.encode_image(x, normalize=True), images),
+            "naflex packed": (lambda p: naflex.vision_model(p).pooler_output, packed),
+            "naflex encode_image": (lambda p: naflex.encode_image(p), packed),
+        }
+        for name, (function, *args) in paths.items():
+            assert _graph_count_and_breaks(function, *args) == (1, 0), name
+
+    @pytest.mark.parametrize("naflex", [False, True], ids=["fixed", "naflex"])
+    def test_training_matches_eager(self, siglip_checkpoint, siglip2_checkpoint, naflex):
+        """Forward + backward of the loss under fullgraph compile: the loss and every gradient equal eager's."""
+        from kornia_siglip2 import PackedImages
+
+        model = SigLip2.from_pretrained(siglip2_checkpoint if naflex else siglip_checkpoint).train()
+        input_ids = _text_inputs(2)
+        if naflex:
+            images = PackedImages(torch.rand(6 + 16, 48), torch.tensor([[1, 2, 3], [1, 4, 4]]))
+        else:
+            images = torch.rand(2, 3, SIGLIP_IMAGE_SIZE, SIGLIP_IMAGE_SIZE)
+
+        def loss(pixel_values, ids):
+            return model(input_ids=ids, pixel_values=pixel_values, return_loss=True).loss
+
+        def gradients(value):
+            model.zero_grad()
+            value.backward()
+            return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+        compiled_loss = torch.compile(loss, fullgraph=True, backend="aot_eager")(images, input_ids)
+        compiled_grads = gradients(compiled_loss)
+        eager_loss = loss(images, input_ids)
+        eager_grads = gradients(eager_loss)
+        torch.testing.assert_close(compiled_loss, eager_loss, **tolerance(torch.float32))
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, **tolerance(torch.float32), msg=name)
+
+    def test_packed_batches_compile_a_bounded_number_of_times(self, siglip2_checkpoint):
+        """Six packed batches of other image counts, grids and token counts (as the token-budget sampler makes
+        them) through ``torch.compile(dynamic=True)``: at most 3 graphs (one here; a single-image batch adds one,
+        as torch specialises sizes 0 and 1), every output equal to eager."""
+        from kornia_siglip2 import PackedImages
+
+        model = SigLip2.from_pretrained(siglip2_checkpoint)
+        graphs = []
+
+        def counting_backend(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return graph_module.forward
+
+        compiled = torch.compile(
+            lambda packed: model.vision_model(packed).pooler_output,
+            fullgraph=True,
+            dynamic=True,
+            backend=counting_backend,
+        )
+        compositions = [
+            [(2, 3), (4, 4)],
+            [(1, 2), (3, 3), (2, 5)],
+            [(4, 4)] * 3,
+            [(5, 3), (2, 2), (1, 1), (3, 4)],
+            [(6, 2), (7, 9)],
+            [(2, 2), (3, 3), (4, 4), (5, 5), (2, 6), (8, 1)],
+        ]
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for grids in compositions:
+                grid_thw = torch.tensor([[1, h, w] for h, w in grids])
+                packed = PackedImages(torch.rand(int(grid_thw.prod(-1).sum()), 48, generator=generator), grid_thw)
+                expected = model.vision_model(packed).pooler_output
+                torch.testing.assert_close(compiled(packed), expected, **tolerance(torch.float32))
+        assert 1 <= len(graphs) <= 3
 
 
 class TestInitWeights:

@@ -4,6 +4,7 @@ import torch
 from kornia_siglip2.packing import (
     ImageLayout,
     PackedImages,
+    VarlenLayout,
     check_grid_thw,
     grid_thw_to_cu_seqlens,
     grid_thw_to_seqlens,
@@ -70,7 +71,7 @@ class TestPatchify:
 
     def test_dynamo(self, device, dtype):
         images = torch.rand(2, 3, 8, 8, device=device, dtype=dtype)
-        compiled = torch.compile(lambda x: patchify(x, 4)[0], fullgraph=True)
+        compiled = torch.compile(lambda x: patchify(x, 4)[0], fullgraph=True, backend="aot_eager")
         assert torch.equal(compiled(images), patchify(images, 4)[0])
 
 
@@ -154,3 +155,48 @@ class TestKeepMask:
             _ = PackedImages(torch.rand(0, 12), grid_thw, torch.zeros(4, dtype=torch.bool)).layout
         with pytest.raises(ValueError, match=r"keep_mask .* packed patches"):
             pack_inputs(torch.rand(1, 3, 4, 4), keep_mask=torch.ones(4, dtype=torch.bool), patch_size=2)
+
+
+class TestTracedLayouts:
+    """Layouts a traced graph can hold: from sizes only, or as tensors computed from ``grid_thw`` in the graph."""
+
+    def test_image_blocks_against_python(self):
+        """Every patch's block, place and grid, against a loop over the grids in Python."""
+        from kornia_siglip2.packing import image_blocks
+
+        grids = [(1, 2, 3), (2, 1, 4), (1, 5, 5)]
+        expected_index, expected_grid, block = [], [], 0
+        for frames, height, width in grids:
+            for _ in range(frames):
+                for place in range(height * width):
+                    expected_index.append(block * 25 + place)
+                    expected_grid.append([height, width, place // width, place % width])
+                block += 1
+        index, mask, token_grid = image_blocks(torch.tensor(grids), 6 + 8 + 25, 4, 25)
+        assert index.tolist() == expected_index and token_grid.tolist() == expected_grid
+        assert mask.sum(-1).tolist() == [6, 4, 4, 25] and mask.shape == (4, 25)
+
+    def test_from_tensors_matches_host_layout(self):
+        grid_thw = torch.tensor([[1, 2, 3], [1, 4, 4], [1, 1, 1]])
+        host = ImageLayout.from_grid_thw(grid_thw)
+        traced = ImageLayout.from_tensors(grid_thw, 23, 3, 16)
+        assert torch.equal(traced.attention.cu_seqlens_q, host.attention.cu_seqlens_q)
+        assert torch.equal(traced.pooling.cu_seqlens_k, host.pooling.cu_seqlens_k)
+        assert torch.equal(traced.token_grid, host.token_grid)
+        assert traced.attention.num_sequences == host.attention.num_sequences == 3
+
+    def test_uniform_equals_from_seqlens(self):
+        uniform, reference = VarlenLayout.uniform(3, 4), VarlenLayout.from_seqlens([4, 4, 4])
+        assert uniform.groups == reference.groups and uniform.seqlens_q == reference.seqlens_q
+        assert torch.equal(uniform.cu_seqlens_q, reference.cu_seqlens_q)
+        layout = ImageLayout.uniform(2, 2, 3)
+        reference = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [1, 2, 3]]))
+        assert layout.grids == reference.grids and layout.attention.groups == reference.attention.groups
+        assert torch.equal(layout.pooling.cu_seqlens_k, reference.pooling.cu_seqlens_k)
+
+    def test_layout_built_at_construction(self):
+        """The host read happens when the batch is built: reading the layout later reads no tensor."""
+        packed = PackedImages(torch.rand(6, 48), torch.tensor([[1, 2, 3]]))
+        assert packed.prebuilt_layout is not None and packed.layout is packed.prebuilt_layout
+        assert packed.to(torch.float64).layout is packed.layout  # same device: the same layout
+        assert PackedImages.from_images(torch.rand(2, 3, 8, 8), 4).layout.token_grid is None

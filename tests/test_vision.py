@@ -121,12 +121,41 @@ class TestVisionTransformer:
         grid_thw = torch.tensor([[1, 1, 2], [1, 1, 3]])
         assert torch.autograd.gradcheck(lambda x: tower(x, grid_thw).pooler_output, (patches,))
 
-    def test_dynamo_fullgraph(self, device, dtype):
+    def test_dynamo(self, device, dtype):
+        """Inductor, one graph: the NaFlex tower on a batch packed outside the compiled region."""
+        from kornia_siglip2 import PackedImages
+
+        torch._dynamo.reset()
         tower = _tower(True, device, dtype)
-        patches = torch.rand(6 + 16, 48, device=device, dtype=dtype)
-        grid = ImageLayout.from_grid_thw(torch.tensor([[1, 2, 3], [1, 4, 4]]), device)
-        compiled = torch.compile(lambda x: tower(x, grid).pooler_output, fullgraph=True)
-        torch.testing.assert_close(compiled(patches), tower(patches, grid).pooler_output, **tolerance(dtype))
+        packed = PackedImages(
+            torch.rand(6 + 16 + 8, 48, device=device, dtype=dtype), torch.tensor([[1, 2, 3], [1, 4, 4], [1, 8, 1]])
+        )
+        compiled = torch.compile(lambda x: tower(x).pooler_output, fullgraph=True)
+        torch.testing.assert_close(compiled(packed), tower(packed).pooler_output, **tolerance(dtype))
+
+    def test_dynamo_fixed_resolution(self, device, dtype):
+        """Inductor, one graph: the fixed-resolution tower on images (B, C, H, W)."""
+        torch._dynamo.reset()
+        tower = _tower(False, device, dtype)
+        images = torch.rand(2, 3, 16, 16, device=device, dtype=dtype)
+        compiled = torch.compile(lambda x: tower(x).last_hidden_state, fullgraph=True)
+        torch.testing.assert_close(compiled(images), tower(images).last_hidden_state, **tolerance(dtype))
+
+    @pytest.mark.parametrize("height, width", [*NAFLEX_GRIDS, (8, 1), (2, 1), (1, 7), (4, 1), (5, 6)])
+    def test_grid_positions_equal_resize(self, height, width):
+        """The traced path's matmul resize equals the eager antialiased interpolate (and, but for one-column
+        grids, where it follows torch's CPU kernel, the independent float64 formula at float64 precision)."""
+        from kornia_siglip2.packing import image_blocks
+
+        tower = _tower(True, dtype=torch.float64)
+        token_grid = image_blocks(torch.tensor([[1, height, width]]), height * width, 1, height * width)[2]
+        positions = tower.embeddings.grid_positions(token_grid)
+        torch.testing.assert_close(positions, tower.embeddings.resized_positions(height, width), atol=1e-12, rtol=1e-12)
+        if width != 1 or height in (1, 4):
+            table = tower.embeddings.position_embedding.weight.reshape(4, 4, -1)
+            torch.testing.assert_close(
+                positions, naflex_positions_reference(table, height, width), atol=1e-12, rtol=1e-12
+            )
 
 
 class TestCompiledBlocks:
