@@ -43,7 +43,7 @@ from kornia_siglip2.packing import PackedImages, check_grid_thw, packed_to_padde
 from kornia_siglip2.resample import pil_resize, pil_resizes_height_first
 
 __all__ = [
-    "BACKENDS",
+    "RESIZE_BACKENDS",
     "PREPROCESSOR_CONFIG_NAME",
     "PROCESSOR_CONFIG_NAME",
     "NaFlexImagePreprocessor",
@@ -59,7 +59,7 @@ PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 #: transformers 5's ``processor.save_pretrained`` file: the image processor's config under ``"image_processor"``
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 #: ``backend=`` choices: transformers' PIL image processors, or its torchvision ones
-BACKENDS = ("pil", "torchvision")
+RESIZE_BACKENDS = ("pil", "torchvision")
 
 #: A :math:`(B, C, H, W)` batch, or one image or a list of images of any sizes: :math:`(C, H, W)` tensors, PIL
 #: images, numpy arrays (:math:`(H, W, C)` or :math:`(C, H, W)`, as transformers' processors take them).
@@ -206,8 +206,10 @@ class SigLip2ImagePreprocessor(nn.Module):
         backend: str = "pil",
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} (transformers' image processors), got {backend!r}.")
+        if backend not in RESIZE_BACKENDS:
+            raise ValueError(
+                f"backend must be one of {RESIZE_BACKENDS} (transformers' image processors), got {backend!r}."
+            )
         self.resample = _resample_mode(resample)
         self.antialias = antialias
         self.backend = backend
