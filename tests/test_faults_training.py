@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from training_helpers import RunsACommand, tiny_siglip2_config
+from training_helpers import RunsACommand, recipe_options, tiny_siglip2_config
 
 from kornia_siglip2.errors import ValueCheckError
 from kornia_siglip2.training import recipe
@@ -35,23 +35,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _options(root: Path, out: Path | str, **overrides) -> dict:
-    options = dict(
-        data=str(root / "data" / "manifest.jsonl"),
-        out=str(out),
-        model_config=str(root / "tiny.json"),
-        text_length=12,
-        parallel="none",
-        token_budget=64,
-        max_num_patches=(16,),
-        steps=2,
-        warmup_steps=1,
-        save_every=1,
-        num_workers=0,
-        threads=1,
-        device="cpu",
-    )
-    options.update(overrides)
-    return options
+    return recipe_options(root, out, **{"save_every": 1, **overrides})
 
 
 @pytest.fixture(scope="module")

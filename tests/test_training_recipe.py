@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import tiny_siglip2_config
+from training_helpers import recipe_options, tiny_siglip2_config
 
 from kornia_siglip2 import SigLip2, SigLip2Config
 from kornia_siglip2.errors import ValueCheckError
@@ -30,22 +30,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _options(root: Path, out: str, **overrides) -> dict:
-    options = dict(
-        data=str(root / "data" / "manifest.jsonl"),
-        out=str(root / out),
-        model_config=str(root / "tiny.json"),
-        text_length=12,
-        parallel="none",
-        token_budget=64,
-        max_num_patches=(16,),
-        steps=2,
-        warmup_steps=1,
-        num_workers=0,
-        threads=1,
-        device="cpu",
-    )
-    options.update(overrides)
-    return options
+    return recipe_options(root, root / out, **overrides)
 
 
 def test_warmup_cosine():

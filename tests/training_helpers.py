@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RunsACommand", "free_port", "spawn", "tiny_siglip2_config"]
+__all__ = ["RunsACommand", "free_port", "recipe_options", "spawn", "tiny_siglip2_config"]
 
 
 def tiny_siglip2_config(vision_layers: int = 1, text_layers: int = 1, vocab_size: int = 258) -> dict[str, Any]:
@@ -31,6 +31,26 @@ def tiny_siglip2_config(vision_layers: int = 1, text_layers: int = 1, vocab_size
             "max_position_embeddings": 12,
         },
     }
+
+
+def recipe_options(root: Any, out: Any, **overrides: Any) -> dict[str, Any]:
+    """``RecipeConfig`` keywords for a 2-step CPU run of the tiny model on ``root``'s 12-image manifest."""
+    options = dict(
+        data=str(root / "data" / "manifest.jsonl"),
+        out=str(out),
+        model_config=str(root / "tiny.json"),
+        text_length=12,
+        parallel="none",
+        token_budget=64,
+        max_num_patches=(16,),
+        steps=2,
+        warmup_steps=1,
+        num_workers=0,
+        threads=1,
+        device="cpu",
+    )
+    options.update(overrides)
+    return options
 
 
 def free_port() -> int:
