@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_helpers import tiny_siglip2_config
+from training_helpers import kill_at_step, tiny_siglip2_config
 
 from kornia_siglip2 import SigLip2
 from kornia_siglip2.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -76,19 +74,8 @@ def test_kill_and_resume_equals_uninterrupted(root):
     options = _options(root, "killed")
     metrics = root / "killed" / "metrics.jsonl"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(_command(options), env=environment, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        # kill it once step 5 is logged: past the step-4 checkpoint, before the end
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "the run did not reach step 5"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # kill it once step 5 is logged: past the step-4 checkpoint, before the end
+    kill_at_step(_command(options), metrics, 5, environment)
     killed_at = latest_checkpoint(root / "killed" / "checkpoints")
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < STEPS
     subprocess.run(_command(options), env=environment, check=True, stdout=subprocess.DEVNULL, timeout=180)
@@ -126,19 +113,8 @@ def test_kill_and_resume_equals_uninterrupted_full_objective(root):
     options = {**_options(root, "full-killed"), **FULL}
     metrics = root / "full-killed" / "metrics.jsonl"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(_command(options), env=environment, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        # step 7 is logged after the step-6 checkpoint is complete: the teacher was reset at step 5, updated twice
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 7):
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "the run did not reach step 7"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # step 7 is logged after the step-6 checkpoint is complete: the teacher was reset at step 5, updated twice
+    kill_at_step(_command(options), metrics, 7, environment)
     killed_at = latest_checkpoint(root / "full-killed" / "checkpoints")
     assert killed_at is not None and killed_at.name in ("step-00000006", "step-00000008")
     if killed_at.name == "step-00000008":

@@ -10,11 +10,9 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 import types
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from training_helpers import spawn, tiny_siglip2_config
+from training_helpers import kill_at_step, spawn, tiny_siglip2_config
 
 from kornia_siglip2 import SigLip2
 from kornia_siglip2.losses.sigmoid import sigmoid_loss
@@ -133,18 +131,7 @@ def test_kill_and_resume_on_shards_equals_uninterrupted(root):
     options = _options(root, "shards-killed", steps=steps, num_workers=2, save_every=2)
     metrics = root / "shards-killed" / "metrics.jsonl"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(_command(options), env=environment, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
-            assert process.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "the run did not reach step 5"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    kill_at_step(_command(options), metrics, 5, environment)
     killed_at = latest_checkpoint(root / "shards-killed" / "checkpoints")
     assert killed_at is not None and int(killed_at.name.split("-")[1]) < steps
     subprocess.run(_command(options), env=environment, check=True, stdout=subprocess.DEVNULL, timeout=180)

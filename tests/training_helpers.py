@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["RunsACommand", "free_port", "recipe_options", "spawn", "tiny_siglip2_config"]
+__all__ = ["RunsACommand", "free_port", "kill_at_step", "recipe_options", "spawn", "tiny_siglip2_config"]
 
 
 def tiny_siglip2_config(vision_layers: int = 1, text_layers: int = 1, vocab_size: int = 258) -> dict[str, Any]:
@@ -51,6 +51,26 @@ def recipe_options(root: Any, out: Any, **overrides: Any) -> dict[str, Any]:
     )
     options.update(overrides)
     return options
+
+
+def kill_at_step(command: list[str], metrics: Any, step: int, environment: dict[str, str]) -> None:
+    """Start ``command``, SIGKILL it once ``metrics`` (its ``metrics.jsonl``) holds ``step`` lines, and reap it."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= step):
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, f"the run did not reach step {step}"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def free_port() -> int:
