@@ -12,7 +12,10 @@ per sequence (:class:`~kornia_siglip2.packing.VarlenLayout`). The result does no
 - ``"blocks"``: the tokens of each sequence scattered into a padded :math:`(n, L_{max})` batch, one SDPA call
   with a key mask, gathered back (memory :math:`n L_{max}^2`); reads only the tensors of the layout's
   :class:`~kornia_siglip2.packing.BlockLayout`, so ``"auto"`` picks it inside ``torch.compile`` /
-  ``torch.export`` when the layout has one: one graph for every batch composition.
+  ``torch.export`` when the layout has one: one graph for every batch composition. For CPU inference under
+  ``torch.compile`` (not export) ``"auto"`` calls ``"grouped"`` instead, as one opaque operator
+  (``torch.ops.kornia_siglip2.cpu_varlen_attention``) that reads the boundaries from host memory when it
+  runs: one graph for every composition too, without padding each sequence to the longest.
 - ``"loop"``: one SDPA call per sequence.
 - ``"flash"``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16), picked by ``"auto"`` there.
 - ``"eager"``: an explicit softmax per sequence that also returns the attention weights (transformers'
@@ -26,12 +29,15 @@ self- or cross-attention; its backend fixed at construction or by
 :meth:`~kornia_siglip2.SigLip2.set_attention_backend`.
 
 Inference fast path on CPU: when no gradient is needed, :func:`fused_linear` runs the projections through
-oneDNN's ``mkldnn._linear_pointwise`` (the kernel ``torch.compile`` uses on CPU), with the activation or
+oneDNN's ``mkldnn._linear_pointwise`` (the kernel inductor uses for frozen CPU linears), with the activation or
 the residual add fused into the matmul; :class:`Attention` projects q, k and v with one such matmul each, on
 the parameters themselves (no concatenated copy of the kernels is kept), or with one matmul of the MAP head's
-fused ``in_proj_weight``. Training, ``torch.compile``, other
-devices, non-x86 CPUs, wrapped projections (peft's LoRA layers, forward hooks) and dtypes oneDNN cannot run
-on the CPU at hand (bfloat16 without AVX-512, float16 without AVX-512 FP16) take the plain
+fused ``in_proj_weight``. Under ``torch.compile`` the call is one opaque operator
+(``torch.ops.kornia_siglip2.onednn_linear``: inductor lowers oneDNN linears only for weights frozen into the
+graph; otherwise a float32 linear becomes aten's ``addmm``, at half oneDNN's rate on the AMD EPYC measured
+in docs/benchmarks.md), so compiled inference keeps these kernels. Training, ``torch.export``, other
+devices, non-x86 CPUs, wrapped projections (peft's LoRA layers, forward hooks) and dtypes oneDNN cannot run on
+the CPU at hand (bfloat16 without AVX-512, float16 without AVX-512 FP16) take the plain
 ``torch.nn.functional`` path; :data:`FUSED_CPU_KERNELS` switches the fast path off.
 """
 
@@ -71,6 +77,23 @@ _POST_OPS = {"none": ("none", ""), "gelu_tanh": ("gelu", "tanh"), "gelu": ("gelu
 _ONEDNN: dict[torch.dtype, bool] = {}
 
 
+def _matmul_attention_cpu() -> bool:
+    """Whether :func:`_batched_attention` uses matmuls for bfloat16 here: AVX-512 BF16 without AMX (measured)."""
+    try:
+        return torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: bfloat16 CPU inference attention as two matmuls (see ``_batched_attention``); read once at import
+_MATMUL_ATTENTION_CPU = _matmul_attention_cpu()
+#: largest scores of one sequence (traced: of the whole batch) for the matmul attention; SDPA's fused kernel
+#: above (it overtakes the matmuls near 4096 tokens, where one image's scores take 400 MB)
+_MATMUL_ATTENTION_MAX_BYTES = 64 << 20
+#: scores computed at a time by the eager matmul attention (whole sequences; at least one)
+_MATMUL_ATTENTION_CHUNK_BYTES = 8 << 20
+
+
 def _onednn_supports(dtype: torch.dtype) -> bool:
     """Whether ``mkldnn._linear_pointwise`` exists in this build and runs ``dtype`` on this CPU (cached)."""
     if dtype not in _ONEDNN:
@@ -91,18 +114,23 @@ def _onednn_supports(dtype: torch.dtype) -> bool:
     return _ONEDNN[dtype]
 
 
+for _dtype in (torch.float32, torch.bfloat16, torch.float16):  # filled here: traced code reads the table only
+    _onednn_supports(_dtype)
+
+
 def fused_linear_available(*tensors: torch.Tensor) -> bool:
     """Whether :func:`fused_linear` takes its oneDNN path for these tensors (input first, then the weights).
 
-    True on CPU, outside ``torch.compile`` (which fuses on its own), when no gradient is needed, when all
-    floating tensors share a dtype that oneDNN supports on this CPU, and :data:`FUSED_CPU_KERNELS` is set.
+    True on CPU, outside ``torch.export`` (whose graphs must run without this package), when no gradient is
+    needed, when all floating tensors share a dtype that oneDNN supports on this CPU, and
+    :data:`FUSED_CPU_KERNELS` is set.
 
     Example:
         >>> x, w = torch.rand(4, 8), torch.rand(16, 8, requires_grad=True)
         >>> fused_linear_available(x, w)  # w needs a gradient
         False
     """
-    if not FUSED_CPU_KERNELS or torch.compiler.is_compiling():
+    if not FUSED_CPU_KERNELS or torch.compiler.is_exporting():
         return False
     first = tensors[0]
     if first.device.type != "cpu" or first.ndim != 2:
@@ -124,7 +152,7 @@ def fused_linear(
     """``residual + act(hidden_states @ weight.T + bias)`` with the activation or the add inside the matmul.
 
     On CPU without gradients (:func:`fused_linear_available`) this is one oneDNN call
-    (``torch.ops.mkldnn._linear_pointwise``, the kernel ``torch.compile`` picks for a CPU linear); elsewhere
+    (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor uses for frozen CPU linears); elsewhere
     the same value from ``torch.nn.functional``. The fused result differs from the unfused one by rounding
     only: the activation / add reads the float32 accumulator instead of the rounded product.
 
@@ -151,9 +179,11 @@ def fused_linear(
     tensors = [hidden_states, weight] + [t for t in (bias, residual) if t is not None]
     fits = residual is None or residual.shape == (hidden_states.shape[0], weight.shape[0])
     if fits and fused_linear_available(*tensors) and all(t.is_contiguous() for t in tensors):
+        attr, algorithm = _POST_OPS[activation]
+        if torch.compiler.is_compiling():  # one opaque op: inductor lowers oneDNN calls on frozen weights only
+            return _onednn_linear(hidden_states, weight, bias, attr, algorithm, residual)
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(hidden_states, residual, weight, bias, "add")
-        attr, algorithm = _POST_OPS[activation]
         return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, attr, [], algorithm)
     output = F.linear(hidden_states, weight, bias)
     if activation == "gelu_tanh":
@@ -264,6 +294,9 @@ def _attend(
             "heads / head_dim / token counts."
         ),
     )
+    auto_with_blocks = layout is not None and not weights and backend == "auto" and layout.blocks is not None
+    if auto_with_blocks and _opaque_cpu_attention(layout, query, key, value):
+        return _cpu_varlen_attention(query, key, value, layout.cu_seqlens_q, layout.cu_seqlens_k, scale), None
     if layout is not None and not weights and (backend == "blocks" or (backend == "auto" and _tracing(layout, query))):
         check(
             layout.blocks is not None,
@@ -329,6 +362,68 @@ def _attend(
     return _grouped_attention(query, key, value, layout, scale), None
 
 
+@torch.library.custom_op("kornia_siglip2::onednn_linear", mutates_args=())
+def _onednn_linear(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    attr: str,
+    algorithm: str,
+    residual: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`fused_linear`'s oneDNN call as one operator that a compiled graph calls as it is.
+
+    Inductor lowers ``mkldnn._linear_pointwise`` only for weights frozen into the graph (and has no fake
+    kernel for its ``.binary`` form); as a custom operator the call runs unchanged between the fused
+    LayerNorm / reshape kernels that inductor generates around it.
+    """
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(hidden_states, residual, weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(hidden_states, weight, bias, attr, [], algorithm)
+
+
+@_onednn_linear.register_fake
+def _onednn_linear_shape(hidden_states, weight, bias, attr, algorithm, residual):
+    return hidden_states.new_empty(hidden_states.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("kornia_siglip2::cpu_varlen_attention", mutates_args=())
+def _cpu_varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    scale: float | None,
+) -> torch.Tensor:
+    """The ``"grouped"`` backend as one operator of a compiled graph (CPU inference).
+
+    The boundaries are read inside the operator, from host memory (no device sync on the CPU), so the
+    graph itself names no per-batch number: one graph serves every batch composition, and each batch gets
+    one attention call per group of equal lengths (no padding to the longest sequence, unlike ``"blocks"``).
+    """
+    layout = VarlenLayout.from_seqlens(torch.diff(cu_seqlens_q).tolist(), torch.diff(cu_seqlens_k).tolist())
+    return _grouped_attention(query, key, value, layout, scale)
+
+
+@_cpu_varlen_attention.register_fake
+def _cpu_varlen_attention_shape(query, key, value, cu_seqlens_q, cu_seqlens_k, scale):
+    return query.new_empty(query.shape[0], query.shape[1], value.shape[2])
+
+
+def _opaque_cpu_attention(layout: VarlenLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Inside ``torch.compile`` (not export) on CPU without gradients: :func:`_cpu_varlen_attention` runs."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    # a layout with blocks (images) is never causal; its per-sequence tuples are not read (a guard on their
+    # length would recompile per image count)
+    if layout.key_index is not None or layout.causal_flags is not None:
+        return False
+    if any(tensor.device.type != "cpu" for tensor in (query, key, value, layout.cu_seqlens_q)):
+        return False
+    return not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (query, key, value)))
+
+
 def _tracing(layout: VarlenLayout, query: torch.Tensor) -> bool:
     """Inside ``torch.compile`` / ``torch.export`` with a tensor-only layout at hand: the ``"blocks"`` backend.
 
@@ -371,7 +466,7 @@ def _grouped_attention(
         q = query.view(count, len_q, heads, -1).transpose(1, 2)
         k = key.view(count, len_k, heads, -1).transpose(1, 2)
         v = value.view(count, len_k, heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+        out = _batched_attention(q, k, v, scale, causal)
         return out.transpose(1, 2).reshape(count * len_q, heads, -1)
     if layout.gather_q is not None:
         query = query.index_select(0, layout.gather_q)
@@ -388,12 +483,53 @@ def _grouped_attention(
         q = q.view(count, len_q, heads, -1).transpose(1, 2)
         k = k.view(count, len_k, heads, -1).transpose(1, 2)
         v = v.view(count, len_k, heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
+        out = _batched_attention(q, k, v, scale, causal)
         outputs.append(out.transpose(1, 2).reshape(count * len_q, heads, -1))
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
     if layout.scatter_q is not None:
         output = output.index_select(0, layout.scatter_q)
     return output
+
+
+def _batched_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, causal: bool
+) -> torch.Tensor:
+    """Attention of :math:`(B, H, L, D_h)` batches: SDPA, or two matmuls where they are faster (inference only).
+
+    On a CPU with AVX-512 BF16 and no AMX, SDPA's fused bfloat16 kernel runs at a fraction of the matmul
+    rate: ``baddbmm`` + softmax + ``bmm`` took 18 ms where SDPA took 36 for 32 x 196 tokens, 9 ms against 23
+    for one 1024-token image (EPYC, 12 heads of 64, 2026-12-08), with transformers' ``"eager"`` rounding
+    (probabilities in bfloat16). Taken without gradients and while one sequence's scores stay under
+    :data:`_MATMUL_ATTENTION_MAX_BYTES`; eagerly a few sequences at a time, so that the scores stay in cache
+    and memory stays bounded; SDPA's fused kernel, whose memory is linear in :math:`L`, runs otherwise.
+    """
+    batch, heads, len_q, head_dim = query.shape
+    len_k = key.shape[2]
+    sequence_bytes = heads * len_q * len_k * query.element_size()
+    tracing = torch.compiler.is_compiling()
+    if (
+        causal
+        or not _MATMUL_ATTENTION_CPU
+        or query.device.type != "cpu"
+        or query.dtype != torch.bfloat16
+        or sequence_bytes * (batch if tracing else 1) > _MATMUL_ATTENTION_MAX_BYTES
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    ):
+        return F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=causal)
+    scale = head_dim**-0.5 if scale is None else scale
+    q, k, v = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (query, key, value))
+    if tracing:  # one call for the whole batch: the graph holds for any batch size
+        scores = torch.baddbmm(q.new_empty(q.shape[0], len_q, len_k), q, k.transpose(1, 2), beta=0.0, alpha=scale)
+        return torch.bmm(scores.softmax(-1), v).view(batch, heads, len_q, -1)
+    output = q.new_empty(batch * heads, len_q, v.shape[-1])
+    step = heads * max(1, _MATMUL_ATTENTION_CHUNK_BYTES // sequence_bytes)
+    for start in range(0, batch * heads, step):
+        rows = slice(start, start + step)
+        scores = torch.baddbmm(
+            q.new_empty(q[rows].shape[0], len_q, len_k), q[rows], k[rows].transpose(1, 2), beta=0.0, alpha=scale
+        )
+        torch.bmm(scores.softmax(-1), v[rows], out=output[rows])
+    return output.view(batch, heads, len_q, -1)
 
 
 def _loop_attention(

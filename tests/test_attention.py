@@ -260,3 +260,125 @@ class TestBlocksBackend:
             varlen_attention(q, k, v, _cu([3, 4], device), backend="blocks")
         with pytest.raises(ValueCheckError, match="BlockLayout"):
             varlen_attention(q, k, v, layout=VarlenLayout.from_seqlens([3, 4]), backend="blocks")
+
+
+def _captured_graph(function, *args):
+    """Compile ``function`` fullgraph and return its value and the FX graph dynamo hands to the backend."""
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    value = torch.compile(function, fullgraph=True, backend=capture)(*args)
+    torch._dynamo.reset()
+    (graph,) = graphs
+    return value, {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+
+
+class TestCompiledCpuInference:
+    """Inside ``torch.compile`` on CPU without gradients, packed attention is one opaque varlen operator."""
+
+    def _layout(self, seqlens):
+        from kornia_siglip2.packing import ImageLayout
+
+        return ImageLayout.from_grid_thw(torch.tensor([[1, 1, length] for length in seqlens])).attention
+
+    def test_inference_graph_calls_the_varlen_operator(self):
+        q, k, v = _qkv(sum(MIXED), "cpu", torch.float32)
+        layout = self._layout(MIXED)
+        with torch.no_grad():
+            out, targets = _captured_graph(lambda *x: varlen_attention(*x, layout=layout), q, k, v)
+        assert "kornia_siglip2.cpu_varlen_attention.default" in targets
+        assert not any("scaled_dot_product_attention" in target for target in targets)
+        torch.testing.assert_close(out, _per_sequence_reference(q, k, v, MIXED, MIXED), **tolerance(torch.float32))
+
+    def test_training_graph_keeps_the_blocks(self):
+        """With gradients the graph holds the differentiable padded blocks (the operator has no backward)."""
+        q, k, v = _qkv(sum(MIXED), "cpu", torch.float32, requires_grad=True)
+        layout = self._layout(MIXED)
+        out, targets = _captured_graph(lambda *x: varlen_attention(*x, layout=layout), q, k, v)
+        assert "kornia_siglip2.cpu_varlen_attention.default" not in targets
+        torch.testing.assert_close(out, _per_sequence_reference(q, k, v, MIXED, MIXED), **tolerance(torch.float32))
+
+    def test_export_keeps_the_blocks(self):
+        """``torch.export`` never sees the operator: exported graphs run where this package is not installed."""
+        from kornia_siglip2.packing import BlockLayout
+
+        layout = self._layout(MIXED)
+
+        class Attend(torch.nn.Module):
+            def forward(self, q, k, v, cu_seqlens, query_index, key_mask):
+                blocks = BlockLayout(query_index, query_index, key_mask)
+                return varlen_attention(q, k, v, layout=VarlenLayout.from_blocks(blocks, cu_seqlens, cu_seqlens))
+
+        q, k, v = _qkv(sum(MIXED), "cpu", torch.float32)
+        args = (q, k, v, layout.cu_seqlens_q, layout.blocks.query_index, layout.blocks.key_mask)
+        with torch.no_grad():
+            program = torch.export.export(Attend(), args)
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert not any(target.startswith("kornia_siglip2") for target in targets)
+        torch.testing.assert_close(
+            program.module()(*args), _per_sequence_reference(q, k, v, MIXED, MIXED), **tolerance(torch.float32)
+        )
+
+    def test_opcheck(self):
+        """Schema, fake (meta) kernel and dispatch of both operators (torch.library.opcheck)."""
+        from kornia_siglip2.attention import _cpu_varlen_attention, _onednn_linear, _onednn_supports
+
+        q, k, v = _qkv(sum(MIXED), "cpu", torch.float32)
+        cu = _cu(MIXED, "cpu")
+        torch.library.opcheck(_cpu_varlen_attention, (q, k, v, cu, cu, None))
+        if _onednn_supports(torch.float32):
+            x, w, b, r = torch.rand(5, 8), torch.rand(16, 8), torch.rand(16), torch.rand(5, 16)
+            torch.library.opcheck(_onednn_linear, (x, w, b, "gelu", "tanh", None))
+            torch.library.opcheck(_onednn_linear, (x, w, b, "none", "", r))
+
+
+class TestMatmulAttention:
+    """bfloat16 CPU inference attention as baddbmm + softmax + bmm (where it beats SDPA's fused kernel)."""
+
+    @pytest.fixture
+    def spy_sdpa(self, monkeypatch):
+        import kornia_siglip2.attention as attention
+
+        calls = []
+        original = F.scaled_dot_product_attention
+
+        def spy(*args, **kwargs):
+            calls.append(args[0].shape)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+        monkeypatch.setattr(attention, "_MATMUL_ATTENTION_CPU", True)  # the path, also on CPUs that do not take it
+        return calls
+
+    @pytest.mark.parametrize("chunk_bytes", [8 << 20, 1], ids=["one-chunk", "one-sequence-per-chunk"])
+    def test_matches_reference(self, spy_sdpa, monkeypatch, chunk_bytes):
+        import kornia_siglip2.attention as attention
+
+        monkeypatch.setattr(attention, "_MATMUL_ATTENTION_CHUNK_BYTES", chunk_bytes)
+        q, k, v = _qkv(sum(MIXED), "cpu", torch.bfloat16, heads=3, head_dim=8)
+        with torch.no_grad():
+            out = varlen_attention(q, k, v, _cu(MIXED, "cpu"))
+        assert spy_sdpa == []
+        reference = _per_sequence_reference(q.double(), k.double(), v.double(), MIXED, MIXED)
+        torch.testing.assert_close(out.double(), reference, **tolerance(torch.bfloat16))
+
+    def test_sdpa_when_too_large_or_differentiable(self, spy_sdpa, monkeypatch):
+        import kornia_siglip2.attention as attention
+
+        q, k, v = _qkv(sum(MIXED), "cpu", torch.bfloat16, requires_grad=True)
+        varlen_attention(q, k, v, _cu(MIXED, "cpu"))  # gradients needed: the fused kernel (memory linear in L)
+        assert len(spy_sdpa) == 3  # one call per group of equal lengths
+        monkeypatch.setattr(attention, "_MATMUL_ATTENTION_MAX_BYTES", 1)
+        with torch.no_grad():
+            varlen_attention(q, k, v, _cu(MIXED, "cpu"))
+        assert len(spy_sdpa) == 6
+
+    def test_float32_keeps_sdpa(self, spy_sdpa):
+        q, k, v = _qkv(sum(MIXED), "cpu", torch.float32)
+        with torch.no_grad():
+            varlen_attention(q, k, v, _cu(MIXED, "cpu"))
+        assert len(spy_sdpa) == 3

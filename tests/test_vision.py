@@ -133,6 +133,24 @@ class TestVisionTransformer:
         compiled = torch.compile(lambda x: tower(x).pooler_output, fullgraph=True)
         torch.testing.assert_close(compiled(packed), tower(packed).pooler_output, **tolerance(dtype))
 
+    @pytest.mark.parametrize("naflex", [False, True], ids=["fixed", "naflex"])
+    def test_dynamo_inference(self, device, dtype, naflex):
+        """Inductor under ``torch.inference_mode``, one graph: the CPU inference kernels (oneDNN linears with
+        fused epilogues, the varlen attention operator) are called from the compiled code, eager's values."""
+        from kornia_siglip2 import PackedImages
+
+        torch._dynamo.reset()
+        tower = _tower(naflex, device, dtype)
+        if naflex:
+            images = PackedImages(
+                torch.rand(6 + 16 + 8, 48, device=device, dtype=dtype), torch.tensor([[1, 2, 3], [1, 4, 4], [1, 8, 1]])
+            )
+        else:
+            images = torch.rand(2, 3, 16, 16, device=device, dtype=dtype)
+        compiled = torch.compile(lambda x: tower(x).pooler_output, fullgraph=True)
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(images), tower(images).pooler_output, **tolerance(dtype))
+
     def test_dynamo_fixed_resolution(self, device, dtype):
         """Inductor, one graph: the fixed-resolution tower on images (B, C, H, W)."""
         torch._dynamo.reset()
