@@ -520,7 +520,7 @@ def _batched_attention(
     q, k, v = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (query, key, value))
     if tracing:  # one call for the whole batch: the graph holds for any batch size
         scores = torch.baddbmm(q.new_empty(q.shape[0], len_q, len_k), q, k.transpose(1, 2), beta=0.0, alpha=scale)
-        return torch.bmm(scores.softmax(-1), v).view(batch, heads, len_q, -1)
+        return _sdpa_layout(torch.bmm(scores.softmax(-1), v), batch)
     output = q.new_empty(batch * heads, len_q, v.shape[-1])
     step = heads * max(1, _MATMUL_ATTENTION_CHUNK_BYTES // sequence_bytes)
     for start in range(0, batch * heads, step):
@@ -529,7 +529,17 @@ def _batched_attention(
             q.new_empty(q[rows].shape[0], len_q, len_k), q[rows], k[rows].transpose(1, 2), beta=0.0, alpha=scale
         )
         torch.bmm(scores.softmax(-1), v[rows], out=output[rows])
-    return output.view(batch, heads, len_q, -1)
+    return _sdpa_layout(output, batch)
+
+
+def _sdpa_layout(output: torch.Tensor, batch: int) -> torch.Tensor:
+    """:math:`(B H, L, D)` -> :math:`(B, H, L, D)` stored as :math:`(B, L, H, D)`, as SDPA returns it on the CPU.
+
+    The callers' merge of the heads is then a view, and the attended tokens have the strides of the SDPA path
+    (a compiled block guards on them).
+    """
+    heads_first = output.view(batch, -1, *output.shape[1:])
+    return heads_first.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _loop_attention(
