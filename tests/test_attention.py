@@ -382,3 +382,12 @@ class TestMatmulAttention:
         with torch.no_grad():
             varlen_attention(q, k, v, _cu(MIXED, "cpu"))
         assert len(spy_sdpa) == 3
+
+    def test_autocast_keeps_sdpa(self, spy_sdpa):
+        """Under autocast (the training recipe's no-grad pass) the softmax would run in float32: SDPA runs."""
+        q, k, v = _qkv(sum(MIXED), "cpu", torch.bfloat16)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = varlen_attention(q, k, v, _cu(MIXED, "cpu"))
+        assert len(spy_sdpa) == 3
+        reference = _per_sequence_reference(q.double(), k.double(), v.double(), MIXED, MIXED)
+        torch.testing.assert_close(out.double(), reference, **tolerance(torch.bfloat16))
