@@ -499,9 +499,10 @@ def _batched_attention(
     On a CPU with AVX-512 BF16 and no AMX, SDPA's fused bfloat16 kernel runs at a fraction of the matmul
     rate: ``baddbmm`` + softmax + ``bmm`` took 18 ms where SDPA took 36 for 32 x 196 tokens, 9 ms against 23
     for one 1024-token image (EPYC, 12 heads of 64, 2026-12-08), with transformers' ``"eager"`` rounding
-    (probabilities in bfloat16). Taken without gradients or autocast and while one sequence's scores stay under
-    :data:`_MATMUL_ATTENTION_MAX_BYTES`; eagerly a few sequences at a time, so that the scores stay in cache
-    and memory stays bounded; SDPA's fused kernel, whose memory is linear in :math:`L`, runs otherwise.
+    (probabilities in bfloat16). Taken without gradients or autocast, outside ``torch.export``, while one
+    sequence's scores (traced: the whole batch's) stay under :data:`_MATMUL_ATTENTION_MAX_BYTES`; eagerly a few
+    sequences at a time, so that the scores stay in cache and memory stays bounded. SDPA's fused kernel, whose
+    memory is linear in :math:`L`, runs otherwise.
     """
     batch, heads, len_q, head_dim = query.shape
     len_k = key.shape[2]
@@ -513,6 +514,7 @@ def _batched_attention(
         or query.device.type != "cpu"
         or query.dtype != torch.bfloat16
         or torch.is_autocast_enabled("cpu")  # autocast would run the softmax in float32 (and refuse the out=)
+        or torch.compiler.is_exporting()  # exported graphs keep SDPA, with no guard on the batch size
         or sequence_bytes * (batch if tracing else 1) > _MATMUL_ATTENTION_MAX_BYTES
         or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
     ):
