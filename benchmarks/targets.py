@@ -40,7 +40,7 @@ from benchmarks.cases import CASES, DTYPES, load_model, make_runner, write_check
 from benchmarks.flops import matmul_peak_flops  # noqa: E402
 from benchmarks.machine import cpu_description, load_average  # noqa: E402
 
-__all__ = ["TARGETS", "main"]
+__all__ = ["COMPILED_TARGETS", "TARGETS", "main"]
 
 DEFAULT_CASES = ("fixed_b1", "fixed_b32", "naflex_equal", "naflex_native")
 #: (case, dtype, metric, threshold, text): metric "speedup" (transformers / ours) or "peak" (fraction of peak)
@@ -53,6 +53,41 @@ TARGETS = (
     ("fixed_b32", "float32", "speedup", 1.10, "fp32 fixed 224 batch 32 >= 1.1x transformers"),
     ("naflex_native", "float32", "speedup", 2.50, "fp32 NaFlex mixed >= 2.5x transformers (padded)"),
     ("naflex_native", "bfloat16", "speedup", 3.00, "bf16 NaFlex mixed >= 3.0x transformers (padded)"),
+)
+
+
+#: issue 25 (with ``--compiled``): (case, dtype, per-round ratio, threshold, text)
+COMPILED_TARGETS = (
+    *(
+        (case, dtype, metric, 1.0, f"{dtype_short} {case}: ours compiled >= {name}")
+        for case in DEFAULT_CASES
+        for dtype, dtype_short in (("float32", "fp32"), ("bfloat16", "bf16"))
+        for metric, name in (
+            ("compiled_vs_transformers_compiled", "transformers compiled"),
+            ("compiled_vs_ours_eager", "ours eager"),
+        )
+    ),
+    (
+        "naflex_native",
+        "float32",
+        "compiled_vs_transformers_compiled",
+        2.5,
+        "fp32 NaFlex mixed: ours compiled >= 2.5x transformers compiled",
+    ),
+    (
+        "fixed_b32",
+        "bfloat16",
+        "compiled_vs_transformers_eager",
+        1.25,
+        "bf16 fixed 224 b32: compiled >= 1.25x transformers",
+    ),
+    (
+        "naflex_equal",
+        "bfloat16",
+        "compiled_vs_transformers_eager",
+        1.25,
+        "bf16 NaFlex equal: compiled >= 1.25x transformers",
+    ),
 )
 
 
@@ -88,16 +123,16 @@ def measure(
     }
     runners["ours_plain"] = _unfused(runners["ours"])
     graphs_before = compile_seconds = None
-    if compiled:
+    if compiled:  # issue 25: whole towers under torch.compile(fullgraph=True, inductor), ours and transformers
         from torch._dynamo.utils import counters
 
-        from kornia_siglip2.layers import compile_blocks
-
-        compiled_model = compile_blocks(load_model("ours", folder, dtype))
-        runners["ours_compiled"] = make_runner(case, "ours", compiled_model, case.inputs("ours", dtype=dtype))
         start = time.perf_counter()
-        runners["ours_compiled"]()  # compiles (or reuses the graphs of an earlier case of the same widths)
-        compile_seconds = time.perf_counter() - start
+        for name, model in (("transformers_compiled", reference), ("ours_compiled", ours)):
+            implementation = name.replace("_compiled", "_inductor")
+            runners[name] = make_runner(case, implementation, model, case.inputs(implementation, dtype=dtype))
+        compile_seconds = time.perf_counter() - start  # both compiles (and one warm call of each)
+        runners["ours_compiled"]()  # its cache was reset by the second runner: compiles again, outside the rounds
+        runners["transformers_compiled"]()
         graphs_before = counters["stats"]["unique_graphs"]
     outputs = {name: run().double() for name, run in runners.items()}  # also the warm-up round
     scale = fp32_features.abs().max().item()
@@ -107,9 +142,8 @@ def measure(
         assert difference <= 1e-4 * max(scale, 1.0), f"{case_name}: ours and transformers differ by {difference:.2e}"
     else:
         assert max(errors.values()) <= 0.1, f"{case_name} {dtype}: error vs float32 {errors}"
-    times: dict[str, list[float]] = {name: [] for name in ("ours", "ours_plain", "transformers", "ours_compiled")}
-    if not compiled:
-        del times["ours_compiled"]
+    names = ("ours", "ours_plain", "transformers") + (("ours_compiled", "transformers_compiled") if compiled else ())
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
         for name in times:
             start = time.perf_counter()
@@ -121,6 +155,9 @@ def measure(
     if compiled:
         extra = {
             "speedup_compiled": medians["transformers"] / medians["ours_compiled"],
+            "compiled_vs_transformers_compiled": _per_round(times, "ours_compiled", "transformers_compiled"),
+            "compiled_vs_ours_eager": _per_round(times, "ours_compiled", "ours"),
+            "compiled_vs_transformers_eager": _per_round(times, "ours_compiled", "transformers"),
             "compile_s": compile_seconds,
             "graphs_compiled_during_rounds": counters["stats"]["unique_graphs"] - graphs_before,
         }
@@ -142,9 +179,9 @@ def measure(
     }
 
 
-def _per_round(times: dict[str, list[float]]) -> float:
-    """Median over rounds of transformers' time / ours in the same round (robust to load that drifts)."""
-    return statistics.median(other / ours for other, ours in zip(times["transformers"], times["ours"], strict=True))
+def _per_round(times: dict[str, list[float]], ours: str = "ours", other: str = "transformers") -> float:
+    """Median over rounds of ``other``'s time / ``ours``'s in the same round (robust to load that drifts)."""
+    return statistics.median(b / a for a, b in zip(times[ours], times[other], strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "targets.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "benchmarks" / "results" / "targets.md")
     parser.add_argument(
-        "--compiled", action="store_true", help="also time ours with kornia_siglip2.layers.compile_blocks (inductor)"
+        "--compiled",
+        action="store_true",
+        help="also time ours and transformers under torch.compile (inductor; ours fullgraph on packed input)",
     )
     args = parser.parse_args(argv)
     dtypes, cases = args.dtypes.split(","), args.cases.split(",")
@@ -233,18 +272,20 @@ def render(results: list[dict], machine: dict) -> str:
     if compiled:
         lines += [
             "",
-            "Compiled (`kornia_siglip2.layers.compile_blocks`, inductor, dynamic token count; attention eager):",
+            "Compiled (`torch.compile`, inductor; ours `fullgraph=True` on a `PackedImages` or the pixel batch). "
+            "Ratios are medians of the per-round ratios (each round runs every variant once):",
             "",
-            "| case | dtype | compiled ms | ours (eager) ms | transformers ms | compiled speedup | compile s "
-            "| graphs compiled during the rounds |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| case | dtype | ours compiled ms | transformers compiled ms | ours eager ms | transformers ms "
+            "| vs transformers compiled | vs ours eager | vs transformers eager | graphs compiled during the rounds |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in compiled:
             m = r["median_s"]
             lines.append(
-                f"| {r['case']} | {r['dtype']} | {m['ours_compiled'] * 1e3:.1f} | {m['ours'] * 1e3:.1f} | "
-                f"{m['transformers'] * 1e3:.1f} | {r['speedup_compiled']:.2f} | {r['compile_s']:.0f} | "
-                f"{r['graphs_compiled_during_rounds']} |"
+                f"| {r['case']} | {r['dtype']} | {m['ours_compiled'] * 1e3:.1f} | "
+                f"{m['transformers_compiled'] * 1e3:.1f} | {m['ours'] * 1e3:.1f} | {m['transformers'] * 1e3:.1f} | "
+                f"{r['compiled_vs_transformers_compiled']:.2f} | {r['compiled_vs_ours_eager']:.2f} | "
+                f"{r['compiled_vs_transformers_eager']:.2f} | {r['graphs_compiled_during_rounds']} |"
             )
     peaks = {r["dtype"]: r["peak_flops"] for r in results}
     lines += ["", "Matmul peak: " + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items()), ""]
@@ -261,6 +302,13 @@ def render(results: list[dict], machine: dict) -> str:
         else:
             shown = f"{100 * value:.0f} %"
         lines.append(f"| {text} | {shown} | {'met' if value >= threshold else 'not met'} |")
+    for case_name, dtype, metric, threshold, text in COMPILED_TARGETS:
+        result = by_key.get((case_name, dtype))
+        if result is None or metric not in result:
+            lines.append(f"| {text} | - | not measured |")
+            continue
+        value = result[metric]
+        lines.append(f"| {text} | {value:.2f}x | {'met' if value >= threshold else 'not met'} |")
     return "\n".join(lines) + "\n"
 
 

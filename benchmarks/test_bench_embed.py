@@ -101,6 +101,7 @@ def _ours(folder: Path, checkpoint: Path, out: Path, dtype: torch.dtype, decoder
             workers=workers,
             decoder=decoder,
             progress=False,
+            width=classifier.model.config.vision_config.hidden_size,  # what the CLI sets: merge checks every chunk's
         )
         embed.run_embed(job, classifier)
         return embed.merge(job)["embeddings"]
