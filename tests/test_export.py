@@ -40,6 +40,22 @@ class TestTorchExport:
             torch.testing.assert_close(pooled, expected.pooler_output, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(tokens, expected.last_hidden_state, atol=1e-5, rtol=1e-4)
 
+    @pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+    def test_no_grad_export_holds_standard_operators_only(self, siglip2_checkpoint, precision):
+        """Exported without gradients (where the CPU inference path takes oneDNN and the varlen operator
+        eagerly and under torch.compile), the program still holds no operator of this package: it runs without it."""
+        tower = SigLip2.from_pretrained(siglip2_checkpoint, dtype=precision).vision_model
+        with torch.no_grad():
+            program = export_program(NaFlexVisionExport(tower, max_patches=64))
+        targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+        assert not [target for target in targets if "kornia_siglip2" in target or "mkldnn" in target]
+        packed = _packed(COMPOSITIONS[0]).to(precision)
+        with torch.no_grad():
+            pooled = program.module()(packed.patches, packed.grid_thw)[1]
+            expected = tower(packed).pooler_output
+        tolerance = dict(atol=1e-5, rtol=1e-4) if precision == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(pooled, expected, **tolerance)
+
     def test_fixed_vision_and_text(self, siglip_checkpoint):
         model = SigLip2.from_pretrained(siglip_checkpoint)
         vision = export_program(FixedVisionExport(model.vision_model, SIGLIP_IMAGE_SIZE))
