@@ -74,7 +74,6 @@ FUSED_CPU_KERNELS = True
 
 #: oneDNN post-ops of :func:`fused_linear`: ``activation`` -> ``(attr, algorithm)``
 _POST_OPS = {"none": ("none", ""), "gelu_tanh": ("gelu", "tanh"), "gelu": ("gelu", "none")}
-_ONEDNN: dict[torch.dtype, bool] = {}
 
 
 def _matmul_attention_cpu() -> bool:
@@ -94,28 +93,34 @@ _MATMUL_ATTENTION_MAX_BYTES = 64 << 20
 _MATMUL_ATTENTION_CHUNK_BYTES = 8 << 20
 
 
+def _probe_onednn(dtype: torch.dtype) -> bool:
+    """Whether ``mkldnn._linear_pointwise`` exists in this build and runs ``dtype`` on this CPU."""
+    # measured on x86-64 only (oneDNN's JIT kernels: AVX2, AVX-512, AMX); elsewhere the plain path
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    try:
+        if not (x86 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        if dtype == torch.bfloat16:  # AVX-512 BF16 / AMX, or oneDNN's emulation where it has one
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        return dtype == torch.float32
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: dtype -> whether oneDNN's fused linear runs it here; probed once at import (traced code reads the table only)
+_ONEDNN = {dtype: _probe_onednn(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+
+
 def _onednn_supports(dtype: torch.dtype) -> bool:
-    """Whether ``mkldnn._linear_pointwise`` exists in this build and runs ``dtype`` on this CPU (cached)."""
-    if dtype not in _ONEDNN:
-        supported = False
-        # measured on x86-64 only (oneDNN's JIT kernels: AVX2, AVX-512, AMX); elsewhere the plain path
-        x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-        try:
-            if x86 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-                if dtype == torch.float32:
-                    supported = True
-                elif dtype == torch.bfloat16:  # AVX-512 BF16 / AMX, or oneDNN's emulation where it has one
-                    supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-                elif dtype == torch.float16:
-                    supported = bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-        except (AttributeError, RuntimeError):
-            supported = False
-        _ONEDNN[dtype] = supported
-    return _ONEDNN[dtype]
+    """Whether ``mkldnn._linear_pointwise`` runs ``dtype`` on this CPU (probed at import)."""
+    return _ONEDNN.get(dtype, False)
 
 
-for _dtype in (torch.float32, torch.bfloat16, torch.float16):  # filled here: traced code reads the table only
-    _onednn_supports(_dtype)
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an operation on ``tensors`` (the inference fast paths need it not to)."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
 def fused_linear_available(*tensors: torch.Tensor) -> bool:
@@ -135,7 +140,7 @@ def fused_linear_available(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     if first.device.type != "cpu" or first.ndim != 2:
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _needs_grad(*tensors):
         return False
     if any(t.device.type != "cpu" or t.dtype != first.dtype for t in tensors):
         return False
@@ -421,7 +426,7 @@ def _opaque_cpu_attention(layout: VarlenLayout, query: torch.Tensor, key: torch.
         return False
     if any(tensor.device.type != "cpu" for tensor in (query, key, value, layout.cu_seqlens_q)):
         return False
-    return not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (query, key, value)))
+    return not _needs_grad(query, key, value)
 
 
 def _tracing(layout: VarlenLayout, query: torch.Tensor) -> bool:
@@ -516,23 +521,27 @@ def _batched_attention(
         or torch.is_autocast_enabled("cpu")  # autocast would run the softmax in float32 (and refuse the out=)
         or torch.compiler.is_exporting()  # exported graphs keep SDPA, with no guard on the batch size
         or sequence_bytes * (batch if tracing else 1) > _MATMUL_ATTENTION_MAX_BYTES
-        or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+        or _needs_grad(query, key, value)
     ):
         return F.scaled_dot_product_attention(query, key, value, scale=scale, is_causal=causal)
     scale = head_dim**-0.5 if scale is None else scale
     q, k, v = (t.reshape(batch * heads, t.shape[2], t.shape[3]) for t in (query, key, value))
     if tracing:  # one call for the whole batch: the graph holds for any batch size
-        scores = torch.baddbmm(q.new_empty(q.shape[0], len_q, len_k), q, k.transpose(1, 2), beta=0.0, alpha=scale)
-        return _sdpa_layout(torch.bmm(scores.softmax(-1), v), batch)
+        return _sdpa_layout(_softmax_attention(q, k, v, scale), batch)
     output = q.new_empty(batch * heads, len_q, v.shape[-1])
     step = heads * max(1, _MATMUL_ATTENTION_CHUNK_BYTES // sequence_bytes)
     for start in range(0, batch * heads, step):
         rows = slice(start, start + step)
-        scores = torch.baddbmm(
-            q.new_empty(q[rows].shape[0], len_q, len_k), q[rows], k[rows].transpose(1, 2), beta=0.0, alpha=scale
-        )
-        torch.bmm(scores.softmax(-1), v[rows], out=output[rows])
+        _softmax_attention(q[rows], k[rows], v[rows], scale, out=output[rows])
     return _sdpa_layout(output, batch)
+
+
+def _softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(scale q k^T) v`` of :math:`(B, L, D)` batches: ``baddbmm`` (scale in the matmul), softmax, ``bmm``."""
+    scores = torch.baddbmm(q.new_empty(q.shape[0], q.shape[1], k.shape[1]), q, k.transpose(1, 2), beta=0.0, alpha=scale)
+    return torch.bmm(scores.softmax(-1), v, out=out)
 
 
 def _sdpa_layout(output: torch.Tensor, batch: int) -> torch.Tensor:
